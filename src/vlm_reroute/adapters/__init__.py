@@ -1,0 +1,29 @@
+"""Model-family adapters and the lookup that refuses unsupported models."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ModelAdapter
+from .llava import LlavaAdapter
+from .qwen2_vl import Qwen2VLAdapter
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter)
+SUPPORTED_MODELS: tuple[str, ...] = tuple(name for a in ADAPTERS for name in a.model_classes)
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``'s class, or a ``TypeError`` listing the supported classes."""
+    name = type(model).__name__
+    for adapter_cls in ADAPTERS:
+        if name in adapter_cls.model_classes:
+            adapter = adapter_cls(model)
+            adapter.check()
+            return adapter
+    raise TypeError(
+        f"model class {name} is not supported; supported classes are {', '.join(SUPPORTED_MODELS)} "
+        "(load the checkpoint with one of them, e.g. LlavaForConditionalGeneration.from_pretrained)"
+    )
+
+
+__all__ = ["ADAPTERS", "SUPPORTED_MODELS", "LlavaAdapter", "ModelAdapter", "Qwen2VLAdapter", "adapter_for"]

@@ -1,0 +1,333 @@
+"""The routing executor: prune and reroute, written once and shared by every method.
+
+It hooks the model (never patches classes) and keeps the state of one prefill:
+
+* a full-length buffer ``(B, N + 1, D)`` holding every token's latest hidden state (the extra
+  slot absorbs the writes of batch fillers); deferred tokens keep their carried state there;
+* the current stage's compact layout: ``index`` ``(B, L)`` into the buffer, in original order.
+
+At a decision layer the previous stage is scattered into the buffer, the candidates are scored
+and the top k per image selected, and the new kept set is gathered once; every layer of the
+stage then runs on it with gathered RoPE (original positions, gaps included) and a stage mask.
+The last layer's output is scattered back so the model head sees the usual full sequence. A
+layer's KV cache therefore holds exactly the tokens that went through it; while decoding, each
+stage attends over its own cache with a mask of the right length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+
+from .adapters.base import ModelAdapter
+from .masks import stage_mask
+from .schedule import Stage, stage_counts
+from .scoring import last_token_attention
+from .selection import compact_index, top_k_per_image
+from .trace import Decision, Trace
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A method's schedule as the executor runs it."""
+
+    method: str
+    stages: tuple[Stage, ...]
+    reroute: bool
+    score_from: str = "current"  # "current": layer l scores for l; "previous": layer l-1 does
+
+
+@dataclass
+class _Prefill:
+    """State of one routed prefill (rebuilt for every prompt with images)."""
+
+    visual: torch.Tensor  # (B, N) bool
+    image_ids: torch.Tensor  # (B, N) long, -1 off images
+    counts: list[torch.Tensor]  # per stage: (n_images,) keep counts
+    valid: torch.Tensor  # (B, N + 1) bool: not padding (the extra slot is False)
+    last: torch.Tensor  # (B,) index of each sample's last non-padding token
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # full (cos, sin), (B, N, head_dim)
+    position_ids: torch.Tensor | None = None
+    cache: Cache | None = None
+    buffer: torch.Tensor | None = None
+    index: torch.Tensor | None = None  # current compact layout, None before the first decision
+    present: torch.Tensor | None = None  # visual tokens selected at the last decision
+    stage_kwargs: dict[str, Any] = field(default_factory=dict)
+    key_masks: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first layer, (B, L))
+    pending: dict[int, torch.Tensor] = field(default_factory=dict)  # decision layer -> scores
+
+    @property
+    def n(self) -> int:
+        return self.visual.shape[1]
+
+    def rows(self) -> torch.Tensor:
+        return torch.arange(self.visual.shape[0], device=self.visual.device)[:, None]
+
+
+class RoutingExecutor:
+    """Installs the hooks of one applied method and runs its plan on every forward."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, plan: Plan, trace: Trace) -> None:
+        self.model, self.adapter, self.plan, self.trace = model, adapter, plan, trace
+        self.decision_of = {s.layer: i for i, s in enumerate(plan.stages)}
+        self.score_ahead = (
+            {s.layer - 1: s.layer for s in plan.stages} if plan.score_from == "previous" else {}
+        )
+        self.first_decision = plan.stages[0].layer
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.mode: str | None = None  # "prefill", "decode" or None (vanilla)
+        self.state: _Prefill | None = None
+        self.routed_cache: Cache | None = None
+        self.decode_mask2d: torch.Tensor | None = None
+        self.decode_masks: dict[int, Any] = {}
+        self.inside_call = False
+
+    # ---- installation -------------------------------------------------------------------
+    def install(self) -> None:
+        reg = self.handles.append
+        reg(self.model.register_forward_pre_hook(self._before_call, with_kwargs=True))
+        reg(self.model.register_forward_hook(self._after_call, with_kwargs=True, always_call=True))
+        reg(self.adapter.decoder.register_forward_pre_hook(self._before_decoder))
+        layers = self.adapter.layers
+        for i, layer in enumerate(layers):
+            reg(layer.register_forward_pre_hook(partial(self._before_layer, i), with_kwargs=True))
+        reg(layers[len(layers) - 1].register_forward_hook(self._after_last_layer))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.state = self.routed_cache = None
+        self.mode = None
+
+    # ---- model-level hooks: what kind of call is this? -----------------------------------
+    def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.inside_call = True
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        past = kwargs.get("past_key_values")
+        past_len = past.get_seq_length() if isinstance(past, Cache) else 0
+        self.mode, self.decode_masks = None, {}
+        if past is not None and past is self.routed_cache and past_len > 0:
+            if kwargs.get("pixel_values") is not None:
+                raise ValueError(
+                    "new images on top of a routed KV cache are not supported: run the whole prompt "
+                    "with its images in one prefill"
+                )
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.ndim != 2:
+                raise ValueError(f"attention_mask of shape {tuple(mask.shape)}: routing needs a 2-D mask")
+            self.mode, self.decode_mask2d = "decode", mask
+            return
+        self.routed_cache = None
+        if input_ids is None:
+            if kwargs.get("pixel_values") is not None:
+                raise ValueError(
+                    "routing needs input_ids to find the image tokens; got inputs_embeds with pixel_values"
+                )
+            return
+        visual = self.adapter.visual_mask(input_ids)
+        if not bool(visual.any()):
+            self.state = None  # a text-only prompt runs the untouched model
+            return
+        if past_len > 0:
+            raise ValueError(
+                f"a prompt with images on a cache that already holds {past_len} tokens: routing "
+                "starts from an empty cache (one prefill per prompt)"
+            )
+        if past is not None and type(past) is not DynamicCache:
+            raise ValueError(
+                f"past_key_values of type {type(past).__name__}: routing supports DynamicCache "
+                "(the default), whose layers may hold different lengths"
+            )
+        missing = (~visual.any(dim=1)).nonzero().flatten().tolist()
+        if missing:
+            raise ValueError(
+                f"samples {missing} of the batch have no image tokens: every sample of a routed batch "
+                "needs at least one image (run text-only prompts in their own batch)"
+            )
+        self.state = self._new_prefill(input_ids, visual, kwargs)
+        self.mode = "prefill"
+
+    def _new_prefill(self, input_ids: torch.Tensor, visual: torch.Tensor, kwargs: dict) -> _Prefill:
+        image_ids = self.adapter.image_ids(input_ids, kwargs)
+        sizes = torch.bincount(image_ids[visual])
+        counts = stage_counts(self.plan.method, self.plan.stages, sizes, self.plan.reroute)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise ValueError(f"attention_mask of shape {tuple(mask.shape)}: routing needs a 2-D mask")
+        valid = mask.bool() if mask is not None else torch.ones_like(visual)
+        positions = torch.arange(visual.shape[1], device=visual.device)
+        last = (valid.long() * (positions + 1)).argmax(dim=1)
+        valid = nn.functional.pad(valid, (0, 1), value=False)
+        return _Prefill(visual=visual, image_ids=image_ids, counts=counts, valid=valid, last=last)
+
+    def _after_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.inside_call = False
+        if self.mode == "prefill" and self.state is not None:
+            self.routed_cache = self.state.cache
+            self.state.buffer, self.state.pending = None, {}  # free activations, keep the layouts
+            self.trace.prefills += 1
+        self.mode, self.decode_masks = None, {}
+
+    def _before_decoder(self, module: nn.Module, args: tuple) -> None:
+        if not self.inside_call:
+            raise RuntimeError(
+                f"inside a vlm-reroute block, call the model the method was applied to "
+                f"({type(self.model).__name__}), not its decoder: the decoder alone cannot be routed"
+            )
+
+    # ---- layer hooks ------------------------------------------------------------------------
+    def _before_layer(self, i: int, layer: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if self.mode is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.mode == "decode":
+            if i < self.first_decision:
+                return None
+            kwargs["attention_mask"] = self._decode_mask(i, hidden)
+            return args, kwargs
+        st = self.state
+        if i == 0:
+            self._capture(st, hidden, kwargs)
+        if i in self.decision_of:
+            hidden = self._decide(i, layer, hidden)
+        if i in self.score_ahead:
+            decision = self.score_ahead[i]
+            candidates = self._candidates(st)
+            st.pending[decision] = self._score(layer, self._full_view(hidden), candidates)
+        if st.index is None:
+            return None
+        kwargs.update(st.stage_kwargs)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _after_last_layer(self, layer: nn.Module, args: tuple, output: Any) -> Any:
+        if self.mode != "prefill" or self.state is None or self.state.index is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        full = self._full_view(hidden)[:, : self.state.n]
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    # ---- prefill mechanics ----------------------------------------------------------------
+    def _capture(self, st: _Prefill, hidden: torch.Tensor, kwargs: dict) -> None:
+        batch, n = hidden.shape[:2]
+        cos, sin = kwargs["position_embeddings"]
+        st.rope = (cos.expand(batch, n, -1), sin.expand(batch, n, -1))
+        pos = kwargs.get("position_ids")
+        st.position_ids = pos.expand(batch, n) if isinstance(pos, torch.Tensor) and pos.ndim == 2 else None
+        st.cache = kwargs.get("past_key_values")
+
+    def _full_view(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Write the current hidden states into the full buffer and return it ``(B, N + 1, D)``."""
+        st = self.state
+        if st.buffer is None:
+            st.buffer = hidden.new_zeros(hidden.shape[0], st.n + 1, hidden.shape[2])
+        if st.index is None:
+            st.buffer[:, : st.n] = hidden
+        else:
+            st.buffer[st.rows(), st.index] = hidden
+            st.buffer[:, st.n] = 0  # the filler slot: keep it finite
+        return st.buffer
+
+    def _candidates(self, st: _Prefill) -> torch.Tensor:
+        """Reroute: every visual token competes; prune: only those kept at the last decision."""
+        if self.plan.reroute or st.present is None:
+            return st.visual
+        return st.present
+
+    def _score(self, layer: nn.Module, full: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Scores ``(B, N)`` of the present sequence (text + candidates) at ``layer``."""
+        st = self.state
+        keys = st.valid[:, : st.n] & (~st.visual | candidates)
+        index, valid = compact_index(keys, filler=st.n)
+        rows = st.rows()
+        rope_index = index.clamp(max=st.n - 1)
+        cos, sin = st.rope
+        flat = torch.arange(full.shape[0], device=full.device)
+        attention = last_token_attention(
+            self.adapter,
+            layer,
+            keys=full[rows, index],
+            key_valid=valid,
+            key_rope=(cos[rows, rope_index], sin[rows, rope_index]),
+            query=full[flat, st.last],
+            query_rope=(cos[flat, st.last][:, None], sin[flat, st.last][:, None]),
+        )
+        scores = attention.new_zeros(full.shape[0], st.n + 1)
+        scores[rows, index] = attention
+        return scores[:, : st.n]
+
+    def _decide(self, i: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        st = self.state
+        stage = self.decision_of[i]
+        full = self._full_view(hidden)
+        candidates = self._candidates(st)
+        scores = st.pending.pop(i, None)
+        if scores is None:
+            scores = self._score(layer, full, candidates)
+        selected = top_k_per_image(scores, candidates, st.image_ids, st.counts[stage])
+        self._record(i, stage, scores, selected)
+        st.present = selected
+        index, filled = compact_index(~st.visual | selected, filler=st.n)
+        st.index = index
+        rows, rope_index = st.rows(), index.clamp(max=st.n - 1)
+        key_mask = filled & st.valid[rows, index]
+        st.key_masks.append((i, key_mask))
+        cos, sin = st.rope
+        st.stage_kwargs = {
+            "attention_mask": stage_mask(
+                self.adapter.text_config, key_mask, index.shape[1], st.cache, i, hidden.dtype
+            ),
+            "position_embeddings": (cos[rows, rope_index], sin[rows, rope_index]),
+        }
+        if st.position_ids is not None:
+            st.stage_kwargs["position_ids"] = st.position_ids[rows, rope_index]
+        return full[rows, index]
+
+    def _record(self, i: int, stage: int, scores: torch.Tensor, selected: torch.Tensor) -> None:
+        st = self.state
+        if stage == 0:
+            self.trace.decisions = []
+            self.trace.visual_tokens = st.visual.sum(dim=1).tolist()
+        previous = st.present
+        rank = st.visual.cumsum(dim=1) - 1
+        picked, score_rows, reentered = [], [], []
+        for b in range(selected.shape[0]):
+            picked.append(rank[b][selected[b]].cpu())
+            score_rows.append(scores[b][st.visual[b]].detach().cpu())
+            back = 0 if previous is None else int((selected[b] & ~previous[b]).sum())
+            reentered.append(back)
+        self.trace.decisions.append(
+            Decision(layer=i, selected=picked, scores=score_rows, reentered=reentered)
+        )
+
+    # ---- decoding -------------------------------------------------------------------------------
+    def _decode_mask(self, i: int, hidden: torch.Tensor) -> Any:
+        """The mask of layer ``i``'s stage for this decode step: its cache plus the new tokens."""
+        st = self.state
+        stage = max(s for s, (first, _) in enumerate(st.key_masks) if first <= i)
+        if stage not in self.decode_masks:
+            first, key_mask = st.key_masks[stage]
+            query = hidden.shape[1]
+            kv_length = self.routed_cache.get_seq_length(first) + query
+            tail = kv_length - key_mask.shape[1]
+            if self.decode_mask2d is not None:
+                new = self.decode_mask2d[:, -tail:].to(device=key_mask.device, dtype=torch.bool)
+            else:
+                new = key_mask.new_ones(key_mask.shape[0], tail)
+            self.decode_masks[stage] = stage_mask(
+                self.adapter.text_config,
+                torch.cat([key_mask, new], dim=1),
+                query,
+                self.routed_cache,
+                first,
+                hidden.dtype,
+            )
+        return self.decode_masks[stage]

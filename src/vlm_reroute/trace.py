@@ -1,0 +1,45 @@
+"""What a routed prefill decided, for inspection, tests and pictures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Decision:
+    """One decision of one prefill.
+
+    ``selected[b]``: sorted indices into sample ``b``'s visual tokens (0-based, in sequence order
+    over all its images) that go through the layers of this stage. ``scores[b]``: the score of
+    every visual token of sample ``b`` (0 for tokens that were not candidates). ``reentered[b]``:
+    how many selected tokens were not selected at the previous decision (always 0 under prune
+    and at the first decision).
+    """
+
+    layer: int
+    selected: list[torch.Tensor]
+    scores: list[torch.Tensor]
+    reentered: list[int]
+
+    @property
+    def kept(self) -> list[int]:
+        return [int(s.numel()) for s in self.selected]
+
+
+@dataclass
+class Trace:
+    """Filled by a method's context manager; ``decisions`` covers the most recent prefill."""
+
+    method: str
+    decisions: list[Decision] = field(default_factory=list)
+    visual_tokens: list[int] = field(default_factory=list)
+    prefills: int = 0
+
+    def tokens_per_layer(self, num_layers: int, sample: int = 0) -> list[int]:
+        """Visual tokens of ``sample`` that went through each decoder layer in the last prefill."""
+        counts = [self.visual_tokens[sample]] * num_layers
+        for d in self.decisions:
+            counts[d.layer :] = [d.kept[sample]] * (num_layers - d.layer)
+        return counts
