@@ -327,3 +327,21 @@ def test_imports_neither_torch_nor_transformers():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_from_real_transformers_configs():
+    transformers = pytest.importorskip("transformers")
+    llava = transformers.LlavaConfig(
+        text_config={
+            "model_type": "llama",
+            "hidden_size": 5120,
+            "intermediate_size": 13824,
+            "num_hidden_layers": 40,
+            "num_attention_heads": 40,
+        },
+        dtype="float16",
+    )
+    assert ModelShape.from_config(llava, name="llava-1.5-13b") == load_shape("llava-1.5-13b")
+    # decoder fields given at the top level, as in older Qwen2.5-VL config.json files
+    qwen = transformers.Qwen2_5_VLConfig(**{k: v for k, v in QWEN_OLD_CFG.items() if k != "vision_config"})
+    assert ModelShape.from_config(qwen, name="qwen2.5-vl-3b") == load_shape("qwen2.5-vl-3b")

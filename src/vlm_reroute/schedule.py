@@ -57,8 +57,8 @@ def check_schedule(method: str, layers: Sequence[int], keep: Sequence[Keep], rer
         same_kind = all(isinstance(k, int) for k in keep) or all(isinstance(k, float) for k in keep)
         if same_kind and any(b > a for a, b in zip(keep, keep[1:], strict=False)):
             raise ValueError(
-                f"{_describe(method, 'keep', list(keep))} with reroute=False: pruned tokens cannot come back, "
-                "so keep counts must not increase from stage to stage"
+                f"{_describe(method, 'keep', list(keep))} with reroute=False: pruned tokens cannot "
+                "come back, so keep counts must not increase from stage to stage"
             )
 
 

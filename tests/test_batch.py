@@ -1,0 +1,93 @@
+"""Each sample gets its own decision: a batch equals its prompts run one by one; every image of a
+prompt is routed with its own count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import model_for
+from test_cache_decode import _split
+
+from vlm_reroute import PDrop
+from vlm_reroute.tiny_models import PAD_TOKEN, tiny_inputs
+
+LAYERS = [1, 2, 4, 6]
+
+
+@pytest.mark.parametrize("reroute", [False, True])
+def test_batch_equals_one_by_one(family, reroute):
+    model = model_for(family)
+    inputs = tiny_inputs(model, (20, 6), seed=11)
+    method = PDrop(layers=LAYERS, keep=[64, 64, 32, 16] if reroute else [96, 64, 32, 16], reroute=reroute)
+    with method(model) as trace:
+        batch_logits = model(**inputs).logits[:, -1]
+    batch_decisions = trace.decisions
+    for b in range(2):
+        with method(model) as trace:
+            alone = model(**_split(inputs, b)).logits[0, -1]
+        torch.testing.assert_close(batch_logits[b], alone, rtol=1e-4, atol=1e-4)
+        for d_batch, d_alone in zip(batch_decisions, trace.decisions, strict=True):
+            assert torch.equal(d_batch.selected[b], d_alone.selected[0])
+
+
+def test_samples_decide_differently(family):
+    """Sample 0's decision is not applied to sample 1 (fault 1 of the published code)."""
+    model = model_for(family)
+    inputs = tiny_inputs(model, (20, 20), seed=12)
+    with PDrop(layers=[2], keep=[32])(model) as trace:
+        model(**inputs)
+    first, second = trace.decisions[0].selected
+    assert not torch.equal(first, second)
+
+
+def _merge(model, a: dict, b: dict) -> dict:
+    """Left-pad two single-sample inputs of different lengths into one batch."""
+    width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+
+    def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+    merged = {
+        "input_ids": torch.cat([pad(a["input_ids"], PAD_TOKEN), pad(b["input_ids"], PAD_TOKEN)]),
+        "attention_mask": torch.cat([pad(a["attention_mask"], 0), pad(b["attention_mask"], 0)]),
+        "pixel_values": torch.cat([a["pixel_values"], b["pixel_values"]]),
+    }
+    if "image_grid_thw" in a:
+        merged["image_grid_thw"] = torch.cat([a["image_grid_thw"], b["image_grid_thw"]])
+        types = [pad(x["mm_token_type_ids"], 0) for x in (a, b)]
+        merged["mm_token_type_ids"] = torch.cat(types)
+    return merged
+
+
+@pytest.mark.parametrize("reroute", [False, True])
+def test_multi_image_prompts_and_uneven_batches(family, reroute):
+    """Two images in one prompt: each keeps its own count. Batched with a one-image prompt, the
+    stages have different lengths per sample (fillers) and still equal the one-by-one runs."""
+    model = model_for(family)
+    two = tiny_inputs(model, (8,), images_per_prompt=2, seed=13)
+    one = tiny_inputs(model, (30,), images_per_prompt=1, seed=14)
+    method = PDrop(
+        layers=LAYERS, keep=[0.25, 0.125, 0.0625, 0.03125] if reroute else [96, 64, 32, 16], reroute=reroute
+    )
+    with method(model) as trace:
+        alone_two = model(**two).logits[0, -1]
+    per_image = 144 if reroute else 96
+    first = trace.decisions[0].selected[0]
+    assert first.numel() == 2 * per_image
+    assert int((first < 576).sum()) == per_image and int((first >= 576).sum()) == per_image
+    decisions_two = trace.decisions
+    with method(model) as trace:
+        alone_one = model(**one).logits[0, -1]
+    decisions_one = trace.decisions
+    batch = _merge(model, two, one)
+    with method(model) as trace:
+        out = model(**batch)
+        generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(out.logits[0, -1], alone_two, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.logits[1, -1], alone_one, rtol=1e-4, atol=1e-4)
+    for d, d2, d1 in zip(trace.decisions, decisions_two, decisions_one, strict=True):
+        assert torch.equal(d.selected[0], d2.selected[0])
+        assert torch.equal(d.selected[1], d1.selected[0])
+    with method(model):
+        gen_two = model.generate(**two, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated[0, -3:], gen_two[0, -3:])
