@@ -102,13 +102,15 @@ def budget(
         "-FLOPs",
         "-KV",
     ):
-        table.add_column(col, justify="right" if col not in ("method", "layers", "keep") else "left")
+        table.add_column(
+            col, justify="left" if col in ("method", "layers", "keep") else "right", no_wrap=col == "method"
+        )
     for name, b in rows:
         table.add_row(
             name,
-            str(list(b.layers)) if b.layers else "-",
-            str(list(b.keep)) if b.keep else "-",
-            f"{b.avg_visual_tokens:.2f}",
+            ", ".join(map(str, b.layers)) or "-",
+            ", ".join(map(str, b.keep)) or "-",
+            f"{b.avg_visual_tokens:.1f}",
             f"{b.flops_fastv / 1e12:.3f}",
             f"{b.flops_exact / 1e12:.3f}",
             f"{b.kv_bytes / 1e6:.1f}",
@@ -125,3 +127,142 @@ def budget(
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
+
+
+def _parse_ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        fail(f"--{what} {text!r}: give comma-separated integers, e.g. 2,7,15,23")
+    return None
+
+
+def build_method(model, inputs, method: str, reroute: bool, tier: float | None, layers, keep):
+    """The method to run: explicit ``layers``/``keep``, else solved for avg_T = ``tier``."""
+    from .budget import ModelShape
+    from .methods import FastV, PDrop
+    from .solver import solve_schedule
+
+    if method not in ("fastv", "pdrop"):
+        fail(f"--method {method!r}: allowed are fastv, pdrop")
+    ids = inputs["input_ids"]
+    visual = int((ids[0] == model.config.image_token_id).sum())
+    if layers is None or keep is None:
+        if layers is not None or keep is not None:
+            fail("--layers and --keep go together (or give neither and use --tier)")
+        shape = ModelShape.from_config(model.config)
+        sched = solve_schedule(shape, visual, method, reroute, target_avg_t=tier)
+        layers, keep = list(sched.layers), list(sched.keep)
+    if method == "fastv" and not reroute:
+        if len(layers) != 1:
+            fail(f"FastV makes one decision; got --layers {layers} (use --method pdrop for several)")
+        return FastV(layer=layers[0], keep=keep[0])
+    return PDrop(layers=layers, keep=keep, reroute=reroute)
+
+
+def _prefill(model, inputs) -> tuple[float, object]:
+    import time
+
+    import torch
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model(**inputs, use_cache=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return time.perf_counter() - start, out.past_key_values
+
+
+@app.command()
+def run(
+    model: Annotated[str, typer.Option(help="Hub id or local model folder")],
+    image: Annotated[str, typer.Option(help="image path or http(s) URL")],
+    prompt: Annotated[str, typer.Option(help="the question about the image")],
+    method: Annotated[str, typer.Option(help="fastv or pdrop")] = "pdrop",
+    reroute: Annotated[bool, typer.Option("--reroute/--prune", help="recoverable routing or removal")] = True,
+    tier: Annotated[float, typer.Option(help="target avg_T (visual tokens per layer) to solve for")] = 64,
+    layers: Annotated[str | None, typer.Option(help="explicit decision layers, e.g. 2,7,15,23")] = None,
+    keep: Annotated[str | None, typer.Option(help="explicit tokens kept per stage, e.g. 46,46,23,12")] = None,
+    compare: Annotated[bool, typer.Option(help="also run vanilla and compare time, KV and answer")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    attn: Annotated[str, typer.Option(help="attention implementation: sdpa or eager")] = "sdpa",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Answer a question about an image with a routed model; show the decisions and the cost."""
+    import torch
+
+    from .cache import kv_bytes
+    from .loading import LoadError, PromptBuilder, load_image, load_model, quiet_transformers
+
+    quiet_transformers()
+    try:
+        picture = load_image(image)
+        loaded = load_model(model, dtype=dtype, device=device, attn=attn)
+        builder = PromptBuilder.from_pretrained(model, loaded)
+        inputs = builder(picture, prompt, loaded)
+        chosen = build_method(
+            loaded, inputs, method, reroute, tier, _parse_ints(layers, "layers"), _parse_ints(keep, "keep")
+        )
+        gen = dict(max_new_tokens=max_new_tokens, do_sample=False)
+        with chosen(loaded) as trace:
+            seconds, cache = _prefill(loaded, inputs)
+            with torch.no_grad():
+                answer_ids = loaded.generate(**inputs, **gen)[0, inputs["input_ids"].shape[1] :]
+    except (LoadError, ValueError, TypeError) as exc:
+        fail(str(exc))
+    report = {
+        "model": model,
+        "method": type(chosen).__name__ + (" + Reroute" if getattr(chosen, "reroute", False) else ""),
+        "schedule": {
+            "layers": [d.layer for d in trace.decisions],
+            "keep": [d.kept[0] for d in trace.decisions],
+        },
+        "answer": builder.decode(answer_ids),
+        "visual_tokens": trace.visual_tokens[0],
+        "decisions": [
+            {"layer": d.layer, "kept": d.kept[0], "reentered": d.reentered[0]} for d in trace.decisions
+        ],
+        "prefill_seconds": seconds,
+        "kv_bytes": kv_bytes(cache),
+    }
+    if compare:
+        base_seconds, base_cache = _prefill(loaded, inputs)
+        with torch.no_grad():
+            base_ids = loaded.generate(**inputs, **gen)[0, inputs["input_ids"].shape[1] :]
+        report["vanilla"] = {
+            "answer": builder.decode(base_ids),
+            "prefill_seconds": base_seconds,
+            "kv_bytes": kv_bytes(base_cache),
+        }
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    _print_run(report)
+
+
+def _print_run(report: dict) -> None:
+    console.print(
+        f"[bold]{report['method']}[/] on {report['model']}: {report['visual_tokens']} visual tokens"
+    )
+    console.print(f"[bold]answer:[/] {report['answer']}")
+    table = Table(title="decisions (sample 0)")
+    for col in ("layer", "kept", "re-entered"):
+        table.add_column(col, justify="right")
+    for d in report["decisions"]:
+        table.add_row(str(d["layer"]), str(d["kept"]), str(d["reentered"]))
+    console.print(table)
+    line = f"prefill {report['prefill_seconds'] * 1e3:.1f} ms, KV cache {report['kv_bytes'] / 1e6:.2f} MB"
+    if "vanilla" in report:
+        v = report["vanilla"]
+        kv_ratio = report["kv_bytes"] / v["kv_bytes"]
+        time_ratio = report["prefill_seconds"] / v["prefill_seconds"]
+        line += (
+            f" | vanilla {v['prefill_seconds'] * 1e3:.1f} ms, {v['kv_bytes'] / 1e6:.2f} MB "
+            f"(KV {kv_ratio:.0%}, time {time_ratio:.0%})"
+        )
+        console.print(f"[bold]vanilla answer:[/] {v['answer']}")
+    console.print(line)
