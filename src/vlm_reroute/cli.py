@@ -91,20 +91,11 @@ def budget(
         return
     base = rows[0][1]
     table = Table(title=f"{model}: avg_T = {tier:g}, n = {n_text} text + {base.n_visual} visual tokens")
-    for col in (
-        "method",
-        "layers",
-        "keep",
-        "avg_T",
-        "TFLOPs FastV",
-        "TFLOPs exact",
-        "KV MB",
-        "-FLOPs",
-        "-KV",
-    ):
-        table.add_column(
-            col, justify="left" if col in ("method", "layers", "keep") else "right", no_wrap=col == "method"
-        )
+    table.add_column("method", no_wrap=True)
+    for col in ("layers", "keep"):
+        table.add_column(col, overflow="fold")
+    for col in ("avg_T", "TFLOPs\nFastV", "TFLOPs\nexact", "KV\nMB", "FLOPs\nsaved", "KV\nsaved"):
+        table.add_column(col, justify="right")
     for name, b in rows:
         table.add_row(
             name,

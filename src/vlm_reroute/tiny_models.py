@@ -59,8 +59,13 @@ def tiny_llava(
     std: float = 0.2,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    vocab: int = VOCAB,
 ) -> LlavaForConditionalGeneration:
-    """A LLaVA-1.5-shaped model: CLIP tower (patch 14, 336 px → 576 tokens), Llama decoder."""
+    """A LLaVA-1.5-shaped model: CLIP tower (patch 14, 336 px → 576 tokens), Llama decoder.
+
+    ``vocab`` ≥ ``VOCAB`` widens the embedding and LM head only (benchmarks use 32000 so the head
+    costs what a real one does); the special ids stay those of the tiny vocabulary.
+    """
     shape = shape or TextShape()
     vision = CLIPVisionConfig(
         hidden_size=32,
@@ -71,8 +76,9 @@ def tiny_llava(
         patch_size=14,
         projection_dim=32,
     )
+    _check_vocab(vocab)
     text = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=shape.hidden,
         intermediate_size=shape.ffn,
         num_hidden_layers=shape.layers,
@@ -97,9 +103,15 @@ def tiny_llava(
     return _init_weights(model, std, seed).to(dtype)
 
 
-def _qwen_text_kwargs(shape: TextShape) -> dict:
+def _check_vocab(vocab: int) -> None:
+    if vocab < VOCAB:
+        raise ValueError(f"vocab={vocab}: must be ≥ {VOCAB} (the tiny special token ids live below it)")
+
+
+def _qwen_text_kwargs(shape: TextShape, vocab: int = VOCAB) -> dict:
+    _check_vocab(vocab)
     return dict(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=shape.hidden,
         intermediate_size=shape.ffn,
         num_hidden_layers=shape.layers,
@@ -120,15 +132,19 @@ def tiny_qwen2_vl(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     version: str = "2",
+    vocab: int = VOCAB,
 ) -> PreTrainedModel:
-    """A Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) shaped model with GQA and MRoPE."""
+    """A Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) shaped model with GQA and MRoPE.
+
+    ``vocab`` as in :func:`tiny_llava`.
+    """
     shape = shape or TextShape()
     common = dict(
         image_token_id=IMAGE_TOKEN,
         video_token_id=VIDEO_TOKEN,
         vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END,
-        text_config=_qwen_text_kwargs(shape),
+        text_config=_qwen_text_kwargs(shape, vocab),
     )
     if version == "2":
         vision = dict(
