@@ -94,7 +94,7 @@ def budget(
     table.add_column("method", no_wrap=True)
     for col in ("layers", "keep"):
         table.add_column(col, overflow="fold")
-    for col in ("avg_T", "TFLOPs\nFastV", "TFLOPs\nexact", "KV\nMB", "FLOPs\nsaved", "KV\nsaved"):
+    for col in ("avg_T", "TFLOPs", "KV MB", "FLOPs\nsaved", "KV\nsaved"):
         table.add_column(col, justify="right")
     for name, b in rows:
         table.add_row(
@@ -103,15 +103,15 @@ def budget(
             ", ".join(map(str, b.keep)) or "-",
             f"{b.avg_visual_tokens:.1f}",
             f"{b.flops_fastv / 1e12:.3f}",
-            f"{b.flops_exact / 1e12:.3f}",
             f"{b.kv_bytes / 1e6:.1f}",
             f"{1 - b.flops_fastv_ratio:.0%}",
             f"{1 - b.kv_bytes_ratio:.0%}",
         )
     console.print(table)
     console.print(
-        "FLOPs are multiply-accumulates of the decoder prefill (FastV: 4nd²+2n²d+2ndm; exact: GQA-aware, "
-        "SwiGLU), n = text + visual tokens entering each layer. KV in MB (10^6 bytes).",
+        "TFLOPs: multiply-accumulates of the decoder prefill in FastV's convention 4nd²+2n²d+2ndm, "
+        "n = text + visual tokens entering each layer (--json adds PyramidDrop's and an exact GQA-aware "
+        "count). KV in MB (10^6 bytes) after prefill.",
         style="dim",
     )
 
