@@ -110,3 +110,17 @@ def test_run_errors_are_one_line(checkpoints, tmp_path):
     assert tier.exit_code == 1 and "not reachable" in tier.output
     for result in (missing, nowhere, tier):
         assert "Traceback" not in result.output
+
+
+def test_bench_writes_json_and_plots(checkpoints, tmp_path):
+    paths, image = checkpoints
+    out = tmp_path / "report.json"
+    result = invoke(
+        "bench", "--model", str(paths["llava"]), "--image", str(image), "--tier", "128",
+        "--repeats", "1", "--warmup", "0", "--decode-tokens", "1", "--json", str(out), "--plots", str(tmp_path),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert json.dumps(report).count("PDrop + Reroute") >= 1
+    for png in ("tokens_per_layer.png", "speedup.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

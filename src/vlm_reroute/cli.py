@@ -235,6 +235,64 @@ def run(
     _print_run(report)
 
 
+def _solved_methods(model, inputs, tier: float) -> dict:
+    """FastV, FastV + Reroute, PDrop and PDrop + Reroute solved for avg_T = ``tier`` on this input."""
+    methods = {}
+    for method in ("fastv", "pdrop"):
+        for reroute in (False, True):
+            chosen = build_method(model, inputs, method, reroute, tier, None, None)
+            methods[("FastV" if method == "fastv" else "PDrop") + (" + Reroute" if reroute else "")] = chosen
+    return methods
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option(help="Hub id or local model folder")],
+    image: Annotated[str, typer.Option(help="image path or http(s) URL")],
+    prompt: Annotated[str, typer.Option(help="the question")] = "Describe the image.",
+    tier: Annotated[float, typer.Option(help="target avg_T for every method")] = 64,
+    repeats: Annotated[int, typer.Option(help="timed repeats (median; interleaved A/B)")] = 5,
+    warmup: Annotated[int, typer.Option(help="untimed warm-up rounds")] = 1,
+    decode_tokens: Annotated[int, typer.Option(help="tokens for time per decode token (0: skip)")] = 8,
+    ideal: Annotated[bool, typer.Option(help="also time the zero-overhead ideal (layers alone)")] = False,
+    json_out: Annotated[str | None, typer.Option("--json", help="write the report as JSON here")] = None,
+    plots: Annotated[str | None, typer.Option(help="folder for the PNG plots")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    attn: Annotated[str, typer.Option(help="sdpa or eager")] = "sdpa",
+) -> None:
+    """Measured cost: prefill time, decode time, memory and KV of vanilla and every method."""
+    from pathlib import Path
+
+    from .loading import LoadError, PromptBuilder, load_image, load_model, quiet_transformers
+    from .plots import speedup_png, tokens_per_layer_png
+    from .profiler import profile
+
+    quiet_transformers()
+    try:
+        picture = load_image(image)
+        loaded = load_model(model, dtype=dtype, device=device, attn=attn)
+        inputs = PromptBuilder.from_pretrained(model, loaded)(picture, prompt, loaded)
+        methods = _solved_methods(loaded, inputs, tier)
+        report = profile(
+            loaded, inputs, methods, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, ideal=ideal
+        )
+    except (LoadError, ValueError, TypeError) as exc:
+        fail(str(exc))
+    console.print(report.table())
+    if json_out:
+        Path(json_out).write_text(report.to_json())
+        console.print(f"JSON: {json_out}")
+    if plots:
+        folder = Path(plots)
+        folder.mkdir(parents=True, exist_ok=True)
+        for png in (
+            tokens_per_layer_png(report, folder / "tokens_per_layer.png"),
+            speedup_png(report, folder / "speedup.png"),
+        ):
+            console.print(f"plot: {png}")
+
+
 def _print_run(report: dict) -> None:
     console.print(
         f"[bold]{report['method']}[/] on {report['model']}: {report['visual_tokens']} visual tokens"
