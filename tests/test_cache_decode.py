@@ -146,3 +146,20 @@ def test_half_precision_generate(family, dtype):
         text + n_visual // 2,
         text + n_visual // 4,
     ]
+
+
+def test_interleaved_decoding_of_two_routed_caches():
+    """Each routed cache keeps its own stage layouts: decoding one after another prompt's prefill
+    (and a text-only call) is still exact. Manual decode loop, no position_ids (1-D RoPE)."""
+    model = model_for("llava")
+    first, second = tiny_inputs(model, (20,), seed=31), tiny_inputs(model, (9,), seed=32)
+    method = PDrop(layers=LAYERS, keep=KEEP, reroute=True)
+    with method(model) as trace:
+        out_first = model(**first)
+        selected = [d.selected[0] for d in trace.decisions]
+        model(**second)
+        model(input_ids=first["input_ids"][:, -5:])  # text only, unrouted
+        token = out_first.logits[:, -1].argmax(-1, keepdim=True)
+        step = model(input_ids=token, past_key_values=out_first.past_key_values).logits[0, -1]
+    ref, _ = routed_reference(model, first, LAYERS, selected, True, extra_ids=token[0])
+    torch.testing.assert_close(step, ref[-1], rtol=1e-4, atol=1e-4)

@@ -16,6 +16,7 @@ stage attends over its own cache with a mask of the right length.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -81,8 +82,9 @@ class RoutingExecutor:
         self.first_decision = plan.stages[0].layer
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.mode: str | None = None  # "prefill", "decode" or None (vanilla)
-        self.state: _Prefill | None = None
-        self.routed_cache: Cache | None = None
+        self.state: _Prefill | None = None  # the prefill being run, or the one being decoded
+        # every cache a routed prefill filled in this block, with the layouts its decoding needs
+        self.routed: weakref.WeakKeyDictionary[Cache, _Prefill] = weakref.WeakKeyDictionary()
         self.decode_mask2d: torch.Tensor | None = None
         self.decode_masks: dict[int, Any] = {}
         self.inside_call = False
@@ -102,8 +104,8 @@ class RoutingExecutor:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        self.state = self.routed_cache = None
-        self.mode = None
+        self.routed.clear()
+        self.state, self.mode = None, None
 
     # ---- model-level hooks: what kind of call is this? -----------------------------------
     def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -111,8 +113,8 @@ class RoutingExecutor:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         past = kwargs.get("past_key_values")
         past_len = past.get_seq_length() if isinstance(past, Cache) else 0
-        self.mode, self.decode_masks = None, {}
-        if past is not None and past is self.routed_cache and past_len > 0:
+        self.mode, self.decode_masks, self.state = None, {}, None
+        if isinstance(past, Cache) and past in self.routed and past_len > 0:
             if kwargs.get("pixel_values") is not None:
                 raise ValueError(
                     "new images on top of a routed KV cache are not supported: run the whole prompt "
@@ -121,9 +123,8 @@ class RoutingExecutor:
             mask = kwargs.get("attention_mask")
             if mask is not None and mask.ndim != 2:
                 raise ValueError(f"attention_mask of shape {tuple(mask.shape)}: routing needs a 2-D mask")
-            self.mode, self.decode_mask2d = "decode", mask
+            self.mode, self.decode_mask2d, self.state = "decode", mask, self.routed[past]
             return
-        self.routed_cache = None
         if input_ids is None:
             if kwargs.get("pixel_values") is not None:
                 raise ValueError(
@@ -132,8 +133,7 @@ class RoutingExecutor:
             return
         visual = self.adapter.visual_mask(input_ids)
         if not bool(visual.any()):
-            self.state = None  # a text-only prompt runs the untouched model
-            return
+            return  # a text-only prompt runs the untouched model
         if past_len > 0:
             raise ValueError(
                 f"a prompt with images on a cache that already holds {past_len} tokens: routing "
@@ -168,11 +168,15 @@ class RoutingExecutor:
 
     def _after_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.inside_call = False
-        if self.mode == "prefill" and self.state is not None:
-            self.routed_cache = self.state.cache
-            self.state.buffer, self.state.pending = None, {}  # free activations, keep the layouts
+        st = self.state
+        if self.mode == "prefill" and st is not None:
+            # keep only what decoding needs: the stages' key masks
+            st.buffer = st.rope = st.position_ids = st.index = None
+            st.pending, st.stage_kwargs = {}, {}
+            if st.cache is not None:
+                self.routed[st.cache] = st
             self.trace.prefills += 1
-        self.mode, self.decode_masks = None, {}
+        self.mode, self.decode_masks, self.state = None, {}, None
 
     def _before_decoder(self, module: nn.Module, args: tuple) -> None:
         if not self.inside_call:
@@ -316,7 +320,7 @@ class RoutingExecutor:
         if stage not in self.decode_masks:
             first, key_mask = st.key_masks[stage]
             query = hidden.shape[1]
-            kv_length = self.routed_cache.get_seq_length(first) + query
+            kv_length = st.cache.get_seq_length(first) + query
             tail = kv_length - key_mask.shape[1]
             if self.decode_mask2d is not None:
                 new = self.decode_mask2d[:, -tail:].to(device=key_mask.device, dtype=torch.bool)
@@ -326,7 +330,7 @@ class RoutingExecutor:
                 self.adapter.text_config,
                 torch.cat([key_mask, new], dim=1),
                 query,
-                self.routed_cache,
+                st.cache,
                 first,
                 hidden.dtype,
             )
