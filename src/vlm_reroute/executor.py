@@ -66,8 +66,13 @@ class _Prefill:
     def n(self) -> int:
         return self.visual.shape[1]
 
+    @property
+    def batch_index(self) -> torch.Tensor:
+        return torch.arange(self.visual.shape[0], device=self.visual.device)
+
     def rows(self) -> torch.Tensor:
-        return torch.arange(self.visual.shape[0], device=self.visual.device)[:, None]
+        """``(B, 1)`` batch index for advanced indexing with a ``(B, L)`` layout."""
+        return self.batch_index[:, None]
 
 
 class RoutingExecutor:
@@ -250,19 +255,25 @@ class RoutingExecutor:
         """Scores ``(B, N)`` of the present sequence (text + candidates) at ``layer``."""
         st = self.state
         keys = st.valid[:, : st.n] & (~st.visual | candidates)
-        index, valid = compact_index(keys, filler=st.n)
-        rows = st.rows()
-        rope_index = index.clamp(max=st.n - 1)
         cos, sin = st.rope
-        flat = torch.arange(full.shape[0], device=full.device)
+        flat = st.batch_index
+        query = {
+            "query": full[flat, st.last],
+            "query_rope": (cos[flat, st.last][:, None], sin[flat, st.last][:, None]),
+        }
+        if bool(keys.all()):  # every token is a key (reroute, no padding): no gather needed
+            return last_token_attention(
+                self.adapter, layer, keys=full[:, : st.n], key_valid=keys, key_rope=(cos, sin), **query
+            )
+        index, valid = compact_index(keys, filler=st.n)
+        rows, rope_index = st.rows(), index.clamp(max=st.n - 1)
         attention = last_token_attention(
             self.adapter,
             layer,
             keys=full[rows, index],
             key_valid=valid,
             key_rope=(cos[rows, rope_index], sin[rows, rope_index]),
-            query=full[flat, st.last],
-            query_rope=(cos[flat, st.last][:, None], sin[flat, st.last][:, None]),
+            **query,
         )
         scores = attention.new_zeros(full.shape[0], st.n + 1)
         scores[rows, index] = attention
@@ -301,13 +312,14 @@ class RoutingExecutor:
             self.trace.decisions = []
             self.trace.visual_tokens = st.visual.sum(dim=1).tolist()
         previous = st.present
-        rank = st.visual.cumsum(dim=1) - 1
-        picked, score_rows, reentered = [], [], []
-        for b in range(selected.shape[0]):
-            picked.append(rank[b][selected[b]].cpu())
-            score_rows.append(scores[b][st.visual[b]].detach().cpu())
-            back = 0 if previous is None else int((selected[b] & ~previous[b]).sum())
-            reentered.append(back)
+        # one device-to-host copy per decision, then split per sample
+        rank = (st.visual.cumsum(dim=1) - 1)[selected].cpu()
+        picked = list(rank.split(selected.sum(dim=1).tolist()))
+        score_rows = list(scores[st.visual].detach().float().cpu().split(st.visual.sum(dim=1).tolist()))
+        if previous is None:
+            reentered = [0] * selected.shape[0]
+        else:
+            reentered = (selected & ~previous).sum(dim=1).tolist()
         self.trace.decisions.append(
             Decision(layer=i, selected=picked, scores=score_rows, reentered=reentered)
         )
