@@ -78,3 +78,29 @@ def test_tokens_per_layer(family):
     with FastV(layer=3, keep=0.25)(model) as trace:
         model(**inputs)
     assert trace.tokens_per_layer(8) == [576] * 3 + [144] * 5
+
+
+def test_a_failed_prefill_leaves_no_state(family):
+    """An error inside the routed forward registers nothing; the next prompt routes afresh."""
+    model = model_for(family)
+    inputs = tiny_inputs(model, (20,))
+    method = PDrop(layers=LAYERS, keep=[64, 64, 32, 16], reroute=True)
+    with method(model) as fresh:
+        expected = model(**inputs).logits
+
+    def boom(module, args):
+        raise RuntimeError("layer failed")
+
+    with method(model) as trace:
+        handle = model.model.language_model.layers[3].register_forward_pre_hook(boom)
+        try:
+            model(**inputs)
+        except RuntimeError:
+            pass
+        finally:
+            handle.remove()
+        assert trace.prefills == 0
+        assert torch.equal(model(**inputs).logits, expected)
+        assert trace.prefills == 1
+    for a, b in zip(trace.decisions, fresh.decisions, strict=True):
+        assert torch.equal(a.selected[0], b.selected[0])

@@ -75,6 +75,15 @@ class _Prefill:
         return self.batch_index[:, None]
 
 
+def _mask2d(kwargs: dict) -> torch.Tensor | None:
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.ndim != 2:
+        raise ValueError(
+            f"attention_mask of shape {tuple(mask.shape)}: routing needs a 2-D (batch, length) mask"
+        )
+    return mask
+
+
 class RoutingExecutor:
     """Installs the hooks of one applied method and runs its plan on every forward."""
 
@@ -125,10 +134,7 @@ class RoutingExecutor:
                     "new images on top of a routed KV cache are not supported: run the whole prompt "
                     "with its images in one prefill"
                 )
-            mask = kwargs.get("attention_mask")
-            if mask is not None and mask.ndim != 2:
-                raise ValueError(f"attention_mask of shape {tuple(mask.shape)}: routing needs a 2-D mask")
-            self.mode, self.decode_mask2d, self.state = "decode", mask, self.routed[past]
+            self.mode, self.decode_mask2d, self.state = "decode", _mask2d(kwargs), self.routed[past]
             return
         if input_ids is None:
             if kwargs.get("pixel_values") is not None:
@@ -162,9 +168,7 @@ class RoutingExecutor:
         image_ids = self.adapter.image_ids(input_ids, kwargs)
         sizes = torch.bincount(image_ids[visual])
         counts = stage_counts(self.plan.method, self.plan.stages, sizes, self.plan.reroute)
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.ndim != 2:
-            raise ValueError(f"attention_mask of shape {tuple(mask.shape)}: routing needs a 2-D mask")
+        mask = _mask2d(kwargs)
         valid = mask.bool() if mask is not None else torch.ones_like(visual)
         positions = torch.arange(visual.shape[1], device=visual.device)
         last = (valid.long() * (positions + 1)).argmax(dim=1)
@@ -174,7 +178,7 @@ class RoutingExecutor:
     def _after_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.inside_call = False
         st = self.state
-        if self.mode == "prefill" and st is not None:
+        if self.mode == "prefill" and st is not None and output is not None:  # None: the call raised
             # keep only what decoding needs: the stages' key masks
             st.buffer = st.rope = st.position_ids = st.index = None
             st.pending, st.stage_kwargs = {}, {}
