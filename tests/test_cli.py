@@ -116,8 +116,8 @@ def test_bench_writes_json_and_plots(checkpoints, tmp_path):
     paths, image = checkpoints
     out = tmp_path / "report.json"
     result = invoke(
-        "bench", "--model", str(paths["llava"]), "--image", str(image), "--tier", "128",
-        "--repeats", "1", "--warmup", "0", "--decode-tokens", "1", "--json", str(out), "--plots", str(tmp_path),
+        "bench", "--model", str(paths["llava"]), "--image", str(image), "--tier", "128", "--repeats", "1",
+        "--warmup", "0", "--decode-tokens", "1", "--json", str(out), "--plots", str(tmp_path),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())

@@ -108,6 +108,12 @@ def _check_vocab(vocab: int) -> None:
         raise ValueError(f"vocab={vocab}: must be ≥ {VOCAB} (the tiny special token ids live below it)")
 
 
+def _mrope_section(shape: TextShape) -> list[int]:
+    """Qwen's t/h/w split of the rotary half-dimension (2:3:3, as [16, 24, 24] of 64 in Qwen2-VL-7B)."""
+    half = shape.hidden // shape.heads // 2
+    return [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+
+
 def _qwen_text_kwargs(shape: TextShape, vocab: int = VOCAB) -> dict:
     _check_vocab(vocab)
     return dict(
@@ -118,7 +124,11 @@ def _qwen_text_kwargs(shape: TextShape, vocab: int = VOCAB) -> dict:
         num_attention_heads=shape.heads,
         num_key_value_heads=shape.kv_heads or max(1, shape.heads // 2),
         max_position_embeddings=32768,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": _mrope_section(shape),
+        },
         pad_token_id=PAD_TOKEN,
         bos_token_id=None,
         eos_token_id=None,

@@ -1,0 +1,522 @@
+"""CPU speed and memory benchmark of FastV / PDrop, prune and reroute, on random-weight models of real shapes.
+
+Usage (writes JSON, PNGs and profiles to ``--out``; results are summarised in docs/benchmarks.md)::
+
+    python benchmarks/speed.py --out docs/benchmarks            # everything, ~10 min on 2 cores
+    python benchmarks/speed.py --only small --repeats 3         # one experiment
+
+Experiments (``--only``):
+
+* ``llava32``: a 32-layer LLaVA-style decoder (hidden 512, 8 heads, FFN 1408, vocab 32000; 576 visual
+  + 45 text tokens) so the published 32-layer decision layers apply unchanged; the four methods
+  solved for avg_T = 64, with the ideal router. Target: PDrop + Reroute ideal / measured ≥ 0.95.
+* ``qwen28``: a 28-layer Qwen2.5-VL-style GQA decoder (hidden 512, 8 heads, 2 KV heads), same methods.
+* ``memory``: 14 images (8,064 visual tokens) on the tiny 8-layer LLaVA; each configuration's
+  prefill in a fresh subprocess. Target: routed peak process RSS ≤ 1.10 × vanilla's.
+* ``small``: the tiny 8-layer, hidden-64 models; reroute with decisions [1, 2, 4, 6] keeping
+  [16, 16, 8, 4] (and its matched prune). Target: faster than vanilla.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import torch
+
+import vlm_reroute.executor as executor
+from vlm_reroute import FastV, PDrop
+from vlm_reroute.budget import ModelShape
+from vlm_reroute.measure import environment, prefill_memory
+from vlm_reroute.methods import TokenReduction
+from vlm_reroute.plots import speedup_png, tokens_per_layer_png
+from vlm_reroute.profiler import ProfileReport, profile
+from vlm_reroute.solver import solve
+from vlm_reroute.tiny_models import TextShape, tiny_inputs, tiny_model
+
+EXPERIMENTS = ("llava32", "qwen28", "memory", "small")
+SMALL_LAYERS, SMALL_KEEP = [1, 2, 4, 6], [16, 16, 8, 4]
+MEMORY_IMAGES = 14
+
+
+def solved_methods(model: torch.nn.Module, n_visual: int, avg_t: float) -> dict[str, TokenReduction]:
+    """FastV, FastV + Reroute, PDrop, PDrop + Reroute solved for ``avg_t`` on the model's depth."""
+    shape = ModelShape.from_config(model.config)
+    out: dict[str, TokenReduction] = {}
+    for method, label in (("fastv", "FastV"), ("pdrop", "PDrop")):
+        pair = solve(shape, n_visual, method, target_avg_t=avg_t)
+        if method == "fastv":
+            out[label] = FastV(layer=pair.prune.layers[0], keep=pair.prune.keep[0])
+        else:
+            out[label] = PDrop(layers=list(pair.prune.layers), keep=list(pair.prune.keep))
+        out[f"{label} + Reroute"] = PDrop(
+            layers=list(pair.reroute.layers), keep=list(pair.reroute.keep), reroute=True
+        )
+    return out
+
+
+def torch_profile(model: torch.nn.Module, inputs: dict, method: TokenReduction | None, path: Path) -> None:
+    """Top operators (self CPU time) of one warm prefill: where the time goes."""
+    call = {"use_cache": True, "logits_to_keep": 1}
+    with torch.no_grad():
+        for _ in range(2):
+            with method(model) if method else nullcontext():
+                model(**inputs, **call)
+        with method(model) if method else nullcontext(), torch.profiler.profile() as prof:
+            model(**inputs, **call)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
+    path.write_text(table)
+
+
+# The router's own functions, timed by wrapping them for the duration of one measurement (the engine's
+# files are untouched; the wrappers are removed afterwards). Top level first: the hooks contain the rest.
+ROUTER_PARTS = {
+    "hooks (all router work)": (
+        executor.RoutingExecutor,
+        ("_before_call", "_before_layer", "_after_last_layer", "_after_call"),
+    ),
+    "decision": (executor.RoutingExecutor, ("_decide",)),
+    "  scoring (gathers + last_token_attention)": (executor.RoutingExecutor, ("_score",)),
+    "    last_token_attention (norm, K/Q proj, RoPE, softmax)": (executor, ("last_token_attention",)),
+    "      RMSNorm of keys + query": None,  # inside last_token_attention: see _scorer_parts
+    "      K projection (all keys)": None,
+    "      Q projection (one row)": None,
+    "      RoPE (keys + query)": None,
+    "  top_k_per_image": (executor, ("top_k_per_image",)),
+    "  compact_index": (executor, ("compact_index",)),
+    "  stage_mask": (executor, ("stage_mask",)),
+    "  _record (trace)": (executor.RoutingExecutor, ("_record",)),
+    "  _full_view (scatter into the buffer)": (executor.RoutingExecutor, ("_full_view",)),
+}
+
+
+def _scorer_parts(score: Any, spent: dict[str, float], timed: Any) -> Any:
+    """Times the norm, projections and RoPE inside one scoring call, by hooks that live only during it
+    (the layer's own forward is never timed)."""
+    labels = [label for label, part in ROUTER_PARTS.items() if part is None]
+
+    @functools.wraps(score)
+    def wrapper(adapter: Any, layer: torch.nn.Module, *a: Any, **k: Any) -> Any:
+        handles, starts = [], {}
+        modules = (layer.input_layernorm, layer.self_attn.k_proj, layer.self_attn.q_proj)
+        for label, module in zip(labels[:3], modules, strict=True):
+
+            def pre(mod: Any, args: Any, label: str = label) -> None:
+                starts[label] = time.perf_counter()
+
+            def post(mod: Any, args: Any, out: Any, label: str = label) -> None:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - starts[label]
+
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        adapter.apply_rope = timed(labels[3], type(adapter).apply_rope.__get__(adapter))
+        try:
+            return score(adapter, layer, *a, **k)
+        finally:
+            del adapter.apply_rope
+            for h in handles:
+                h.remove()
+
+    return wrapper
+
+
+def router_breakdown(model: torch.nn.Module, inputs: dict, method: TokenReduction, runs: int = 8) -> dict:
+    """Milliseconds per routed prefill spent in each router function (medians over ``runs``)."""
+    spent: dict[str, float] = {}
+    originals = []
+
+    def timed(label: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    for label, part in ROUTER_PARTS.items():
+        for name in part[1] if part else ():
+            originals.append((part[0], name, getattr(part[0], name)))
+            setattr(part[0], name, timed(label, getattr(part[0], name)))
+    originals.append((executor, "last_token_attention", executor.last_token_attention))
+    executor.last_token_attention = _scorer_parts(executor.last_token_attention, spent, timed)
+    call = {"use_cache": True, "logits_to_keep": 1}
+    per_run: list[dict[str, float]] = []
+    totals = []
+    try:
+        with torch.no_grad():
+            for i in range(runs + 2):
+                spent.clear()
+                with method(model):
+                    start = time.perf_counter()
+                    model(**inputs, **call)
+                    total = time.perf_counter() - start
+                if i >= 2:  # warm-up
+                    totals.append(total)
+                    per_run.append(dict(spent))
+    finally:
+        for owner, name, fn in reversed(originals):
+            setattr(owner, name, fn)
+    ms = {label: median(r.get(label, 0.0) for r in per_run) * 1e3 for label in ROUTER_PARTS}
+    return {"method": repr(method), "prefill_ms": median(totals) * 1e3, "router_ms": ms}
+
+
+def save(report: ProfileReport, out: Path, stem: str) -> dict[str, Any]:
+    data = report.to_dict()
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2))
+    tokens_per_layer_png(report, out / f"{stem}_tokens_per_layer.png")
+    speedup_png(report, out / f"{stem}_speedup.png")
+    return data
+
+
+def run_decoder(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    if name == "llava32":
+        model = tiny_model("llava", shape=TextShape(32, 512, 8, None, 1408), vocab=32000)
+    else:
+        model = tiny_model("qwen2_5_vl", shape=TextShape(28, 512, 8, 2, 1408), vocab=32000)
+    inputs = tiny_inputs(model, (40,))
+    methods = solved_methods(model, 576, 64)
+    report = profile(
+        model,
+        inputs,
+        methods,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        decode_tokens=args.decode_tokens,
+        decode_repeats=args.decode_repeats,
+        ideal=True,
+        progress=not args.no_progress,
+    )
+    torch_profile(model, inputs, methods["PDrop + Reroute"], out / f"{name}_profile_pdrop_reroute.txt")
+    data = save(report, out, name)
+    data["router_breakdown"] = {k: router_breakdown(model, inputs, methods[k]) for k in methods}
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2))
+    return data
+
+
+def run_small(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    results = {}
+    for family in ("llava", "qwen2_5_vl"):
+        model = tiny_model(family)
+        inputs = tiny_inputs(model, (20,))
+        methods = {
+            "PDrop": PDrop(layers=SMALL_LAYERS, keep=SMALL_KEEP),
+            "PDrop + Reroute": PDrop(layers=SMALL_LAYERS, keep=SMALL_KEEP, reroute=True),
+        }
+        report = profile(
+            model,
+            inputs,
+            methods,
+            repeats=args.repeats * 2,
+            warmup=args.warmup + 2,
+            decode_tokens=args.decode_tokens,
+            decode_repeats=args.decode_repeats * 2,
+            ideal=True,
+            progress=not args.no_progress,
+        )
+        path = out / f"small_{family}_profile_pdrop_reroute.txt"
+        torch_profile(model, inputs, methods["PDrop + Reroute"], path)
+        data = save(report, out, f"small_{family}")
+        data["router_breakdown"] = {k: router_breakdown(model, inputs, methods[k], runs=20) for k in methods}
+        (out / f"small_{family}.json").write_text(json.dumps(data, indent=2))
+        results[family] = data
+    return results
+
+
+# ---- memory: one configuration per fresh process ------------------------------------------------
+
+
+def memory_methods() -> dict[str, TokenReduction | None]:
+    pdrop, fastv = solve(8, 576, "pdrop", target_avg_t=128), solve(8, 576, "fastv", target_avg_t=128)
+    return {
+        "vanilla": None,
+        "FastV": FastV(layer=fastv.prune.layers[0], keep=fastv.prune.keep[0]),
+        "FastV + Reroute": PDrop(list(fastv.reroute.layers), list(fastv.reroute.keep), reroute=True),
+        "PDrop": PDrop(list(pdrop.prune.layers), list(pdrop.prune.keep)),
+        "PDrop + Reroute": PDrop(list(pdrop.reroute.layers), list(pdrop.reroute.keep), reroute=True),
+    }
+
+
+def memory_child(name: str) -> None:
+    """Runs in a fresh process: one prefill of one configuration; prints its memory as JSON."""
+    torch.set_num_threads(2)
+    model = tiny_model("llava")
+    inputs = tiny_inputs(model, (40,), images_per_prompt=MEMORY_IMAGES)
+    method = memory_methods()[name]
+    start = time.perf_counter()
+    with torch.no_grad(), method(model) if method else nullcontext():
+        stats = prefill_memory(model, lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+    print(
+        json.dumps(
+            {
+                "name": name,
+                "method": repr(method) if method else "vanilla",
+                "seq_len": inputs["input_ids"].shape[1],
+                "visual_tokens": int((inputs["input_ids"] == model.config.image_token_index).sum()),
+                "rss_before_bytes": stats.rss_before_bytes,
+                "peak_rss_bytes": stats.peak_rss_bytes,
+                "increase_bytes": stats.increase_bytes,
+                "prefill_s": time.perf_counter() - start,
+            }
+        )
+    )
+
+
+def run_memory(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    runs: dict[str, list[dict]] = {name: [] for name in memory_methods()}
+    for _ in range(args.memory_repeats):
+        for name in runs:  # interleaved, like the timings
+            proc = subprocess.run(
+                [sys.executable, __file__, "--memory-child", name], capture_output=True, text=True, check=True
+            )
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"  memory {name}: peak {runs[name][-1]['peak_rss_bytes'] / 2**20:.1f} MiB", flush=True)
+    summary = {}
+    base = median(r["peak_rss_bytes"] for r in runs["vanilla"])
+    base_inc = median(r["increase_bytes"] for r in runs["vanilla"])
+    for name, rs in runs.items():
+        peak, inc = median(r["peak_rss_bytes"] for r in rs), median(r["increase_bytes"] for r in rs)
+        summary[name] = {
+            "method": rs[0]["method"],
+            "peak_rss_bytes": peak,
+            "peak_ratio_to_vanilla": peak / base,
+            "increase_bytes": inc,
+            "increase_ratio_to_vanilla": inc / base_inc,
+            "runs": rs,
+        }
+    data = {"model": "tiny llava (8 layers, hidden 64)", "images": MEMORY_IMAGES, "configs": summary}
+    (out / "memory.json").write_text(json.dumps(data, indent=2))
+    return data
+
+
+# ---- summary ------------------------------------------------------------------------------------------
+
+
+def summarise(results: dict[str, Any]) -> list[str]:
+    """One line per target: met or MISSED, with the numbers."""
+    lines = []
+    for name in ("llava32", "qwen28"):
+        if name in results:
+            rows = {r["name"]: r for r in results[name]["rows"]}
+            for label, r in rows.items():
+                if label == "vanilla":
+                    continue
+                lines.append(
+                    f"{name} {label}: {r['prefill_s'] * 1e3:.1f} ms "
+                    f"(vanilla {rows['vanilla']['prefill_s'] * 1e3:.1f}), speedup {r['speedup']:.2f}x, "
+                    f"ideal {r['ideal_speedup']:.2f}x, FLOPs {r['theoretical_speedup']:.2f}x, "
+                    f"ideal/measured {r['ideal_fraction']:.3f}"
+                )
+            lines.append(f"{name}: disturbed repeats {disturbed(results[name]['rows'])}")
+            if name == "llava32":
+                frac = rows["PDrop + Reroute"]["ideal_fraction"]
+                verdict = "met" if frac >= 0.95 else "MISSED"
+                lines.append(
+                    f"TARGET 1 (llava32 PDrop + Reroute ideal/measured >= 0.95): {frac:.3f} -> {verdict}"
+                )
+    if "memory" in results:
+        worst = max(
+            (c["peak_ratio_to_vanilla"], n) for n, c in results["memory"]["configs"].items() if n != "vanilla"
+        )
+        verdict = "met" if worst[0] <= 1.10 else "MISSED"
+        lines.append(
+            f"TARGET 3 (routed peak RSS <= 1.10 x vanilla): worst {worst[1]} {worst[0]:.3f} -> {verdict}"
+        )
+    if "small" in results:
+        for family, data in results["small"].items():
+            rows = {r["name"]: r for r in data["rows"]}
+            rr, van = rows["PDrop + Reroute"], rows["vanilla"]
+            verdict = "met" if rr["prefill_s"] < van["prefill_s"] else "MISSED"
+            lines.append(
+                f"TARGET 4 ({family} small: reroute faster than vanilla): {rr['prefill_s'] * 1e3:.2f} ms "
+                f"vs {van['prefill_s'] * 1e3:.2f} ms ({rr['speedup']:.2f}x, "
+                f"ideal {rr['ideal_speedup']:.2f}x) -> {verdict}"
+            )
+    return lines
+
+
+def disturbed(rows: list[dict[str, Any]]) -> str:
+    """How many repeats some other process visibly slowed (a run > 1.5× its configuration's median)."""
+    runs = len(rows[0]["prefill_runs_s"])
+    hit = {i for r in rows for i, t in enumerate(r["prefill_runs_s"]) if t > 1.5 * r["prefill_s"]}
+    return f"{len(hit)} of {runs}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The result tables of docs/benchmarks.md (Markdown), straight from the measurements."""
+    out: list[str] = []
+    for name in ("llava32", "qwen28", "small_llava", "small_qwen2_5_vl"):
+        data = results.get(name) or results.get("small", {}).get(name.removeprefix("small_"))
+        if not data:
+            continue
+        shape, inputs, env, st = data["model"]["shape"], data["inputs"], data["environment"], data["settings"]
+        out += [
+            f"### {name}: {data['model']['class']}, {shape['num_layers']} layers, "
+            f"hidden {shape['hidden_size']}, {shape['num_heads']} heads / {shape['num_kv_heads']} KV heads, "
+            f"FFN {shape['intermediate_size']}",
+            "",
+            f"{inputs['visual_tokens']} visual + {inputs['text_tokens']} text tokens, "
+            f"batch {inputs['batch']}, {st['repeats']} repeats (interleaved) after {st['warmup']} warm-up, "
+            f"decode over {st['decode_repeats']} repeats × {st['decode_tokens']} tokens; "
+            f"1-min load when it started: {env['load_avg_1min']:.2f}; disturbed repeats (some run > 1.5× "
+            f"its median): {disturbed(data['rows'])}. Time outside the decoder layers (vanilla): "
+            f"{data['outside_decoder_s'] * 1e3:.1f} ms.",
+            "",
+            "| method | layers | keep / image | avg_T | prefill ms | speedup | ideal ms | ideal speedup "
+            "| FLOPs speedup | ideal / measured | efficiency | decode ms/tok | KV tokens (= theory) | KV MiB "
+            "| router ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        breakdown = data.get("router_breakdown", {})
+        for r in data["rows"]:
+            router = breakdown.get(r["name"], {}).get("router_ms", {}).get("hooks (all router work)")
+            same = (
+                "="
+                if r["kv_tokens"] == r["kv_tokens_theory"] and r["kv_bytes"] == r["kv_bytes_theory"]
+                else "≠"
+            )
+            out.append(
+                f"| {r['name']} | {r['layers'] or '—'} | {r['keep'] or '—'} | {r['avg_visual_tokens']:.1f} "
+                f"| {r['prefill_s'] * 1e3:.1f} | {r['speedup']:.2f}× | {r['ideal_prefill_s'] * 1e3:.1f} "
+                f"| {r['ideal_speedup']:.2f}× | {r['theoretical_speedup']:.2f}× | {r['ideal_fraction']:.3f} "
+                f"| {r['efficiency']:.2f} | {r['decode_s_per_token'] * 1e3:.1f} | {r['kv_tokens']} ({same}) "
+                f"| {r['kv_bytes'] / 2**20:.2f} | {'—' if router is None else f'{router:.1f}'} |"
+            )
+        if breakdown:
+            labels = list(next(iter(breakdown.values()))["router_ms"])
+            out += [
+                "",
+                f"Router time per prefill ({name}, ms, median of the wrapped runs):",
+                "",
+                "| part | " + " | ".join(breakdown) + " |",
+                "|---" * (len(breakdown) + 1) + "|",
+            ]
+            for label in labels:
+                cells = " | ".join(f"{b['router_ms'][label]:.2f}" for b in breakdown.values())
+                depth = (len(label) - len(label.lstrip())) // 2
+                out.append(f"| {'↳ ' * depth}{label.strip()} | {cells} |")
+            cells = " | ".join(f"{b['prefill_ms']:.1f}" for b in breakdown.values())
+            out.append(f"| (whole routed prefill in these runs) | {cells} |")
+        out.append("")
+    if "memory" in results:
+        mem = results["memory"]
+        out += [
+            f"### memory: {mem['model']}, {mem['images']} images, each configuration in a fresh process",
+            "",
+            "| configuration | schedule | peak RSS MiB | ratio to vanilla | prefill working set MiB "
+            "(peak − RSS before) | ratio to vanilla |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, c in mem["configs"].items():
+            out.append(
+                f"| {name} | {c['method']} | {c['peak_rss_bytes'] / 2**20:.1f} "
+                f"| {c['peak_ratio_to_vanilla']:.3f} | {c['increase_bytes'] / 2**20:.1f} "
+                f"| {c['increase_ratio_to_vanilla']:.3f} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def git_state() -> dict[str, Any]:
+    """Which engine was measured: the commit and any uncommitted source files."""
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "modified": git("status", "--short", "--", "src").splitlines(),
+    }
+
+
+def wait_for_quiet(limit_s: float) -> float:
+    """Wait (up to ``limit_s``) until the 1-min load is below 1: 2 cores shared with other work."""
+    deadline = time.monotonic() + limit_s
+    while os.getloadavg()[0] >= 1.0 and time.monotonic() < deadline:
+        time.sleep(10)
+    return os.getloadavg()[0]
+
+
+def _files(name: str, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """JSON file stem → data for an experiment (``small`` writes one file per family)."""
+    if name == "small":
+        return {f"small_{family}": data.get(family, {}) for family in ("llava", "qwen2_5_vl")}
+    return {name: data}
+
+
+def _load(name: str, out: Path) -> dict[str, Any]:
+    files = {stem: json.loads((out / f"{stem}.json").read_text()) for stem in _files(name, {})}
+    return {stem.removeprefix("small_"): d for stem, d in files.items()} if name == "small" else files[name]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="docs/benchmarks", help="folder for JSON, PNG and profile files")
+    parser.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS))
+    parser.add_argument("--repeats", type=int, default=15, help="timed repeats (median), interleaved")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--decode-tokens", type=int, default=8)
+    parser.add_argument("--decode-repeats", type=int, default=3, help="repeats that also time decoding")
+    parser.add_argument("--memory-repeats", type=int, default=2, help="fresh processes per memory config")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--wait-quiet", type=float, default=0, help="wait up to S s for 1-min load < 1 first")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    env["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
+    env["git"] = git_state()
+    print(f"load before: {os.getloadavg()}", flush=True)
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    for name in args.only:
+        load = wait_for_quiet(args.wait_quiet) if args.wait_quiet else os.getloadavg()[0]
+        print(f"{name}: 1-min load {load:.2f}", flush=True)
+        t0 = time.perf_counter()
+        if name in ("llava32", "qwen28"):
+            results[name] = run_decoder(name, args, out)
+        elif name == "small":
+            results[name] = run_small(args, out)
+        else:
+            results[name] = run_memory(args, out)
+        run = {
+            "command": env["command"],
+            "git": env["git"],
+            "load_before": load,
+            "seconds": time.perf_counter() - t0,
+        }
+        for stem, data in _files(name, results[name]).items():
+            data["run"] = run
+            (out / f"{stem}.json").write_text(json.dumps(data, indent=2))
+        print(f"{name}: {run['seconds']:.0f} s", flush=True)
+    for name in EXPERIMENTS:  # earlier runs of the experiments not repeated now
+        if name not in results and (out / f"{next(iter(_files(name, {})))}.json").exists():
+            results[name] = _load(name, out)
+    env["load_after"] = os.getloadavg()
+    env["total_s"] = time.perf_counter() - started
+    lines = summarise(results)
+    (out / "summary.json").write_text(json.dumps({"environment": env, "lines": lines}, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

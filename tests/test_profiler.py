@@ -1,0 +1,135 @@
+"""The profiler measures what it says: KV cache held == theory, documented JSON, plots, ideal times.
+
+Behaviour only (no speed claims): tiny 8-layer models, one repeat, no warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import model_for
+
+from vlm_reroute import FastV, PDrop
+from vlm_reroute.ideal import LayerTimer, layer_times
+from vlm_reroute.plots import speedup_png, tokens_per_layer_png
+from vlm_reroute.profiler import ProfileRow, profile
+from vlm_reroute.tiny_models import tiny_inputs
+
+METHODS = {
+    "FastV": FastV(layer=3, keep=0.25),
+    "FastV + Reroute": PDrop(layers=[3, 5], keep=[144, 144], reroute=True),
+    "PDrop": PDrop(layers=[1, 2, 4, 6], keep=[96, 64, 32, 16]),
+    "PDrop + Reroute": PDrop(layers=[1, 2, 4, 6], keep=[16, 16, 8, 4], reroute=True),
+}
+ROW_KEYS = {
+    "name", "method", "reroute", "layers", "keep", "prefill_s", "prefill_runs_s", "speedup",
+    "decode_s_per_token", "peak_rss_bytes", "peak_rss_increase_bytes", "cuda_peak_bytes", "kv_lengths",
+    "kv_tokens", "kv_bytes", "kv_tokens_theory", "kv_bytes_theory", "visual_tokens_per_layer", "reentered",
+    "avg_visual_tokens", "flops_ratio", "flops_ratio_pdrop", "theoretical_speedup", "efficiency",
+    "ideal_prefill_s", "ideal_runs_s", "ideal_layer_s", "ideal_speedup", "ideal_fraction",
+}  # fmt: skip
+TOP_KEYS = {"rows", "model", "inputs", "settings", "environment", "outside_decoder_s"}
+
+
+def quick(model, inputs, methods=METHODS, **kwargs):
+    options = dict(repeats=1, warmup=0, decode_tokens=0, progress=False, memory=False)
+    return profile(model, inputs, methods, **{**options, **kwargs})
+
+
+def test_kv_cache_held_equals_theory(family):
+    model = model_for(family)
+    report = quick(model, tiny_inputs(model, (20,)))
+    assert [r.name for r in report.rows] == ["vanilla", *METHODS]
+    n = report.inputs["seq_len"]
+    assert report.row("vanilla").kv_lengths == [n] * 8
+    for row in report.rows:
+        assert row.kv_tokens == row.kv_tokens_theory == sum(row.kv_lengths)
+        assert row.kv_bytes == row.kv_bytes_theory
+    pdrop = report.row("PDrop + Reroute")
+    text = report.inputs["text_tokens"]
+    assert pdrop.kv_lengths == [n] + [text + 16] * 3 + [text + 8] * 2 + [text + 4] * 2
+    assert pdrop.visual_tokens_per_layer == [576, 16, 16, 16, 8, 8, 4, 4]
+    assert report.row("FastV").keep == [144] and report.row("PDrop").flops_ratio < 1
+
+
+def test_kv_bytes_use_the_models_dtype():
+    model = model_for("qwen2_5_vl", dtype=torch.bfloat16)  # 4 layers, hidden 32
+    methods = {
+        "PDrop": PDrop(layers=[1, 2], keep=[0.5, 0.25]),
+        "PDrop + Reroute": PDrop([1, 2], [0.25, 0.25], True),
+    }
+    report = quick(model, tiny_inputs(model, (20,)), methods)
+    for row in report.rows:
+        assert (
+            row.kv_bytes == row.kv_bytes_theory == row.kv_tokens * 2 * 1 * 16 * 2
+        )  # K+V, 1 KV head of 16, bf16
+    assert report.model["dtype"] == "bfloat16"
+
+
+def test_batch_theory_scales_and_padding_has_none():
+    model = model_for("llava")
+    same = quick(model, tiny_inputs(model, (20, 20)), {"PDrop": METHODS["PDrop"]})
+    assert all(r.kv_tokens == r.kv_tokens_theory for r in same.rows)
+    assert same.row("PDrop").kv_tokens_theory == 2 * (8 * 25 + 576 + 96 + 2 * 64 + 2 * 32 + 2 * 16)
+    padded = quick(model, tiny_inputs(model, (20, 12)), {"PDrop": METHODS["PDrop"]})
+    assert padded.inputs["padded"] and padded.row("PDrop").kv_tokens_theory is None
+
+
+def test_report_json_has_the_documented_keys_and_all_measurements():
+    model = model_for("qwen2_5_vl")
+    report = quick(model, tiny_inputs(model, (20,)), decode_tokens=2, memory=True, ideal=True)
+    data = json.loads(report.to_json())
+    assert set(data) == TOP_KEYS
+    assert {f for f in ProfileRow.__dataclass_fields__} == ROW_KEYS
+    for row in data["rows"]:
+        assert set(row) == ROW_KEYS
+        assert row["prefill_s"] > 0 and row["decode_s_per_token"] > 0
+        assert row["peak_rss_bytes"] > row["peak_rss_increase_bytes"] >= 0
+        assert row["ideal_prefill_s"] > 0 and row["theoretical_speedup"] >= 1
+    assert {"batch", "seq_len", "visual_tokens", "text_tokens", "images"} <= set(data["inputs"])
+    assert data["model"]["shape"]["num_layers"] == 8 and data["outside_decoder_s"] > 0
+    assert data["rows"][0]["speedup"] == 1.0
+    assert report.table().row_count == len(METHODS) + 1
+
+
+def test_ideal_layer_times_are_positive_for_each_token_count(family):
+    model = model_for(family)
+    inputs = tiny_inputs(model, (20,))
+    times = layer_times(model, inputs, [601, 120, 25], repeats=1)
+    assert set(times) == {601, 120, 25} and all(t > 0 for t in times.values())
+    timer = LayerTimer(model)
+    timer.capture(model, inputs, use_cache=True)
+    per_layer = timer.time_pass([timer.max_tokens, 100, 100, 60, 60, 30, 30, 30])
+    assert len(per_layer) == 8 and all(t > 0 for t in per_layer)
+    hidden, kwargs = timer.inputs_for(60)
+    assert hidden.shape[1] == 60 and kwargs["position_embeddings"][0].shape[-2] == 60
+    with pytest.raises(ValueError, match="tokens"):
+        timer.inputs_for(timer.max_tokens + 1)
+
+
+def test_ideal_rows_cover_every_layer():
+    model = model_for("llava")
+    report = quick(
+        model, tiny_inputs(model, (20,)), {"PDrop + Reroute": METHODS["PDrop + Reroute"]}, ideal=True
+    )
+    for row in report.rows:
+        assert len(row.ideal_layer_s) == 8 and all(t > 0 for t in row.ideal_layer_s)
+        assert row.ideal_prefill_s == pytest.approx(row.ideal_fraction * row.prefill_s)
+
+
+def test_plots_are_valid_pngs(tmp_path):
+    model = model_for("llava")
+    report = quick(model, tiny_inputs(model, (20,)), ideal=True)
+    for plot, name in ((tokens_per_layer_png, "tokens.png"), (speedup_png, "speedup.png")):
+        path = plot(report, tmp_path / name)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    again = tokens_per_layer_png(json.loads(report.to_json()), tmp_path / "from_json.png")
+    assert again.exists()
+
+
+def test_vanilla_is_reserved():
+    model = model_for("llava")
+    with pytest.raises(ValueError, match="vanilla"):
+        quick(model, tiny_inputs(model, (20,)), {"vanilla": METHODS["PDrop"]})
