@@ -35,13 +35,12 @@ def last_token_attention(
     groups = attn.num_key_value_groups
     normed_keys = layer.input_layernorm(keys)
     normed_query = layer.input_layernorm(query[:, None])
-    k = attn.k_proj(normed_keys).view(batch, n_keys, -1, head_dim).transpose(1, 2)
-    q = attn.q_proj(normed_query).view(batch, 1, -1, head_dim).transpose(1, 2)
-    k = adapter.apply_rope(k, *key_rope)
-    q = adapter.apply_rope(q, *query_rope)
-    kv_heads = k.shape[1]
+    # (B, T, heads, head_dim) straight from the projections: no transposed copies
+    k = adapter.apply_rope(attn.k_proj(normed_keys).view(batch, n_keys, -1, head_dim), *key_rope)
+    q = adapter.apply_rope(attn.q_proj(normed_query).view(batch, 1, -1, head_dim), *query_rope)
+    kv_heads = k.shape[2]
     # Head h reads KV head h // groups (the repeat_kv layout), so group the query heads.
-    q = q.view(batch, kv_heads, groups, head_dim)
-    logits = torch.einsum("bhgd,bhnd->bhgn", q, k).float() * attn.scaling
+    q = q.view(batch, kv_heads, groups, head_dim) * attn.scaling
+    logits = torch.einsum("bhgd,bnhd->bhgn", q, k).float()
     logits = logits.masked_fill(~key_valid[:, None, None, :], float("-inf"))
     return logits.softmax(dim=-1).mean(dim=(1, 2))

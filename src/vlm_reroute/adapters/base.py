@@ -55,13 +55,15 @@ class ModelAdapter(ABC):
         token, ``-1`` elsewhere. Each image is routed with its own keep count."""
 
     def apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` ``(B, heads, T, head_dim)`` with ``cos``/``sin`` ``(B, T, head_dim)``.
+        """Rotate ``x`` ``(B, T, heads, head_dim)`` in place with ``cos``/``sin`` ``(B, T, head_dim)``.
 
-        Both supported families fold MRoPE's three axes into ``cos``/``sin`` inside their rotary
-        module, so one formula serves 1-D RoPE and MRoPE alike.
+        ``x`` is a fresh projection the scorer owns, so it is overwritten rather than copied. Both
+        supported families fold MRoPE's three axes into ``cos``/``sin`` inside their rotary module,
+        so one formula serves 1-D RoPE and MRoPE alike.
         """
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return x * cos + rotate_half(x) * sin
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        rotated = rotate_half(x)
+        return x.mul_(cos).addcmul_(rotated, sin)
 
     def check(self) -> None:
         """Refuse configurations the executor cannot route exactly."""
