@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 import vlm_reroute.executor as executor
-from vlm_reroute import FastV, PDrop
+from vlm_reroute import PDrop
 from vlm_reroute.budget import ModelShape
 from vlm_reroute.measure import environment, prefill_memory
 from vlm_reroute.methods import TokenReduction
@@ -50,18 +50,12 @@ MEMORY_IMAGES = 14
 
 def solved_methods(model: torch.nn.Module, n_visual: int, avg_t: float) -> dict[str, TokenReduction]:
     """FastV, FastV + Reroute, PDrop, PDrop + Reroute solved for ``avg_t`` on the model's depth."""
-    shape = ModelShape.from_config(model.config)
-    out: dict[str, TokenReduction] = {}
-    for method, label in (("fastv", "FastV"), ("pdrop", "PDrop")):
-        pair = solve(shape, n_visual, method, target_avg_t=avg_t)
-        if method == "fastv":
-            out[label] = FastV(layer=pair.prune.layers[0], keep=pair.prune.keep[0])
-        else:
-            out[label] = PDrop(layers=list(pair.prune.layers), keep=list(pair.prune.keep))
-        out[f"{label} + Reroute"] = PDrop(
-            layers=list(pair.reroute.layers), keep=list(pair.reroute.keep), reroute=True
-        )
-    return out
+    return _as_methods(ModelShape.from_config(model.config), n_visual, avg_t)
+
+
+def _as_methods(shape: ModelShape | int, n_visual: int, avg_t: float) -> dict[str, TokenReduction]:
+    pairs = [solve(shape, n_visual, method, target_avg_t=avg_t) for method in ("fastv", "pdrop")]
+    return {s.name: s.to_method() for pair in pairs for s in (pair.prune, pair.reroute)}
 
 
 def torch_profile(model: torch.nn.Module, inputs: dict, method: TokenReduction | None, path: Path) -> None:
@@ -237,14 +231,7 @@ def run_small(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def memory_methods() -> dict[str, TokenReduction | None]:
-    pdrop, fastv = solve(8, 576, "pdrop", target_avg_t=128), solve(8, 576, "fastv", target_avg_t=128)
-    return {
-        "vanilla": None,
-        "FastV": FastV(layer=fastv.prune.layers[0], keep=fastv.prune.keep[0]),
-        "FastV + Reroute": PDrop(list(fastv.reroute.layers), list(fastv.reroute.keep), reroute=True),
-        "PDrop": PDrop(list(pdrop.prune.layers), list(pdrop.prune.keep)),
-        "PDrop + Reroute": PDrop(list(pdrop.reroute.layers), list(pdrop.reroute.keep), reroute=True),
-    }
+    return {"vanilla": None, **_as_methods(8, 576, 128)}
 
 
 def memory_child(name: str) -> None:

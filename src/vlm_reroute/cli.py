@@ -144,8 +144,7 @@ def build_method(model, inputs, method: str, reroute: bool, tier: float | None, 
         if layers is not None or keep is not None:
             fail("--layers and --keep go together (or give neither and use --tier)")
         shape = ModelShape.from_config(model.config)
-        sched = solve_schedule(shape, visual, method, reroute, target_avg_t=tier)
-        layers, keep = list(sched.layers), list(sched.keep)
+        return solve_schedule(shape, visual, method, reroute, target_avg_t=tier).to_method()
     if method == "fastv" and not reroute:
         if len(layers) != 1:
             fail(f"FastV makes one decision; got --layers {layers} (use --method pdrop for several)")
@@ -237,12 +236,12 @@ def run(
 
 def _solved_methods(model, inputs, tier: float) -> dict:
     """FastV, FastV + Reroute, PDrop and PDrop + Reroute solved for avg_T = ``tier`` on this input."""
-    methods = {}
-    for method in ("fastv", "pdrop"):
-        for reroute in (False, True):
-            chosen = build_method(model, inputs, method, reroute, tier, None, None)
-            methods[("FastV" if method == "fastv" else "PDrop") + (" + Reroute" if reroute else "")] = chosen
-    return methods
+    from .budget import ModelShape
+
+    shape = ModelShape.from_config(model.config)
+    visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    pairs = [solve(shape, visual, method, target_avg_t=tier) for method in ("fastv", "pdrop")]
+    return {s.name: s.to_method() for pair in pairs for s in (pair.prune, pair.reroute)}
 
 
 @app.command()

@@ -21,8 +21,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import TYPE_CHECKING
 
 from vlm_reroute.budget import Budget, ModelShape, compute_budget, layer_flops, stage_counts
+
+if TYPE_CHECKING:
+    from vlm_reroute.methods import TokenReduction
 
 __all__ = [
     "METHODS",
@@ -113,6 +117,14 @@ class SolvedSchedule:
     @property
     def keep_fractions(self) -> tuple[float, ...]:
         return tuple(k / self.n_visual for k in self.keep)
+
+    def to_method(self) -> TokenReduction:
+        """The method that runs this schedule: ``FastV`` for FastV prune, else ``PDrop``."""
+        from .methods import FastV, PDrop  # torch-free at import: the budget CLI loads this module
+
+        if self.method == "fastv" and not self.reroute:
+            return FastV(layer=self.layers[0], keep=self.keep[0])
+        return PDrop(layers=list(self.layers), keep=list(self.keep), reroute=self.reroute)
 
     def budget(self, shape: ModelShape, n_text: int = 0, num_images: int = 1) -> Budget:
         """The full :class:`~vlm_reroute.budget.Budget` of this schedule on ``shape``."""
