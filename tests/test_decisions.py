@@ -104,3 +104,18 @@ def test_a_failed_prefill_leaves_no_state(family):
         assert trace.prefills == 1
     for a, b in zip(trace.decisions, fresh.decisions, strict=True):
         assert torch.equal(a.selected[0], b.selected[0])
+
+
+def test_ties_go_to_the_earlier_token_for_equal_and_unequal_images():
+    """Both selection paths (equal image sizes, and mixed sizes) break ties the same way."""
+    from vlm_reroute.selection import top_k_per_image
+
+    scores = torch.zeros(1, 10)
+    scores[0, 7] = 1.0
+    candidates = torch.ones(1, 10, dtype=torch.bool)
+    equal = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])
+    picked = top_k_per_image(scores, candidates, equal, torch.tensor([2, 2]))
+    assert picked[0].nonzero().flatten().tolist() == [0, 1, 5, 7]
+    unequal = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    picked = top_k_per_image(scores, candidates, unequal, torch.tensor([2, 2]))
+    assert picked[0].nonzero().flatten().tolist() == [0, 1, 4, 7]

@@ -30,8 +30,9 @@ def top_k_per_image(
     """Bool ``(B, N)``: for every image, its ``counts[image]`` best-scoring candidates.
 
     ``image_ids`` is ``-1`` off images and numbers images in sequence order, so the visual tokens
-    in row-major order are grouped by image. Callers make sure each image has at least
-    ``counts[image]`` candidates.
+    in row-major order are grouped by image. Ties go to the earlier token (stable sort) on both
+    paths, so a sample decides the same alone or in any batch. Callers make sure each image has at
+    least ``counts[image]`` candidates.
     """
     visual = image_ids >= 0
     rows, cols = visual.nonzero(as_tuple=True)
@@ -40,9 +41,9 @@ def top_k_per_image(
     sizes = torch.bincount(group, minlength=counts.numel())
     chosen = torch.zeros_like(score, dtype=torch.bool)
     if bool((sizes == sizes[0]).all()) and bool((counts == counts[0]).all()):
-        # equal images (LLaVA, fixed-resolution Qwen): one topk over an (images, tokens) view
+        # equal images (LLaVA, fixed-resolution Qwen): one row-wise sort of an (images, tokens) view
         per_image = score.view(counts.numel(), int(sizes[0]))
-        picked = per_image.topk(int(counts[0]), dim=1, sorted=False).indices
+        picked = per_image.argsort(dim=1, descending=True, stable=True)[:, : int(counts[0])]
         chosen.view_as(per_image).scatter_(1, picked, True)
     else:
         order = score.argsort(descending=True, stable=True)
