@@ -130,20 +130,27 @@ def _parse_ints(text: str | None, what: str) -> list[int] | None:
     return None
 
 
+def _shape_and_image_tokens(model, inputs) -> tuple:
+    """The decoder shape and the visual tokens of the first image: what tiers are solved for."""
+    from .adapters import adapter_for
+    from .budget import ModelShape
+
+    ids = inputs["input_ids"]
+    image_ids = adapter_for(model).image_ids(ids, inputs)
+    return ModelShape.from_config(model.config), int((image_ids == 0).sum())
+
+
 def build_method(model, inputs, method: str, reroute: bool, tier: float | None, layers, keep):
     """The method to run: explicit ``layers``/``keep``, else solved for avg_T = ``tier``."""
-    from .budget import ModelShape
     from .methods import FastV, PDrop
     from .solver import solve_schedule
 
     if method not in ("fastv", "pdrop"):
         fail(f"--method {method!r}: allowed are fastv, pdrop")
-    ids = inputs["input_ids"]
-    visual = int((ids[0] == model.config.image_token_id).sum())
     if layers is None or keep is None:
         if layers is not None or keep is not None:
             fail("--layers and --keep go together (or give neither and use --tier)")
-        shape = ModelShape.from_config(model.config)
+        shape, visual = _shape_and_image_tokens(model, inputs)
         return solve_schedule(shape, visual, method, reroute, target_avg_t=tier).to_method()
     if method == "fastv" and not reroute:
         if len(layers) != 1:
@@ -236,10 +243,7 @@ def run(
 
 def _solved_methods(model, inputs, tier: float) -> dict:
     """FastV, FastV + Reroute, PDrop and PDrop + Reroute solved for avg_T = ``tier`` on this input."""
-    from .budget import ModelShape
-
-    shape = ModelShape.from_config(model.config)
-    visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    shape, visual = _shape_and_image_tokens(model, inputs)
     pairs = [solve(shape, visual, method, target_avg_t=tier) for method in ("fastv", "pdrop")]
     return {s.name: s.to_method() for pair in pairs for s in (pair.prune, pair.reroute)}
 
