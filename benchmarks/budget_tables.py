@@ -13,8 +13,8 @@ from vlm_reroute.budget import (
     load_model_info,
     load_shape,
 )
-from vlm_reroute.presets import PRESET_MODELS, TIERS, preset
-from vlm_reroute.solver import METHODS, published_schedule
+from vlm_reroute.budget.presets import PRESET_MODELS, TIERS, preset
+from vlm_reroute.budget.solver import METHODS, published_schedule
 
 # published-model key -> shipped shape whose depth it was run on
 PUBLISHED_ON = {"llava-1.5": "llava-1.5-7b", "qwen2.5-vl-7b": "qwen2.5-vl-7b"}

@@ -33,15 +33,15 @@ from typing import Any
 
 import torch
 
-import vlm_reroute.executor as executor
+import vlm_reroute.engine.executor as executor
 from vlm_reroute import PDrop
+from vlm_reroute.bench.measure import environment, prefill_memory
+from vlm_reroute.bench.plots import speedup_png, tokens_per_layer_png
+from vlm_reroute.bench.profiler import ProfileReport, profile
 from vlm_reroute.budget import ModelShape
-from vlm_reroute.measure import environment, prefill_memory
+from vlm_reroute.budget.solver import solve
 from vlm_reroute.methods import TokenReduction
-from vlm_reroute.plots import speedup_png, tokens_per_layer_png
-from vlm_reroute.profiler import ProfileReport, profile
-from vlm_reroute.solver import solve
-from vlm_reroute.tiny_models import TextShape, tiny_inputs, tiny_model
+from vlm_reroute.testing.models import TextShape, tiny_inputs, tiny_model
 
 EXPERIMENTS = ("llava32", "qwen28", "memory", "small")
 SMALL_LAYERS, SMALL_KEEP = [1, 2, 4, 6], [16, 16, 8, 4]

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlm_reroute import FastV, PDrop, kv_bytes, kv_lengths
-from vlm_reroute.tiny_models import FAMILIES, tiny_inputs, tiny_model
+from vlm_reroute.testing.models import FAMILIES, tiny_inputs, tiny_model
 
 METHODS = {
     "FastV": FastV(layer=2, keep=64),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlm_reroute.tiny_models import FAMILIES, TextShape, tiny_model
+from vlm_reroute.testing.models import FAMILIES, TextShape, tiny_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)

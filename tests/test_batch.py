@@ -9,7 +9,7 @@ from conftest import model_for
 from test_cache_decode import _split
 
 from vlm_reroute import PDrop
-from vlm_reroute.tiny_models import PAD_TOKEN, tiny_inputs
+from vlm_reroute.testing.models import PAD_TOKEN, tiny_inputs
 
 LAYERS = [1, 2, 4, 6]
 

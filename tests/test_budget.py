@@ -321,8 +321,8 @@ def test_imports_neither_torch_nor_transformers():
         "import sys, types\n"
         f"pkg = types.ModuleType('vlm_reroute'); pkg.__path__ = [{str(SRC / 'vlm_reroute')!r}]\n"
         "sys.modules['vlm_reroute'] = pkg\n"
-        "import vlm_reroute.budget, vlm_reroute.solver, vlm_reroute.presets\n"
-        "vlm_reroute.presets.preset('llava-1.5-7b', 64, 'pdrop', True)\n"
+        "import vlm_reroute.budget, vlm_reroute.budget.solver, vlm_reroute.budget.presets\n"
+        "vlm_reroute.budget.presets.preset('llava-1.5-7b', 64, 'pdrop', True)\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy')]\n"
         "assert not bad, bad\n"
     )

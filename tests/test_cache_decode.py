@@ -8,7 +8,7 @@ from conftest import model_for
 from reference import routed_reference
 
 from vlm_reroute import FastV, PDrop, kv_lengths
-from vlm_reroute.tiny_models import tiny_inputs
+from vlm_reroute.testing.models import tiny_inputs
 
 LAYERS, KEEP = [1, 2, 4, 6], [64, 64, 32, 16]
 

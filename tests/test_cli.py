@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vlm_reroute.cli import app
-from vlm_reroute.tiny_checkpoints import save_tiny_checkpoint
+from vlm_reroute.testing.checkpoints import save_tiny_checkpoint
 
 runner = CliRunner()
 

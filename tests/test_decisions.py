@@ -7,7 +7,7 @@ import torch
 from conftest import model_for
 
 from vlm_reroute import FastV, PDrop
-from vlm_reroute.tiny_models import tiny_inputs
+from vlm_reroute.testing.models import tiny_inputs
 
 LAYERS = [1, 2, 4, 6]
 
@@ -108,7 +108,7 @@ def test_a_failed_prefill_leaves_no_state(family):
 
 def test_ties_go_to_the_earlier_token_for_equal_and_unequal_images():
     """Both selection paths (equal image sizes, and mixed sizes) break ties the same way."""
-    from vlm_reroute.selection import top_k_per_image
+    from vlm_reroute.engine.selection import top_k_per_image
 
     scores = torch.zeros(1, 10)
     scores[0, 7] = 1.0

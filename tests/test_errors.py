@@ -9,7 +9,7 @@ from conftest import model_for
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from vlm_reroute import FastV, PDrop
-from vlm_reroute.tiny_models import tiny_inputs
+from vlm_reroute.testing.models import tiny_inputs
 
 
 def test_layer_out_of_range(family):

@@ -8,7 +8,7 @@ from conftest import model_for
 from reference import routed_reference
 
 from vlm_reroute import FastV, PDrop
-from vlm_reroute.tiny_models import tiny_inputs
+from vlm_reroute.testing.models import tiny_inputs
 
 ALL = [1.0, 1.0, 1.0, 1.0]
 

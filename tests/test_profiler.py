@@ -12,10 +12,10 @@ import torch
 from conftest import model_for
 
 from vlm_reroute import FastV, PDrop
-from vlm_reroute.ideal import LayerTimer, layer_times
-from vlm_reroute.plots import speedup_png, tokens_per_layer_png
-from vlm_reroute.profiler import ProfileRow, profile
-from vlm_reroute.tiny_models import tiny_inputs
+from vlm_reroute.bench.ideal import LayerTimer, layer_times
+from vlm_reroute.bench.plots import speedup_png, tokens_per_layer_png
+from vlm_reroute.bench.profiler import ProfileRow, profile
+from vlm_reroute.testing.models import tiny_inputs
 
 METHODS = {
     "FastV": FastV(layer=3, keep=0.25),

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from vlm_reroute.budget import compute_budget, load_shape
-from vlm_reroute.presets import PRESET_MODELS, TIERS, preset, table
-from vlm_reroute.solver import (
+from vlm_reroute.budget.presets import PRESET_MODELS, TIERS, preset, table
+from vlm_reroute.budget.solver import (
     PUBLISHED,
     default_layers,
     parse_method,
@@ -221,7 +221,7 @@ def test_preset_errors_and_table():
 
 def test_close_gap_walks_when_one_step_is_not_enough():
     # private helper: from a far start it walks stage by stage and ends within tolerance
-    from vlm_reroute.solver import _close_gap
+    from vlm_reroute.budget.solver import _close_gap
 
     keep = _close_gap((5, 5, 5, 5), [5, 8, 8, 9], goal=1000, tol=16, n=576, same_count=False)
     assert abs(sum(k * w for k, w in zip(keep, [5, 8, 8, 9], strict=True)) - 1000) <= 16

@@ -15,12 +15,13 @@ _EXPORTS = {
     "FastV": "methods",
     "PDrop": "methods",
     "TokenReduction": "methods",
-    "Decision": "trace",
-    "Trace": "trace",
-    "kv_bytes": "cache",
-    "kv_lengths": "cache",
+    "Decision": "engine.trace",
+    "Trace": "engine.trace",
+    "kv_bytes": "engine.cache",
+    "kv_lengths": "engine.cache",
     "SUPPORTED_MODELS": "adapters",
-    "presets": None,
+    "presets": "budget.presets",
+    "solver": "budget.solver",
 }
 __all__ = [
     "SUPPORTED_MODELS",
@@ -32,20 +33,19 @@ __all__ = [
     "kv_bytes",
     "kv_lengths",
     "presets",
+    "solver",
 ]
 
 if TYPE_CHECKING:
-    from . import presets
     from .adapters import SUPPORTED_MODELS
-    from .cache import kv_bytes, kv_lengths
+    from .budget import presets, solver
+    from .engine.cache import kv_bytes, kv_lengths
+    from .engine.trace import Decision, Trace
     from .methods import FastV, PDrop, TokenReduction
-    from .trace import Decision, Trace
 
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'vlm_reroute' has no attribute {name!r}")
-    module = _EXPORTS[name]
-    if module is None:
-        return importlib.import_module(f".{name}", __name__)
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+    module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+    return module if module.__name__.endswith(f".{name}") else getattr(module, name)

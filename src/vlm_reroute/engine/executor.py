@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
-from .adapters.base import ModelAdapter
+from ..adapters.base import ModelAdapter
+from ..scoring.attention import last_token_attention
 from .masks import stage_mask
 from .schedule import Stage, stage_counts
-from .scoring import last_token_attention
 from .selection import compact_index, top_k_per_image
 from .trace import Decision, Trace
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters.base import ModelAdapter
+from ..adapters.base import ModelAdapter
 
 
 def last_token_attention(

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .adapters import adapter_for
-from .executor import Plan, RoutingExecutor
-from .schedule import Keep, Stage, check_keep_value, check_layers_for_model, check_schedule
-from .trace import Trace
+from ..adapters import adapter_for
+from ..engine.executor import Plan, RoutingExecutor
+from ..engine.schedule import Keep, Stage, check_keep_value, check_layers_for_model, check_schedule
+from ..engine.trace import Trace
 
 SCORE_FROM = ("current", "previous")
 _ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()

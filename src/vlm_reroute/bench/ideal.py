@@ -21,7 +21,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from .adapters import adapter_for
+from ..adapters import adapter_for
 from .measure import sync
 
 __all__ = ["LayerTimer", "SpanTimer", "layer_times"]

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
-from vlm_reroute.budget import known_models, load_model_info
-from vlm_reroute.solver import METHODS, SolvedSchedule, parse_method, solve_schedule
+from .shapes import known_models, load_model_info
+from .solver import METHODS, SolvedSchedule, parse_method, solve_schedule
 
 __all__ = ["PRESET_MODELS", "TIERS", "preset", "table"]
 

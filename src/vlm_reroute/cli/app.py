@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .budget import Budget, compute_budget, known_models, load_model_info, load_shape
-from .solver import solve
+from ..budget import Budget, compute_budget, known_models, load_model_info, load_shape
+from ..budget.solver import solve
 
 app = typer.Typer(
     help="Visual-token pruning and recoverable routing for Hugging Face VLMs.", no_args_is_help=True
@@ -132,8 +132,8 @@ def _parse_ints(text: str | None, what: str) -> list[int] | None:
 
 def _shape_and_image_tokens(model, inputs) -> tuple:
     """The decoder shape and the visual tokens of the first image: what tiers are solved for."""
-    from .adapters import adapter_for
-    from .budget import ModelShape
+    from ..adapters import adapter_for
+    from ..budget import ModelShape
 
     ids = inputs["input_ids"]
     image_ids = adapter_for(model).image_ids(ids, inputs)
@@ -142,8 +142,8 @@ def _shape_and_image_tokens(model, inputs) -> tuple:
 
 def build_method(model, inputs, method: str, reroute: bool, tier: float | None, layers, keep):
     """The method to run: explicit ``layers``/``keep``, else solved for avg_T = ``tier``."""
-    from .methods import FastV, PDrop
-    from .solver import solve_schedule
+    from ..budget.solver import solve_schedule
+    from ..methods import FastV, PDrop
 
     if method not in ("fastv", "pdrop"):
         fail(f"--method {method!r}: allowed are fastv, pdrop")
@@ -192,8 +192,8 @@ def run(
     """Answer a question about an image with a routed model; show the decisions and the cost."""
     import torch
 
-    from .cache import kv_bytes
-    from .loading import LoadError, PromptBuilder, load_image, load_model, quiet_transformers
+    from ..engine.cache import kv_bytes
+    from ..loading import LoadError, PromptBuilder, load_image, load_model, quiet_transformers
 
     quiet_transformers()
     try:
@@ -267,9 +267,9 @@ def bench(
     """Measured cost: prefill time, decode time, memory and KV of vanilla and every method."""
     from pathlib import Path
 
-    from .loading import LoadError, PromptBuilder, load_image, load_model, quiet_transformers
-    from .plots import speedup_png, tokens_per_layer_png
-    from .profiler import profile
+    from ..bench.plots import speedup_png, tokens_per_layer_png
+    from ..bench.profiler import profile
+    from ..loading import LoadError, PromptBuilder, load_image, load_model, quiet_transformers
 
     quiet_transformers()
     try:

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import TYPE_CHECKING
 
-from vlm_reroute.budget import Budget, ModelShape, compute_budget, layer_flops, stage_counts
+from .flops import Budget, ModelShape, compute_budget, layer_flops, stage_counts
 
 if TYPE_CHECKING:
-    from vlm_reroute.methods import TokenReduction
+    from ..methods import TokenReduction
 
 __all__ = [
     "METHODS",
@@ -120,7 +120,7 @@ class SolvedSchedule:
 
     def to_method(self) -> TokenReduction:
         """The method that runs this schedule: ``FastV`` for FastV prune, else ``PDrop``."""
-        from .methods import FastV, PDrop  # torch-free at import: the budget CLI loads this module
+        from ..methods import FastV, PDrop  # torch-free at import: the budget CLI loads this module
 
         if self.method == "fastv" and not self.reroute:
             return FastV(layer=self.layers[0], keep=self.keep[0])

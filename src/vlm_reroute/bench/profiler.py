@@ -27,14 +27,14 @@ from rich.table import Table
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .adapters import adapter_for
-from .budget import compute_budget
-from .cache import kv_bytes, kv_lengths
+from ..adapters import adapter_for
+from ..budget import compute_budget
+from ..budget.shapes import ModelShape
+from ..engine.cache import kv_bytes, kv_lengths
+from ..engine.schedule import resolve_keep
+from ..methods import TokenReduction
 from .ideal import LayerTimer, SpanTimer
 from .measure import MemoryStats, environment, prefill_memory, sync
-from .methods import TokenReduction
-from .schedule import resolve_keep
-from .shapes import ModelShape
 
 __all__ = ["ProfileReport", "ProfileRow", "profile"]
 

@@ -18,7 +18,7 @@ from transformers import (
     Qwen2VLImageProcessor,
 )
 
-from .tiny_models import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, VOCAB, tiny_model
+from .models import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, VOCAB, tiny_model
 
 LLAVA_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: "

@@ -1,0 +1,1 @@
+"""Measured cost: interleaved timing, the zero-overhead ideal router, memory and plots."""

@@ -1,0 +1,1 @@
+"""Scorers: how a decision layer ranks the candidate visual tokens."""
