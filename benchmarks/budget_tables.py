@@ -14,7 +14,7 @@ from vlm_reroute.budget import (
     load_shape,
 )
 from vlm_reroute.budget.presets import PRESET_MODELS, TIERS, preset
-from vlm_reroute.budget.solver import METHODS, published_schedule
+from vlm_reroute.budget.solver import published_schedule, tabulated_methods
 
 # published-model key -> shipped shape whose depth it was run on
 PUBLISHED_ON = {"llava-1.5": "llava-1.5-7b", "qwen2.5-vl-7b": "qwen2.5-vl-7b"}
@@ -63,7 +63,7 @@ def published_vs_solved() -> list[str]:
     ]
     for key, model in PUBLISHED_ON.items():
         for tier in TIERS:
-            for method in METHODS:
+            for method in tabulated_methods():
                 for reroute in (False, True):
                     pub = published_schedule(key, tier, method, reroute)
                     sol = preset(model, tier, method, reroute)
@@ -83,7 +83,7 @@ def solved_budgets() -> list[str]:
     for model in PRESET_MODELS:
         shape = load_shape(model)
         for tier in TIERS:
-            for method in METHODS:
+            for method in tabulated_methods():
                 for reroute in (False, True):
                     sol = preset(model, tier, method, reroute)
                     b = sol.budget(shape, n_text=0)

@@ -171,14 +171,15 @@ def test_avg_visual_tokens_function():
 @pytest.mark.parametrize(
     ("layers", "keep", "reroute", "match"),
     [
-        ([32], [10], False, r"layer 32 is out of range.*0\.\.31"),
+        ([32], [10], False, r"layer 32 is out of range.*1\.\.31"),
         ([-1], [10], False, r"layer -1 is out of range"),
-        ([7, 3], [10, 5], False, r"strictly increasing.*7 then 3"),
+        ([0], [10], False, r"layer 0 is out of range; decision layers start at 1"),
+        ([7, 3], [10, 5], False, r"layers=\[7, 3\]\): decision layers must be strictly increasing"),
         ([3, 3], [10, 5], False, r"strictly increasing"),
-        ([3, 7], [10], False, r"len\(keep\)=1 != len\(layers\)=2"),
-        ([3], [0], False, r"keep count 0 is out of range: allowed 1\.\.n_visual=576"),
-        ([3], [577], False, r"keep count 577 is out of range"),
-        ([3, 7], [10, 20], False, r"non-increasing"),
+        ([3, 7], [10], False, r"one keep entry per decision layer is needed \(2 layers, 1 keep entries\)"),
+        ([3], [0], False, r"keep=0\): a token count must be ≥ 1"),
+        ([3], [577], False, r"an image has only 576 visual tokens; a count must be in 1\.\.576"),
+        ([3, 7], [10, 20], False, r"keep counts must not increase"),
     ],
 )
 def test_bad_schedules(llava7b, layers, keep, reroute, match):
@@ -190,9 +191,11 @@ def test_increasing_counts_allowed_under_reroute(llava7b):
     assert compute_budget(llava7b, 576, 0, [3, 7], [10, 20], reroute=True).rows[7].visual_tokens == 20
 
 
-def test_non_integer_counts_rejected(llava7b):
-    with pytest.raises(TypeError, match="must be an int"):
-        compute_budget(llava7b, 576, 0, [3], [0.5])
+def test_keep_ratios_resolve_like_the_runtime(llava7b):
+    # one Schedule for budget and runtime: a ratio keeps max(1, int(n * f)) tokens of each image
+    assert compute_budget(llava7b, 576, 0, [3], [0.5]).keep == (288,)
+    with pytest.raises(TypeError, match="a keep entry is an int"):
+        compute_budget(llava7b, 576, 0, [3], ["half"])
 
 
 # ---- shapes and configs ---------------------------------------------------------------------

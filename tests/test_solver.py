@@ -159,9 +159,9 @@ def test_fastv_pair_uses_its_own_layers():
 @pytest.mark.parametrize(
     ("method", "reroute", "target", "match"),
     [
-        ("fastv", False, 40, r"target_avg_t=40 is not reachable .*54\.91\.\.576\.00"),
-        ("fastv", False, 600, r"target_avg_t=600 is not reachable"),
-        ("pdrop", True, 400, r"target_avg_t=400 is not reachable .*\.\.382\.50"),
+        ("fastv", False, 40, r"target avg_T=40 is not reachable .*54\.91\.\.576\.00"),
+        ("fastv", False, 600, r"target avg_T=600 is not reachable"),
+        ("pdrop", True, 400, r"target avg_T=400 is not reachable .*\.\.382\.50"),
     ],
 )
 def test_unreachable_targets(method, reroute, target, match):

@@ -14,7 +14,15 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FastV": "methods",
     "PDrop": "methods",
+    "Random": "methods",
     "TokenReduction": "methods",
+    "method_from_spec": "methods",
+    "method_names": "methods",
+    "BudgetTarget": "budget.target",
+    "Schedule": "budget.schedule",
+    "LastTokenAttention": "scoring.attention",
+    "RandomScores": "scoring.random",
+    "ImageLayout": "engine.layout",
     "Decision": "engine.trace",
     "Trace": "engine.trace",
     "kv_bytes": "engine.cache",
@@ -25,10 +33,18 @@ _EXPORTS = {
 }
 __all__ = [
     "SUPPORTED_MODELS",
+    "BudgetTarget",
     "Decision",
     "FastV",
+    "ImageLayout",
+    "LastTokenAttention",
     "PDrop",
+    "Random",
+    "RandomScores",
+    "Schedule",
     "TokenReduction",
+    "method_from_spec",
+    "method_names",
     "Trace",
     "kv_bytes",
     "kv_lengths",
@@ -39,9 +55,14 @@ __all__ = [
 if TYPE_CHECKING:
     from .adapters import SUPPORTED_MODELS
     from .budget import presets, solver
+    from .budget.schedule import Schedule
+    from .budget.target import BudgetTarget
     from .engine.cache import kv_bytes, kv_lengths
+    from .engine.layout import ImageLayout
     from .engine.trace import Decision, Trace
-    from .methods import FastV, PDrop, TokenReduction
+    from .methods import FastV, PDrop, Random, TokenReduction, method_from_spec, method_names
+    from .scoring.attention import LastTokenAttention
+    from .scoring.random import RandomScores
 
 
 def __getattr__(name: str) -> Any:

@@ -1,8 +1,9 @@
-"""What the executor needs to know about a model family, and nothing more.
+"""What the engine needs to know about a model family, and nothing more.
 
-An adapter finds the decoder and its layers, marks the visual tokens of a prompt and tells
-which image each belongs to, and applies the family's rotary embedding for scoring. Everything
-else (gather, scatter, masks, cache) is shared and lives in the executor.
+An adapter finds the decoder and its layers, marks the visual tokens of a prompt, tells which
+image each belongs to and how each image is laid out (grid, crops, extra tokens), and projects
+queries and keys for scoring with the family's own modules (norms, projections, q/k norms,
+rotary embedding). Everything else (gather, scatter, masks, cache) is shared by the executor.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..engine.layout import ImageLayout, single_view_layouts
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -54,16 +57,47 @@ class ModelAdapter(ABC):
         """Long ``(B, N)``: global image index (counted over the batch in sample order) per visual
         token, ``-1`` elsewhere. Each image is routed with its own keep count."""
 
+    @abstractmethod
+    def image_grids(self, image_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[tuple[int, int]]:
+        """Rows × cols (after merging) of every image, by global image index."""
+
+    def image_layouts(self, image_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[ImageLayout]]:
+        """Per sample, per image: span, grid and offsets (see :class:`ImageLayout`)."""
+        return single_view_layouts(image_ids, self.image_grids(image_ids, model_kwargs))
+
+    # ---- scoring: queries and keys from the layer's own modules --------------------------------
     def apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` ``(B, T, heads, head_dim)`` in place with ``cos``/``sin`` ``(B, T, head_dim)``.
 
-        ``x`` is a fresh projection the scorer owns, so it is overwritten rather than copied. Both
-        supported families fold MRoPE's three axes into ``cos``/``sin`` inside their rotary module,
-        so one formula serves 1-D RoPE and MRoPE alike.
+        ``x`` is a fresh projection the scorer owns, so it is overwritten rather than copied. The
+        supported families fold MRoPE's axes into ``cos``/``sin`` inside their rotary module, so
+        one formula serves 1-D RoPE and MRoPE alike.
         """
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
         rotated = rotate_half(x)
         return x.mul_(cos).addcmul_(rotated, sin)
+
+    def project_queries(
+        self, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Queries ``(B, T, heads, head_dim)`` of ``hidden`` entering ``layer``, rotated and scaled."""
+        attn = layer.self_attn
+        batch, n = hidden.shape[:2]
+        q = attn.q_proj(layer.input_layernorm(hidden)).view(batch, n, -1, attn.head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            q = attn.q_norm(q)
+        return self.apply_rope(q, cos, sin).mul_(attn.scaling)
+
+    def project_keys(
+        self, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Keys ``(B, T, kv_heads, head_dim)`` of ``hidden`` entering ``layer``, rotated."""
+        attn = layer.self_attn
+        batch, n = hidden.shape[:2]
+        k = attn.k_proj(layer.input_layernorm(hidden)).view(batch, n, -1, attn.head_dim)
+        if getattr(attn, "k_norm", None) is not None:
+            k = attn.k_norm(k)
+        return self.apply_rope(k, cos, sin)
 
     def check(self) -> None:
         """Refuse configurations the executor cannot route exactly."""

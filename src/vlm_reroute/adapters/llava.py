@@ -1,4 +1,9 @@
-"""LLaVA-1.5 (``LlavaForConditionalGeneration``): Llama decoder, 1-D RoPE, fixed tokens per image."""
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): Llama decoder, 1-D RoPE, one square grid per image.
+
+Each image is ``(image_size / patch_size)²`` placeholder tokens (24 × 24 = 576 for CLIP ViT-L/14 at
+336 px) in raster order. Inputs that are not one 4-D image batch (e.g. LLaVA-NeXT-style crops)
+are refused instead of being split into wrong "images".
+"""
 
 from __future__ import annotations
 
@@ -12,34 +17,48 @@ from .base import ModelAdapter
 class LlavaAdapter(ModelAdapter):
     model_classes = ("LlavaForConditionalGeneration",)
 
-    def tokens_per_image(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> int:
-        """LLaVA-1.5 images all expand to the same number of placeholders: split the runs by it.
+    @property
+    def grid_side(self) -> int:
+        vision = self.model.config.vision_config
+        return int(vision.image_size) // int(vision.patch_size)
 
-        Adjacent images form one run, so the count comes from the number of images passed
-        (``pixel_values``) when there is one, else from the config.
-        """
-        total = int(self.visual_mask(input_ids).sum())
+    def tokens_per_image(self, model_kwargs: dict[str, Any]) -> int:
+        """Placeholders per image: the square patch grid (the CLS token is dropped by the default
+        ``vision_feature_select_strategy``)."""
         pixel_values = model_kwargs.get("pixel_values")
-        if pixel_values is not None and pixel_values.ndim == 4 and pixel_values.shape[0] > 0:
-            n_images = pixel_values.shape[0]
-            if total % n_images:
-                raise ValueError(
-                    f"{total} image tokens for {n_images} images: LLaVA routing needs the same number "
-                    "of placeholder tokens per image"
-                )
-            return total // n_images
-        return int(self.model.config.image_seq_length)
+        if pixel_values is not None and pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)}: LLaVA-1.5 routing needs one "
+                "(images, channels, height, width) batch; multi-crop inputs belong to LLaVA-NeXT"
+            )
+        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
+        if strategy != "default":
+            raise ValueError(
+                f"vision_feature_select_strategy={strategy!r}: routing knows the 'default' layout "
+                "(patch tokens only, in a square grid)"
+            )
+        return self.grid_side**2
 
     def image_ids(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> torch.Tensor:
         visual = self.visual_mask(input_ids)
-        per_image = self.tokens_per_image(input_ids, model_kwargs)
+        per_image = self.tokens_per_image(model_kwargs)
         counts = visual.sum(dim=1)
         if bool((counts % per_image != 0).any()):
             raise ValueError(
                 f"image token counts per sample {counts.tolist()} are not multiples of {per_image} "
-                "tokens per image"
+                f"tokens per image ({self.grid_side}×{self.grid_side} patches)"
+            )
+        pixel_values = model_kwargs.get("pixel_values")
+        if pixel_values is not None and int(counts.sum()) != pixel_values.shape[0] * per_image:
+            raise ValueError(
+                f"{int(counts.sum())} image tokens for {pixel_values.shape[0]} images: each image needs "
+                f"{per_image} placeholder tokens"
             )
         rank = visual.cumsum(dim=1) - 1
         offset = (counts // per_image).cumsum(0) - counts // per_image
         ids = rank // per_image + offset[:, None]
         return torch.where(visual, ids, torch.full_like(ids, -1))
+
+    def image_grids(self, image_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[tuple[int, int]]:
+        n_images = int(image_ids.max()) + 1
+        return [(self.grid_side, self.grid_side)] * n_images

@@ -1,7 +1,8 @@
 """Qwen2-VL and Qwen2.5-VL: Qwen2 decoder with GQA and 3-axis MRoPE, dynamic tokens per image.
 
 Each image is one run of ``<|image_pad|>`` between ``<|vision_start|>`` and ``<|vision_end|>``,
-so runs are images. Video tokens are not routed (they go through every layer like text).
+its grid ``image_grid_thw / spatial_merge_size`` in raster order. Video tokens are not routed
+(they go through every layer like text).
 """
 
 from __future__ import annotations
@@ -28,3 +29,41 @@ class Qwen2VLAdapter(ModelAdapter):
                 "images: each image must be one run of <|image_pad|> tokens"
             )
         return torch.where(visual, ids, torch.full_like(ids, -1))
+
+    def image_grids(self, image_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[tuple[int, int]]:
+        """From ``image_grid_thw`` when given, else from the MRoPE position ids: ``generate()``
+        encodes the images beforehand and passes ``mm_encoder_outputs`` and ``position_ids``
+        instead of the grids (an image's height/width ids run over its rows/cols)."""
+        sizes = torch.bincount(image_ids[image_ids >= 0]).tolist()
+        grid = model_kwargs.get("image_grid_thw")
+        if grid is not None:
+            merge = int(self.model.config.vision_config.spatial_merge_size)
+            grids = [(t, h // merge, w // merge) for t, h, w in grid.tolist()]
+        else:
+            grids = self._grids_from_positions(image_ids, model_kwargs.get("position_ids"), len(sizes))
+        for i, (t, rows, cols) in enumerate(grids):
+            if t != 1 or rows * cols != sizes[i]:
+                raise ValueError(
+                    f"image {i}: its grid is {t}×{rows}×{cols} merged tokens but the prompt holds "
+                    f"{sizes[i]} <|image_pad|> tokens for it"
+                )
+        return [(rows, cols) for _, rows, cols in grids]
+
+    @staticmethod
+    def _grids_from_positions(
+        image_ids: torch.Tensor, position_ids: torch.Tensor | None, n_images: int
+    ) -> list[tuple[int, int, int]]:
+        if position_ids is None or position_ids.ndim != 3:
+            raise ValueError(
+                "Qwen2-VL routing needs image_grid_thw (the processor returns it) or the model's 3-D "
+                "position_ids to lay out images"
+            )
+        visual = image_ids >= 0
+        ids = image_ids[visual]
+        spans = []
+        for axis in position_ids[-3:]:  # (t, h, w); a leading text-position row is skipped
+            values = axis.expand_as(image_ids)[visual].long()
+            low = torch.full((n_images,), 2**62, dtype=torch.long).scatter_reduce(0, ids, values, "amin")
+            high = torch.full((n_images,), -1, dtype=torch.long).scatter_reduce(0, ids, values, "amax")
+            spans.append((high - low + 1).tolist())
+        return list(zip(*spans, strict=True))

@@ -31,7 +31,6 @@ from ..adapters import adapter_for
 from ..budget import compute_budget
 from ..budget.shapes import ModelShape
 from ..engine.cache import kv_bytes, kv_lengths
-from ..engine.schedule import resolve_keep
 from ..methods import TokenReduction
 from .ideal import LayerTimer, SpanTimer
 from .measure import MemoryStats, environment, prefill_memory, sync
@@ -226,9 +225,11 @@ def _theory(
     if not sizes or len(set(sizes)) != 1:
         return [], [], None
     per_image = sizes[0]
-    stages = () if method is None else method.stages()
-    layers = [s.layer for s in stages]
-    keep = [resolve_keep(method.name, s.keep, per_image) for s in stages]
+    layers: list[int] = []
+    keep: list[int] = []
+    if method is not None:
+        resolved = method.resolve(shape, per_image)
+        layers, keep = list(resolved.layers), list(resolved.keep)
     reroute = bool(method is not None and method.reroute)
     budget = compute_budget(
         shape, per_image, facts["text_tokens"], layers, keep, reroute, num_images=len(sizes)

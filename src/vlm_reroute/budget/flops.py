@@ -21,9 +21,9 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from itertools import pairwise
 from typing import Any
 
+from .schedule import Keep, Schedule
 from .shapes import ModelShape, ShippedModel, known_models, kv_bytes_per_token, load_model_info, load_shape
 
 __all__ = [
@@ -39,8 +39,8 @@ __all__ = [
     "layer_flops",
     "load_model_info",
     "load_shape",
-    "stage_counts",
     "validate_schedule",
+    "visual_tokens_per_layer",
 ]
 
 FLOPS_CONVENTIONS = ("fastv", "pdrop", "exact")
@@ -60,59 +60,35 @@ def _as_int(value: Any, what: str) -> int:
 
 
 def validate_schedule(
-    num_layers: int, n_visual: int, layers: Sequence[int], keep: Sequence[int], reroute: bool = False
+    num_layers: int, n_visual: int, layers: Sequence[int], keep: Sequence[Keep], reroute: bool = False
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Check a schedule; return it as int tuples. ``ValueError`` names the bad value and what is allowed."""
+    """Check a schedule with :class:`~vlm_reroute.budget.schedule.Schedule`'s rules; return the
+    layers and the keep counts resolved for one image of ``n_visual`` tokens (empty for vanilla)."""
     n_visual = _as_int(n_visual, "n_visual")
     if n_visual < 0:
-        raise ValueError(f"n_visual={n_visual} must be ≥ 0")
-    layers = tuple(_as_int(x, "layers entry") for x in layers)
-    keep = tuple(_as_int(x, "keep entry") for x in keep)
-    if len(keep) != len(layers):
-        raise ValueError(
-            f"len(keep)={len(keep)} != len(layers)={len(layers)}: one keep count per decision layer "
-            f"(layers={list(layers)}, keep={list(keep)})"
-        )
-    for layer in layers:
-        if not 0 <= layer < num_layers:
-            raise ValueError(
-                f"decision layer {layer} is out of range: the decoder has {num_layers} layers, "
-                f"allowed 0..{num_layers - 1}"
-            )
-    for a, b in pairwise(layers):
-        if b <= a:
-            raise ValueError(
-                f"layers={list(layers)} must be strictly increasing (sorted, no repeats): {a} then {b}"
-            )
-    for k in keep:
-        if not 1 <= k <= n_visual:
-            raise ValueError(
-                f"keep count {k} is out of range: allowed 1..n_visual={n_visual} (keep={list(keep)})"
-            )
-    if not reroute:
-        for a, b in pairwise(keep):
-            if b > a:
-                raise ValueError(
-                    f"keep={list(keep)} increases ({a} then {b}); with reroute=False (prune) pruned tokens "
-                    "cannot come back, so counts must be non-increasing"
-                )
-    return layers, keep
+        raise ValueError(f"n_visual={n_visual} must be ≥ 0 (visual tokens per image)")
+    if not layers and not keep:
+        return (), ()
+    schedule = Schedule.of(layers, keep, reroute, owner="schedule")
+    schedule.check_depth(num_layers)
+    return schedule.layers, schedule.counts(n_visual)
 
 
-def stage_counts(num_layers: int, n_visual: int, layers: Sequence[int], keep: Sequence[int]) -> list[int]:
-    """Visual tokens (per image) entering each of the ``num_layers`` layers. No validation."""
-    counts = [n_visual] * num_layers
-    bounds = list(layers) + [num_layers]
-    for i, k in enumerate(keep):
-        for j in range(bounds[i], bounds[i + 1]):
-            counts[j] = k
-    return counts
+def visual_tokens_per_layer(
+    num_layers: int, n_visual: int, layers: Sequence[int], counts: Sequence[int]
+) -> list[int]:
+    """Visual tokens (per image) entering each of the ``num_layers`` layers, for resolved ``counts``."""
+    per_layer = [n_visual] * num_layers
+    bounds = [*layers, num_layers]
+    for i, k in enumerate(counts):
+        per_layer[bounds[i] : bounds[i + 1]] = [k] * (bounds[i + 1] - bounds[i])
+    return per_layer
 
 
 def avg_visual_tokens(num_layers: int, n_visual: int, layers: Sequence[int], keep: Sequence[int]) -> float:
     """avg_T: mean over all ``num_layers`` decoder layers of the visual tokens (per image) entering each."""
     layers, keep = validate_schedule(num_layers, n_visual, layers, keep, reroute=True)
-    return sum(stage_counts(num_layers, n_visual, layers, keep)) / num_layers
+    return sum(visual_tokens_per_layer(num_layers, n_visual, layers, keep)) / num_layers
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +136,7 @@ def flops(
     text = n_text if count_text else 0
     return sum(
         layer_flops(shape, text + num_images * v, convention)
-        for v in stage_counts(shape.num_layers, n_visual, layers, keep)
+        for v in visual_tokens_per_layer(shape.num_layers, n_visual, layers, keep)
     )
 
 
@@ -285,7 +261,7 @@ def compute_budget(
     if num_images < 1:
         raise ValueError(f"num_images={num_images} must be ≥ 1")
     per_token_layer = 2 * shape.num_kv_heads * shape.head_dim * shape.dtype_bytes
-    counts = stage_counts(shape.num_layers, n_visual, layers, keep)
+    counts = visual_tokens_per_layer(shape.num_layers, n_visual, layers, keep)
     rows = []
     for j, v in enumerate(counts):
         n = n_text + num_images * v

@@ -2,7 +2,7 @@
 
 Nothing is computed at import: :func:`preset` runs the solver (cached) with the model's shipped
 depth, its default visual tokens per image (576) and the default decision layers
-(:func:`vlm_reroute.solver.default_layers`).
+(:func:`vlm_reroute.budget.solver.default_layers`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from functools import cache
 from typing import Any
 
 from .shapes import known_models, load_model_info
-from .solver import METHODS, SolvedSchedule, parse_method, solve_schedule
+from .solver import SolvedSchedule, parse_method, solve_schedule, tabulated_methods
 
 __all__ = ["PRESET_MODELS", "TIERS", "preset", "table"]
 
@@ -21,7 +21,7 @@ PRESET_MODELS = ("llava-1.5-7b", "llava-1.5-13b", "qwen2.5-vl-7b", "qwen2.5-vl-3
 
 
 def preset(model: str, tier: int, method: str, reroute: bool = False) -> SolvedSchedule:
-    """The solved schedule of ``method`` (``"fastv"`` / ``"pdrop"``, prune or reroute) at ``tier``.
+    """The solved schedule of a registered ``method`` (e.g. ``"pdrop"``, prune or reroute) at ``tier``.
 
     ``model`` is any shipped name (:func:`vlm_reroute.budget.known_models`); ``tier`` one of :data:`TIERS`.
     """
@@ -54,7 +54,7 @@ def table(
     for model in models:
         shape = load_model_info(model).shape
         for tier in tiers:
-            for method in METHODS:
+            for method in tabulated_methods():
                 for reroute in (False, True):
                     sched = preset(model, tier, method, reroute)
                     budget = sched.budget(shape, n_text=n_text)

@@ -1,11 +1,10 @@
 """Schedule solver: integer keep counts that hit an avg_T (or FLOPs) target, and the published schedules.
 
-Pure Python. Rules (documented in ``docs/budgets.md``), with ``a`` the first stage's count and
-``n`` the visual tokens per image, ``S`` decisions:
+Pure Python. Each method class owns its rule (``keep_rule``: keep counts from the first stage's
+count ``a``) and its default decision layers; the solver reads them from the method registry:
 
-* FastV prune: one decision, keep ``[a]``.
-* FastV + Reroute: ``S`` re-decisions with the same count, keep ``[a] * S``.
-* PDrop prune: constant retention ``ρ = a / n`` per decision, keep ``[a, aρ, aρ², ...]`` (``n·ρ^(i+1)``);
+* FastV prune: one decision, keep ``[a]``; FastV + Reroute: ``S`` re-decisions, keep ``[a] * S``.
+* PDrop prune: constant retention ``ρ = a / n`` per decision, keep ``[a, aρ, aρ², ...]``;
   this is the rule behind the published PDrop baseline's 192 and 128 tiers.
 * PDrop + Reroute: keep ``[a, a, a/2, a/4, ...]`` (``a / 2^(i-1)`` from the third decision on).
 
@@ -17,19 +16,23 @@ are moved by ±1 (fewest changes, then closest; keep counts stay non-increasing)
 from __future__ import annotations
 
 import itertools
-import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import pairwise
 from typing import TYPE_CHECKING
 
-from .flops import Budget, ModelShape, compute_budget, layer_flops, stage_counts
+from ..methods.base import round_half_up
+from ..methods.registry import method_class, method_names
+from .flops import Budget, ModelShape, compute_budget, layer_flops, visual_tokens_per_layer
+from .schedule import Schedule
+from .target import BudgetTarget
 
 if TYPE_CHECKING:
-    from ..methods import TokenReduction
+    from ..methods.base import TokenReduction
 
 __all__ = [
-    "METHODS",
     "PUBLISHED",
     "PublishedSchedule",
     "SolvedPair",
@@ -39,58 +42,34 @@ __all__ = [
     "published_avg_t",
     "published_schedule",
     "solve",
+    "solve_for_target",
     "solve_schedule",
+    "tabulated_methods",
+    "UnreachableTargetWarning",
 ]
 
-METHODS = ("fastv", "pdrop")
 TOLERANCE = 0.5
-_REFERENCE_DEPTH = 32
-_PUBLISHED_LAYERS_32 = {
-    ("fastv", False): (3,),
-    ("fastv", True): (3, 7, 15, 23),
-    ("pdrop", False): (2, 7, 15, 23),
-    ("pdrop", True): (2, 7, 15, 23),
-}
-_DISPLAY = {"fastv": "FastV", "pdrop": "PDrop"}
 
 
-def parse_method(method: str, reroute: bool = False) -> tuple[str, bool]:
-    """``"fastv"``, ``"PDrop"``, ``"FastV + Reroute"``, ``"pdrop_reroute"``... → ``(method, reroute)``."""
-    text = method.lower().replace(" ", "").replace("_", "+").replace("-", "+")
-    if text.endswith("+reroute"):
-        text, reroute = text.removesuffix("+reroute"), True
-    if text not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: 'fastv', 'pdrop' (optionally '+ reroute')")
-    return text, bool(reroute)
+def parse_method(method: str | type, reroute: bool = False) -> tuple[str, bool]:
+    """``"fastv"``, ``"PDrop"``, ``"FastV + Reroute"``, ``"pdrop_reroute"``... → ``(key, reroute)``."""
+    cls, reroute = method_class(method, reroute)
+    return cls.key, reroute
 
 
-def _round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
+def tabulated_methods() -> tuple[str, ...]:
+    """Registry keys of the methods with a schedule rule of their own (budget tables list these)."""
+    return tuple(k for k in method_names() if method_class(k)[0].tabulated)
 
 
-def default_layers(method: str, num_layers: int, reroute: bool = False) -> tuple[int, ...]:
-    """Published decision layers, scaled from 32 layers to ``num_layers``.
+def default_layers(method: str | type, num_layers: int, reroute: bool = False) -> tuple[int, ...]:
+    """The method's published decision layers scaled to ``num_layers`` (see ``scale_layers``).
 
-    32 layers: FastV [3], FastV + Reroute [3, 7, 15, 23], PDrop (and + Reroute) [2, 7, 15, 23].
-    Rule: ``l → floor(l·L/32 + 0.5)`` (round half up), clamped to ``1..L-1``, then bumped to stay
-    strictly increasing. 28 layers give [3, 6, 13, 20] and [2, 6, 13, 20], as the paper used.
+    32 layers: FastV [3], FastV + Reroute [3, 7, 15, 23], PDrop (and + Reroute) [2, 7, 15, 23];
+    28 layers give [3, 6, 13, 20] and [2, 6, 13, 20], as the paper used.
     """
-    method, reroute = parse_method(method, reroute)
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
-        raise ValueError(f"num_layers={num_layers!r} must be an int ≥ 2")
-    out: list[int] = []
-    for layer in _PUBLISHED_LAYERS_32[(method, reroute)]:
-        scaled = min(max(_round_half_up(layer * num_layers / _REFERENCE_DEPTH), 1), num_layers - 1)
-        if out and scaled <= out[-1]:
-            scaled = out[-1] + 1
-        if scaled > num_layers - 1:
-            count = len(_PUBLISHED_LAYERS_32[(method, reroute)])
-            raise ValueError(
-                f"a {num_layers}-layer decoder is too shallow for {count} decisions in "
-                f"1..{num_layers - 1}; pass layers= explicitly"
-            )
-        out.append(scaled)
-    return tuple(out)
+    cls, reroute = method_class(method, reroute)
+    return cls.default_layers(num_layers, reroute)
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,19 +91,19 @@ class SolvedSchedule:
 
     @property
     def name(self) -> str:
-        return _DISPLAY[self.method] + (" + Reroute" if self.reroute else "")
+        return method_class(self.method)[0].label(self.reroute)
 
     @property
     def keep_fractions(self) -> tuple[float, ...]:
         return tuple(k / self.n_visual for k in self.keep)
 
-    def to_method(self) -> TokenReduction:
-        """The method that runs this schedule: ``FastV`` for FastV prune, else ``PDrop``."""
-        from ..methods import FastV, PDrop  # torch-free at import: the budget CLI loads this module
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule(self.layers, self.keep, self.reroute, owner=self.name)
 
-        if self.method == "fastv" and not self.reroute:
-            return FastV(layer=self.layers[0], keep=self.keep[0])
-        return PDrop(layers=list(self.layers), keep=list(self.keep), reroute=self.reroute)
+    def to_method(self, **settings) -> TokenReduction:
+        """The method that runs this schedule (its registered class, e.g. ``FastV`` or ``PDrop``)."""
+        return method_class(self.method)[0].from_schedule(self.schedule, **settings)
 
     def budget(self, shape: ModelShape, n_text: int = 0, num_images: int = 1) -> Budget:
         """The full :class:`~vlm_reroute.budget.Budget` of this schedule on ``shape``."""
@@ -145,17 +124,13 @@ class SolvedPair:
     target_flops_fraction: float | None
 
 
-def _rule(method: str, reroute: bool, n: int, num_stages: int) -> Callable[[int], tuple[int, ...]]:
-    """Integer keep counts from the first count ``a`` (see module docstring)."""
+def _rule(cls: type, reroute: bool, n: int, num_stages: int) -> Callable[[int], tuple[int, ...]]:
+    """Integer keep counts from the first count ``a``: the method's rule, rounded and clamped."""
 
-    def realise(values: Sequence[float]) -> tuple[int, ...]:
-        return tuple(min(n, max(1, _round_half_up(v))) for v in values)
+    def realise(a: int) -> tuple[int, ...]:
+        return tuple(min(n, max(1, round_half_up(v))) for v in cls.keep_rule(a, n, num_stages, reroute))
 
-    if method == "fastv":
-        return lambda a: realise([a] * num_stages)
-    if not reroute:
-        return lambda a: realise([a * (a / n) ** i for i in range(num_stages)])
-    return lambda a: realise([a if i < 2 else a / 2 ** (i - 1) for i in range(num_stages)])
+    return realise
 
 
 def _closest_a(n: int, value: Callable[[int], float], target: float) -> int:
@@ -224,88 +199,177 @@ def _close_gap(
     return tuple(cur)
 
 
+class _Problem:
+    """One method's rule on one decoder and image size: avg_T and FLOPs as functions of ``a``."""
+
+    def __init__(
+        self,
+        shape_or_num_layers: ModelShape | int,
+        n_visual: int,
+        method: str | type,
+        reroute: bool,
+        layers: Sequence[int] | None,
+        n_text: int,
+    ) -> None:
+        self.cls, self.reroute = method_class(method, reroute)
+        self.shape = shape_or_num_layers if isinstance(shape_or_num_layers, ModelShape) else None
+        nl = self.shape.num_layers if self.shape is not None else shape_or_num_layers
+        if isinstance(n_visual, bool) or not isinstance(n_visual, int) or n_visual < 1:
+            raise ValueError(f"n_visual={n_visual!r} must be an int ≥ 1 (visual tokens per image)")
+        self.num_layers, self.n_visual, self.n_text = nl, n_visual, n_text
+        layers = self.cls.default_layers(nl, self.reroute) if layers is None else tuple(layers)
+        Schedule.of(layers, [1] * len(layers), True, owner=self.cls.label(self.reroute)).check_depth(nl)
+        self.layers = layers
+        self.rule = _rule(self.cls, self.reroute, n_visual, len(layers))
+        self.lengths = [b - a for a, b in zip(layers, [*layers[1:], nl], strict=True)]
+        self.fixed = layers[0] * n_visual  # layer-tokens before the first decision
+        self.label = f"{self.cls.label(self.reroute)} (layers {list(layers)}, n_visual={n_visual})"
+
+    def avg(self, keep: Sequence[int]) -> float:
+        return (self.fixed + sum(k * w for k, w in zip(keep, self.lengths, strict=True))) / self.num_layers
+
+    def avg_range(self) -> tuple[float, float]:
+        return self.avg(self.rule(1)), self.avg(self.rule(self.n_visual))
+
+    def flops_ratio(self, keep: Sequence[int]) -> float:
+        shape, n_text = self._flops_shape(), self.n_text
+        vanilla = self.num_layers * layer_flops(shape, n_text + self.n_visual, "pdrop")
+        counts = visual_tokens_per_layer(self.num_layers, self.n_visual, self.layers, keep)
+        return sum(layer_flops(shape, n_text + v, "pdrop") for v in counts) / vanilla
+
+    def flops_range(self) -> tuple[float, float]:
+        return self.flops_ratio(self.rule(1)), self.flops_ratio(self.rule(self.n_visual))
+
+    def _flops_shape(self) -> ModelShape:
+        if self.shape is None:
+            raise ValueError("a FLOPs target needs a ModelShape (FLOPs depend on the model's dimensions)")
+        return self.shape
+
+    def for_avg_t(self, target: float) -> SolvedSchedule:
+        a = _closest_a(self.n_visual, lambda a: self.avg(self.rule(a)), target)
+        goal, tol = target * self.num_layers - self.fixed, TOLERANCE * self.num_layers
+        keep = _close_gap(self.rule(a), self.lengths, goal, tol, self.n_visual, self.cls.same_count)
+        if abs(self.avg(keep) - target) > TOLERANCE:  # pragma: no cover - guarded by the range checks
+            raise ValueError(f"could not reach avg_T={target} within ±{TOLERANCE} for {self.label}")
+        return self.solved(keep)
+
+    def for_flops(self, target: float) -> SolvedSchedule:
+        return self.solved(
+            self.rule(_closest_a(self.n_visual, lambda a: self.flops_ratio(self.rule(a)), target))
+        )
+
+    def solved(self, keep: Sequence[int]) -> SolvedSchedule:
+        return SolvedSchedule(
+            self.cls.key,
+            self.reroute,
+            self.layers,
+            tuple(keep),
+            self.avg(keep),
+            self.num_layers,
+            self.n_visual,
+        )
+
+    def avg_t_message(self, target: float) -> str:
+        lo, hi = self.avg_range()
+        return (
+            f"target avg_T={target:g} is not reachable for {self.label}: reachable avg_T is "
+            f"{lo:.2f}..{hi:.2f} (layers before the first decision carry all {self.n_visual} tokens)"
+        )
+
+    def flops_message(self, target: float) -> str:
+        lo, hi = self.flops_range()
+        return (
+            f"target FLOPs fraction={target:g} is not reachable for {self.label} on "
+            f"{self._flops_shape().name} with n_text={self.n_text}: reachable PDrop-convention FLOPs ratio is {lo:.4f}..{hi:.4f}"
+        )
+
+
 def solve_schedule(
     shape_or_num_layers: ModelShape | int,
     n_visual: int,
-    method: str,
+    method: str | type,
     reroute: bool = False,
     target_avg_t: float | None = None,
     target_flops_fraction: float | None = None,
     layers: Sequence[int] | None = None,
     n_text: int = 0,
 ) -> SolvedSchedule:
-    """Solve one schedule (prune or reroute) for exactly one of the two targets.
+    """Solve one schedule (prune or reroute) for exactly one of the two targets; unreachable → error.
 
     ``target_avg_t`` is hit within ±0.5 token. ``target_flops_fraction`` in (0, 1] picks the ``a``
     whose PDrop-convention FLOPs ratio to vanilla is closest, with ``n`` = ``n_text`` + visual tokens
-    (needs a :class:`ModelShape`). ``layers`` defaults to :func:`default_layers`.
+    (needs a :class:`ModelShape`). ``layers`` defaults to the method's :func:`default_layers`.
     """
-    method, reroute = parse_method(method, reroute)
-    shape = shape_or_num_layers if isinstance(shape_or_num_layers, ModelShape) else None
-    num_layers = shape.num_layers if shape is not None else shape_or_num_layers
-    if isinstance(n_visual, bool) or not isinstance(n_visual, int) or n_visual < 1:
-        raise ValueError(f"n_visual={n_visual!r} must be an int ≥ 1")
+    problem = _Problem(shape_or_num_layers, n_visual, method, reroute, layers, n_text)
     if (target_avg_t is None) == (target_flops_fraction is None):
         raise ValueError("give exactly one of target_avg_t and target_flops_fraction")
-    if layers is None:
-        layers = default_layers(method, num_layers, reroute)
-    layers = tuple(layers)
-    if not layers:
-        raise ValueError("layers must hold at least one decision layer")
-    if layers != tuple(sorted(set(layers))) or not 0 <= layers[0] <= layers[-1] < num_layers:
-        raise ValueError(
-            f"layers={list(layers)} must be strictly increasing and within 0..{num_layers - 1} "
-            f"for a {num_layers}-layer decoder"
-        )
-    rule = _rule(method, reroute, n_visual, len(layers))
-    lengths = [b - a for a, b in zip(layers, [*layers[1:], num_layers], strict=True)]
-    fixed = layers[0] * n_visual  # layer-tokens before the first decision
-    label = (
-        f"{_DISPLAY[method]}{' + Reroute' if reroute else ''} (layers {list(layers)}, n_visual={n_visual})"
-    )
-
-    def avg(keep: Sequence[int]) -> float:
-        return (fixed + sum(k * w for k, w in zip(keep, lengths, strict=True))) / num_layers
-
     if target_avg_t is not None:
-        lo, hi = avg(rule(1)), avg(rule(n_visual))
+        lo, hi = problem.avg_range()
         if not lo - TOLERANCE <= target_avg_t <= hi + TOLERANCE:
-            raise ValueError(
-                f"target_avg_t={target_avg_t} is not reachable for {label}: reachable avg_T is "
-                f"{lo:.2f}..{hi:.2f} (layers before the first decision carry all {n_visual} tokens)"
-            )
-        a = _closest_a(n_visual, lambda a: avg(rule(a)), target_avg_t)
-        goal, tol = target_avg_t * num_layers - fixed, TOLERANCE * num_layers
-        keep = _close_gap(rule(a), lengths, goal, tol, n_visual, same_count=method == "fastv")
-        if abs(avg(keep) - target_avg_t) > TOLERANCE:  # pragma: no cover - guarded by the range check
-            raise ValueError(f"could not reach target_avg_t={target_avg_t} within ±{TOLERANCE} for {label}")
-    else:
-        if shape is None:
-            raise ValueError(
-                "target_flops_fraction needs a ModelShape (FLOPs depend on the model's dimensions)"
-            )
-        if not 0 < target_flops_fraction <= 1:
-            raise ValueError(f"target_flops_fraction={target_flops_fraction} must be in (0, 1]")
-        vanilla = num_layers * layer_flops(shape, n_text + n_visual, "pdrop")
+            raise ValueError(problem.avg_t_message(target_avg_t))
+        return problem.for_avg_t(target_avg_t)
+    if not 0 < target_flops_fraction <= 1:
+        raise ValueError(f"target_flops_fraction={target_flops_fraction} must be in (0, 1]")
+    lo, hi = problem.flops_range()
+    if not lo <= target_flops_fraction <= hi:
+        raise ValueError(problem.flops_message(target_flops_fraction))
+    return problem.for_flops(target_flops_fraction)
 
-        def ratio(keep: Sequence[int]) -> float:
-            counts = stage_counts(num_layers, n_visual, layers, keep)
-            return sum(layer_flops(shape, n_text + v, "pdrop") for v in counts) / vanilla
 
-        lo, hi = ratio(rule(1)), ratio(rule(n_visual))
-        if not lo <= target_flops_fraction <= hi:
-            raise ValueError(
-                f"target_flops_fraction={target_flops_fraction} is not reachable for {label} on {shape.name} "
-                f"with n_text={n_text}: reachable PDrop-convention FLOPs ratio is {lo:.4f}..{hi:.4f}"
-            )
-        keep = rule(_closest_a(n_visual, lambda a: ratio(rule(a)), target_flops_fraction))
-    return SolvedSchedule(method, reroute, layers, tuple(keep), avg(keep), num_layers, n_visual)
+class UnreachableTargetWarning(UserWarning):
+    """A budget target outside what a schedule can reach was clamped to the nearest reachable one."""
+
+
+@lru_cache(maxsize=4096)
+def solve_for_target(
+    shape_or_num_layers: ModelShape | int,
+    n_visual: int,
+    method: str | type,
+    reroute: bool,
+    target: BudgetTarget,
+    layers: tuple[int, ...] | None = None,
+    n_text: int = 0,
+) -> SolvedSchedule:
+    """Solve ``target`` for one image of ``n_visual`` tokens (cached: called at every prefill).
+
+    An unreachable target is clamped to the nearest reachable value with one
+    :class:`UnreachableTargetWarning` naming what was used; ``target.strict`` makes it an error.
+    """
+    problem = _Problem(shape_or_num_layers, n_visual, method, reroute, layers, n_text)
+    avg_t = target.avg_t_for(n_visual)
+    if avg_t is not None:
+        lo, hi = problem.avg_range()
+        if lo - TOLERANCE <= avg_t <= hi + TOLERANCE:
+            return problem.for_avg_t(avg_t)
+        if target.strict:
+            raise ValueError(problem.avg_t_message(avg_t))
+        clamped = min(max(avg_t, lo), hi)
+        warnings.warn(
+            f"{problem.avg_t_message(avg_t)}; using avg_T={clamped:.2f} ({target.describe()} asked for "
+            f"{avg_t:.2f} on an image of {n_visual} tokens)",
+            UnreachableTargetWarning,
+            stacklevel=2,
+        )
+        return problem.for_avg_t(clamped)
+    lo, hi = problem.flops_range()
+    fraction = target.flops_fraction
+    if lo <= fraction <= hi:
+        return problem.for_flops(fraction)
+    if target.strict:
+        raise ValueError(problem.flops_message(fraction))
+    clamped = min(max(fraction, lo), hi)
+    warnings.warn(
+        f"{problem.flops_message(fraction)}; using FLOPs fraction={clamped:.4f}",
+        UnreachableTargetWarning,
+        stacklevel=2,
+    )
+    return problem.for_flops(clamped)
 
 
 def solve(
     shape_or_num_layers: ModelShape | int,
     n_visual: int,
-    method: str,
+    method: str | type,
     target_avg_t: float | None = None,
     target_flops_fraction: float | None = None,
     layers: Sequence[int] | None = None,
@@ -314,18 +378,18 @@ def solve(
     """Solve the prune schedule and its reroute counterpart for the same target.
 
     ``layers`` (optional) overrides the decision layers of both: the reroute schedule uses all of
-    them; FastV prune uses ``layers[0]`` only (it has one decision), PDrop prune uses all of them.
+    them; a method that prunes with one decision (FastV) uses ``layers[0]`` for prune.
     """
-    method, _ = parse_method(method)
+    cls, _ = method_class(method)
     prune_layers = reroute_layers = None
     if layers is not None:
         layers = tuple(layers)
         reroute_layers = layers
-        prune_layers = layers[:1] if method == "fastv" else layers
+        prune_layers = layers[: cls.prune_decisions] if cls.prune_decisions else layers
     kwargs = dict(target_avg_t=target_avg_t, target_flops_fraction=target_flops_fraction, n_text=n_text)
     return SolvedPair(
-        prune=solve_schedule(shape_or_num_layers, n_visual, method, False, layers=prune_layers, **kwargs),
-        reroute=solve_schedule(shape_or_num_layers, n_visual, method, True, layers=reroute_layers, **kwargs),
+        prune=solve_schedule(shape_or_num_layers, n_visual, cls, False, layers=prune_layers, **kwargs),
+        reroute=solve_schedule(shape_or_num_layers, n_visual, cls, True, layers=reroute_layers, **kwargs),
         target_avg_t=target_avg_t,
         target_flops_fraction=target_flops_fraction,
     )
@@ -351,7 +415,7 @@ class PublishedSchedule:
 
     @property
     def name(self) -> str:
-        return _DISPLAY[self.method] + (" + Reroute" if self.reroute else "")
+        return method_class(self.method)[0].label(self.reroute)
 
     @property
     def keep(self) -> tuple[int, ...]:
@@ -365,7 +429,7 @@ class PublishedSchedule:
 
 def published_avg_t(entry: PublishedSchedule) -> float:
     """avg_T that a published schedule actually achieves (counts resolved as the published code does)."""
-    counts = stage_counts(entry.num_layers, entry.n_visual, entry.layers, entry.keep)
+    counts = visual_tokens_per_layer(entry.num_layers, entry.n_visual, entry.layers, entry.keep)
     return sum(counts) / entry.num_layers
 
 

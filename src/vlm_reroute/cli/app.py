@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..budget import Budget, compute_budget, known_models, load_model_info, load_shape
-from ..budget.solver import solve
+from ..budget.solver import solve, tabulated_methods
 
 app = typer.Typer(
     help="Visual-token pruning and recoverable routing for Hugging Face VLMs.", no_args_is_help=True
@@ -41,7 +41,7 @@ def budget_rows(model: str, tier: float, n_text: int, n_visual: int | None) -> l
     if n_visual is None:
         n_visual = load_model_info(model).default_visual_tokens if model in known_models() else 576
     rows = [("vanilla", compute_budget(shape, n_visual, n_text))]
-    for method in ("fastv", "pdrop"):
+    for method in tabulated_methods():
         pair = solve(shape, n_visual, method, target_avg_t=tier, n_text=n_text)
         for sched in (pair.prune, pair.reroute):
             rows.append((sched.name, sched.budget(shape, n_text=n_text)))
@@ -116,10 +116,6 @@ def budget(
     )
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
-
-
 def _parse_ints(text: str | None, what: str) -> list[int] | None:
     if text is None:
         return None
@@ -143,20 +139,14 @@ def _shape_and_image_tokens(model, inputs) -> tuple:
 def build_method(model, inputs, method: str, reroute: bool, tier: float | None, layers, keep):
     """The method to run: explicit ``layers``/``keep``, else solved for avg_T = ``tier``."""
     from ..budget.solver import solve_schedule
-    from ..methods import FastV, PDrop
+    from ..methods import method_from_spec
 
-    if method not in ("fastv", "pdrop"):
-        fail(f"--method {method!r}: allowed are fastv, pdrop")
-    if layers is None or keep is None:
-        if layers is not None or keep is not None:
-            fail("--layers and --keep go together (or give neither and use --tier)")
-        shape, visual = _shape_and_image_tokens(model, inputs)
-        return solve_schedule(shape, visual, method, reroute, target_avg_t=tier).to_method()
-    if method == "fastv" and not reroute:
-        if len(layers) != 1:
-            fail(f"FastV makes one decision; got --layers {layers} (use --method pdrop for several)")
-        return FastV(layer=layers[0], keep=keep[0])
-    return PDrop(layers=layers, keep=keep, reroute=reroute)
+    if (layers is None) != (keep is None):
+        fail("--layers and --keep go together (or give neither and use --tier)")
+    if layers is not None:
+        return method_from_spec(method, reroute=reroute, layers=layers, keep=keep, model=model)
+    shape, visual = _shape_and_image_tokens(model, inputs)
+    return solve_schedule(shape, visual, method, reroute, target_avg_t=tier).to_method()
 
 
 def _prefill(model, inputs) -> tuple[float, object]:
@@ -177,7 +167,7 @@ def run(
     model: Annotated[str, typer.Option(help="Hub id or local model folder")],
     image: Annotated[str, typer.Option(help="image path or http(s) URL")],
     prompt: Annotated[str, typer.Option(help="the question about the image")],
-    method: Annotated[str, typer.Option(help="fastv or pdrop")] = "pdrop",
+    method: Annotated[str, typer.Option(help="a registered method: fastv, pdrop, random")] = "pdrop",
     reroute: Annotated[bool, typer.Option("--reroute/--prune", help="recoverable routing or removal")] = True,
     tier: Annotated[float, typer.Option(help="target avg_T (visual tokens per layer) to solve for")] = 64,
     layers: Annotated[str | None, typer.Option(help="explicit decision layers, e.g. 2,7,15,23")] = None,
@@ -213,7 +203,7 @@ def run(
         fail(str(exc))
     report = {
         "model": model,
-        "method": type(chosen).__name__ + (" + Reroute" if getattr(chosen, "reroute", False) else ""),
+        "method": chosen.name,
         "schedule": {
             "layers": [d.layer for d in trace.decisions],
             "keep": [d.kept[0] for d in trace.decisions],
@@ -242,9 +232,9 @@ def run(
 
 
 def _solved_methods(model, inputs, tier: float) -> dict:
-    """FastV, FastV + Reroute, PDrop and PDrop + Reroute solved for avg_T = ``tier`` on this input."""
+    """Every tabulated method, prune and reroute, solved for avg_T = ``tier`` on this input."""
     shape, visual = _shape_and_image_tokens(model, inputs)
-    pairs = [solve(shape, visual, method, target_avg_t=tier) for method in ("fastv", "pdrop")]
+    pairs = [solve(shape, visual, method, target_avg_t=tier) for method in tabulated_methods()]
     return {s.name: s.to_method() for pair in pairs for s in (pair.prune, pair.reroute)}
 
 

@@ -17,6 +17,7 @@ stage attends over its own cache with a mask of the right length.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -26,29 +27,44 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from ..adapters.base import ModelAdapter
-from ..scoring.attention import last_token_attention
+from ..scoring.base import Scorer, ScoringContext
+from .layout import ImageLayout
 from .masks import stage_mask
-from .schedule import Stage, stage_counts
 from .selection import compact_index, top_k_per_image
 from .trace import Decision, Trace
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A method's schedule as the executor runs it."""
+    """A method as the executor runs it: decision layers, per-image keep counts, the scorer.
+
+    ``keep_counts(n)`` gives the count of every stage for an image of ``n`` visual tokens (a fixed
+    schedule resolved, or a budget target solved for that size).
+    """
 
     method: str
-    stages: tuple[Stage, ...]
+    layers: tuple[int, ...]
     reroute: bool
-    score_from: str = "current"  # "current": layer l scores for l; "previous": layer l-1 does
+    keep_counts: Callable[[int], tuple[int, ...]]
+    scorer: Scorer
+
+    def counts(self, sizes: torch.Tensor) -> list[torch.Tensor]:
+        """Per stage: ``(n_images,)`` keep counts for images of ``sizes`` tokens."""
+        per_image = [self.keep_counts(int(n)) for n in sizes.tolist()]
+        return [
+            torch.tensor([c[i] for c in per_image], dtype=torch.long, device=sizes.device)
+            for i in range(len(self.layers))
+        ]
 
 
 @dataclass
 class _Prefill:
     """State of one routed prefill (rebuilt for every prompt with images)."""
 
+    input_ids: torch.Tensor  # (B, N)
     visual: torch.Tensor  # (B, N) bool
     image_ids: torch.Tensor  # (B, N) long, -1 off images
+    layouts: list[list[ImageLayout]]
     counts: list[torch.Tensor]  # per stage: (n_images,) keep counts
     valid: torch.Tensor  # (B, N + 1) bool: not padding (the extra slot is False)
     last: torch.Tensor  # (B,) index of each sample's last non-padding token
@@ -89,11 +105,11 @@ class RoutingExecutor:
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, plan: Plan, trace: Trace) -> None:
         self.model, self.adapter, self.plan, self.trace = model, adapter, plan, trace
-        self.decision_of = {s.layer: i for i, s in enumerate(plan.stages)}
+        self.decision_of = {layer: i for i, layer in enumerate(plan.layers)}
         self.score_ahead = (
-            {s.layer - 1: s.layer for s in plan.stages} if plan.score_from == "previous" else {}
+            {layer - 1: layer for layer in plan.layers} if plan.scorer.score_from == "previous" else {}
         )
-        self.first_decision = plan.stages[0].layer
+        self.first_decision = plan.layers[0]
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.mode: str | None = None  # "prefill", "decode" or None (vanilla)
         self.state: _Prefill | None = None  # the prefill being run, or the one being decoded
@@ -129,7 +145,7 @@ class RoutingExecutor:
         past_len = past.get_seq_length() if isinstance(past, Cache) else 0
         self.mode, self.decode_masks, self.state = None, {}, None
         if isinstance(past, Cache) and past in self.routed and past_len > 0:
-            if kwargs.get("pixel_values") is not None:
+            if kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs"):
                 raise ValueError(
                     "new images on top of a routed KV cache are not supported: run the whole prompt "
                     "with its images in one prefill"
@@ -166,14 +182,23 @@ class RoutingExecutor:
 
     def _new_prefill(self, input_ids: torch.Tensor, visual: torch.Tensor, kwargs: dict) -> _Prefill:
         image_ids = self.adapter.image_ids(input_ids, kwargs)
+        layouts = self.adapter.image_layouts(image_ids, kwargs)
         sizes = torch.bincount(image_ids[visual])
-        counts = stage_counts(self.plan.method, self.plan.stages, sizes, self.plan.reroute)
+        counts = self.plan.counts(sizes)
         mask = _mask2d(kwargs)
         valid = mask.bool() if mask is not None else torch.ones_like(visual)
         positions = torch.arange(visual.shape[1], device=visual.device)
         last = (valid.long() * (positions + 1)).argmax(dim=1)
         valid = nn.functional.pad(valid, (0, 1), value=False)
-        return _Prefill(visual=visual, image_ids=image_ids, counts=counts, valid=valid, last=last)
+        return _Prefill(
+            input_ids=input_ids,
+            visual=visual,
+            image_ids=image_ids,
+            layouts=layouts,
+            counts=counts,
+            valid=valid,
+            last=last,
+        )
 
     def _after_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.inside_call = False
@@ -212,7 +237,7 @@ class RoutingExecutor:
         if i in self.score_ahead:
             decision = self.score_ahead[i]
             candidates = self._candidates(st)
-            st.pending[decision] = self._score(layer, self._full_view(hidden), candidates)
+            st.pending[decision] = self._score(i, decision, layer, self._full_view(hidden), candidates)
         if st.index is None:
             return None
         kwargs.update(st.stage_kwargs)
@@ -255,33 +280,28 @@ class RoutingExecutor:
             return st.visual
         return st.present
 
-    def _score(self, layer: nn.Module, full: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Scores ``(B, N)`` of the present sequence (text + candidates) at ``layer``."""
+    def _score(
+        self, i: int, decision: int, layer: nn.Module, full: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """Scores ``(B, N)`` from the method's scorer at layer ``i`` for the decision at ``decision``."""
         st = self.state
-        keys = st.valid[:, : st.n] & (~st.visual | candidates)
-        cos, sin = st.rope
-        flat = st.batch_index
-        query = {
-            "query": full[flat, st.last],
-            "query_rope": (cos[flat, st.last][:, None], sin[flat, st.last][:, None]),
-        }
-        if bool(keys.all()):  # every token is a key (reroute, no padding): no gather needed
-            return last_token_attention(
-                self.adapter, layer, keys=full[:, : st.n], key_valid=keys, key_rope=(cos, sin), **query
-            )
-        index, valid = compact_index(keys, filler=st.n)
-        rows, rope_index = st.rows(), index.clamp(max=st.n - 1)
-        attention = last_token_attention(
-            self.adapter,
-            layer,
-            keys=full[rows, index],
-            key_valid=valid,
-            key_rope=(cos[rows, rope_index], sin[rows, rope_index]),
-            **query,
+        ctx = ScoringContext(
+            adapter=self.adapter,
+            layer=layer,
+            layer_idx=i,
+            decision=decision,
+            hidden=full,
+            keys=st.valid[:, : st.n] & (~st.visual | candidates),
+            candidates=candidates,
+            visual=st.visual,
+            image_ids=st.image_ids,
+            valid=st.valid,
+            last=st.last,
+            rope=st.rope,
+            input_ids=st.input_ids,
+            layouts=st.layouts,
         )
-        scores = attention.new_zeros(full.shape[0], st.n + 1)
-        scores[rows, index] = attention
-        return scores[:, : st.n]
+        return self.plan.scorer.score(ctx)
 
     def _decide(self, i: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         st = self.state
@@ -290,7 +310,7 @@ class RoutingExecutor:
         candidates = self._candidates(st)
         scores = st.pending.pop(i, None)
         if scores is None:
-            scores = self._score(layer, full, candidates)
+            scores = self._score(i, i, layer, full, candidates)
         selected = top_k_per_image(scores, candidates, st.image_ids, st.counts[stage])
         self._record(i, stage, scores, selected)
         st.present = selected
@@ -315,6 +335,7 @@ class RoutingExecutor:
         if stage == 0:
             self.trace.decisions = []
             self.trace.visual_tokens = st.visual.sum(dim=1).tolist()
+            self.trace.layouts = st.layouts
         previous = st.present
         # one device-to-host copy per decision, then split per sample
         rank = (st.visual.cumsum(dim=1) - 1)[selected].cpu()

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .layout import ImageLayout
+
 
 @dataclass
 class Decision:
@@ -30,11 +32,13 @@ class Decision:
 
 @dataclass
 class Trace:
-    """Filled by a method's context manager; ``decisions`` covers the most recent prefill."""
+    """Filled by a method's context manager; ``decisions`` and ``layouts`` (per sample, per image)
+    cover the most recent prefill."""
 
     method: str
     decisions: list[Decision] = field(default_factory=list)
     visual_tokens: list[int] = field(default_factory=list)
+    layouts: list[list[ImageLayout]] = field(default_factory=list)
     prefills: int = 0
 
     def tokens_per_layer(self, num_layers: int, sample: int = 0) -> list[int]:

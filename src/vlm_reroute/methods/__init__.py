@@ -1,5 +1,23 @@
-"""Token-reduction methods: one small dataclass per method, applied as a reversible context manager."""
+"""Token-reduction methods: one small frozen dataclass per method, applied as a reversible context manager.
 
-from .base import FastV, PDrop, TokenReduction
+A new method is one file here: a dataclass subclassing :class:`TokenReduction`, decorated with
+:func:`register`, that owns its scorer and its schedule rules (see ``docs/extending.md``).
+"""
 
-__all__ = ["FastV", "PDrop", "TokenReduction"]
+from .base import TokenReduction
+from .fastv import FastV
+from .pdrop import PDrop
+from .random import Random
+from .registry import METHODS, method_class, method_from_spec, method_names, register
+
+__all__ = [
+    "METHODS",
+    "FastV",
+    "PDrop",
+    "Random",
+    "TokenReduction",
+    "method_class",
+    "method_from_spec",
+    "method_names",
+    "register",
+]

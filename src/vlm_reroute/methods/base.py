@@ -1,58 +1,194 @@
-"""Token-reduction methods: small dataclasses with their settings, applied as context managers.
+"""What every token-reduction method shares: settings, schedule rules and the context manager.
 
-``with PDrop(layers=[2, 7, 15, 23], keep=[...], reroute=True)(model) as trace:`` routes every
-forward and ``generate()`` call inside the block; leaving the block removes every hook, so the
-model is exactly what it was.
+A method is a small frozen dataclass, like a kvpress press: its settings, its scorer and the rules
+the solver needs (default decision layers for a depth, how keep counts follow from the first
+stage's count). ``with method(model) as trace:`` routes every forward and ``generate()`` call
+inside the block; leaving it removes every hook, so the model is exactly what it was.
+
+This module imports no torch at import time, so the torch-free budget solver and the
+``vlm-reroute budget`` command can read the registry's rules.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import nn
+from ..budget.schedule import Keep, Schedule
+from ..budget.target import BudgetTarget
 
-from ..adapters import adapter_for
-from ..engine.executor import Plan, RoutingExecutor
-from ..engine.schedule import Keep, Stage, check_keep_value, check_layers_for_model, check_schedule
-from ..engine.trace import Trace
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..engine.trace import Trace
+    from ..scoring.base import Scorer
 
 SCORE_FROM = ("current", "previous")
-_ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_REFERENCE_DEPTH = 32
+_ACTIVE: weakref.WeakSet = weakref.WeakSet()
 
 
+def round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def scale_layers(published: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """Decision layers published for 32 layers, scaled to ``num_layers``.
+
+    Rule: ``l → floor(l·L/32 + 0.5)``, clamped to ``1..L-1``, then bumped to stay strictly
+    increasing; 28 layers turn [3, 7, 15, 23] into [3, 6, 13, 20], as the Reroute paper used.
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
+        raise ValueError(f"num_layers={num_layers!r} must be an int ≥ 2")
+    out: list[int] = []
+    for layer in published:
+        scaled = min(max(round_half_up(layer * num_layers / _REFERENCE_DEPTH), 1), num_layers - 1)
+        if out and scaled <= out[-1]:
+            scaled = out[-1] + 1
+        if scaled > num_layers - 1:
+            raise ValueError(
+                f"a {num_layers}-layer decoder is too shallow for {len(published)} decisions in "
+                f"1..{num_layers - 1}; pass layers= explicitly"
+            )
+        out.append(scaled)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class TokenReduction:
-    """Shared behaviour of the methods: the schedule, its checks and the context manager."""
+    """Base of every method. Subclasses are frozen dataclasses registered with :func:`register`.
 
-    reroute: bool
-    score_from: str
+    Class-level rules (read by the torch-free solver): ``key`` (registry name), ``display``,
+    ``published_layers`` (decision layers at 32 layers, prune and reroute) and
+    :meth:`keep_rule`. Instance settings: a fixed :class:`Schedule`, or a ``target`` budget solved
+    per prompt, for each image's token count, when the model is known.
+    """
 
-    @property
-    def name(self) -> str:
-        return type(self).__name__
+    key: ClassVar[str] = ""
+    display: ClassVar[str] = ""
+    published_layers: ClassVar[dict[bool, tuple[int, ...]]] = {}
+    #: True when every stage keeps the same count (the solver moves them together)
+    same_count: ClassVar[bool] = False
+    #: decisions a prune schedule makes (None: as many as given; FastV prunes once)
+    prune_decisions: ClassVar[int | None] = None
+    #: False for methods that reuse another's schedule rule (budget tables would repeat its rows)
+    tabulated: ClassVar[bool] = True
 
-    def stages(self) -> tuple[Stage, ...]:
+    # ---- rules for the solver (torch-free) --------------------------------------------------
+    @classmethod
+    def default_layers(cls, num_layers: int, reroute: bool = False) -> tuple[int, ...]:
+        """The published decision layers, scaled to a ``num_layers``-deep decoder."""
+        return scale_layers(cls.published_layers[bool(reroute)], num_layers)
+
+    @classmethod
+    def keep_rule(cls, a: int, n_visual: int, num_stages: int, reroute: bool) -> list[float]:
+        """Keep counts of every stage (before rounding) from the first stage's count ``a``."""
         raise NotImplementedError
 
-    def _check_score_from(self) -> None:
-        if self.score_from not in SCORE_FROM:
+    @classmethod
+    def label(cls, reroute: bool) -> str:
+        return cls.display + (" + Reroute" if reroute else "")
+
+    @classmethod
+    def from_schedule(cls, schedule: Schedule, **settings: Any) -> TokenReduction:
+        """The method that runs ``schedule`` with this method's rule and scorer."""
+        return cls(layers=schedule.layers, keep=schedule.keep, reroute=schedule.reroute, **settings)
+
+    # ---- instance ---------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """Display name with the mode, e.g. ``"PDrop + Reroute"``."""
+        return self.label(self.reroute)
+
+    def schedule(self) -> Schedule | None:
+        """The fixed schedule, or None when keep counts are solved per prompt from ``target``."""
+        raise NotImplementedError
+
+    def make_scorer(self) -> Scorer:
+        """The scorer that ranks candidates at each decision (a method owns its scorer)."""
+        raise NotImplementedError
+
+    def replace(self, **changes: Any) -> TokenReduction:
+        """A validated copy with ``changes`` (settings are immutable)."""
+        return dataclasses.replace(self, **changes)
+
+    def _check_score_from(self, score_from: str) -> None:
+        if score_from not in SCORE_FROM:
             raise ValueError(
-                f"{self.name}(score_from={self.score_from!r}): allowed are 'current' (layer l's own "
+                f"{type(self).__name__}(score_from={score_from!r}): allowed are 'current' (layer l's own "
                 "attention decides layer l, the paper's convention) and 'previous' (layer l-1 decides, "
                 "the original FastV convention)"
             )
 
+    def _check_target(self, target: BudgetTarget | None) -> None:
+        if target is not None and not isinstance(target, BudgetTarget):
+            raise TypeError(
+                f"{type(self).__name__}(target={target!r}): give a vlm_reroute.BudgetTarget "
+                "(avg_t=, ratio= or flops_fraction=)"
+            )
+
+    def keep_counts(self, num_layers: int, shape: Any) -> Callable[[int], tuple[int, ...]]:
+        """Per-image keep counts as a function of the image's visual tokens, for one model."""
+        fixed = self.schedule()
+        if fixed is not None:
+            return fixed.counts
+        from ..budget.solver import solve_for_target  # torch-free
+
+        target, cls, reroute, layers = self.target, type(self), self.reroute, self.layers_for(num_layers)
+
+        def solved(n_visual: int) -> tuple[int, ...]:
+            return solve_for_target(shape, n_visual, cls, reroute, target, layers).keep
+
+        return solved
+
+    def resolve(self, shape: Any, n_visual: int) -> Schedule:
+        """The schedule with integer counts this method runs on ``shape`` (a
+        :class:`~vlm_reroute.budget.ModelShape`) for an image of ``n_visual`` tokens."""
+        layers = self.check_depth(shape.num_layers)
+        keep = self.keep_counts(shape.num_layers, shape)(n_visual)
+        return Schedule(layers, keep, self.reroute, owner=self.name)
+
+    def layers_for(self, num_layers: int) -> tuple[int, ...]:
+        """Decision layers on a ``num_layers``-deep decoder."""
+        fixed = self.schedule()
+        if fixed is not None:
+            return fixed.layers
+        explicit = getattr(self, "layers", None)
+        return tuple(explicit) if explicit else self.default_layers(num_layers, self.reroute)
+
+    def check_depth(self, num_layers: int) -> tuple[int, ...]:
+        """The decision layers on a ``num_layers``-deep decoder, checked to lie in ``1 .. L-1``."""
+        layers = self.layers_for(num_layers)
+        Schedule.of(layers, [1] * len(layers), True, owner=type(self).__name__).check_depth(num_layers)
+        return layers
+
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[Trace]:
+        """Route ``model`` inside the block; always remove every hook on exit."""
+        from ..adapters import adapter_for
+        from ..budget.shapes import ModelShape
+        from ..engine.executor import Plan, RoutingExecutor
+        from ..engine.trace import Trace
+
         adapter = adapter_for(model)
-        stages = self.stages()
-        check_layers_for_model(self.name, [s.layer for s in stages], len(adapter.layers), first=1)
+        num_layers = len(adapter.layers)
+        layers = self.check_depth(num_layers)
+        shape = ModelShape.from_config(model.config) if self.schedule() is None else None
         if model in _ACTIVE:
             raise RuntimeError(f"{type(model).__name__} already has a vlm-reroute method applied; nest none")
         trace = Trace(method=repr(self))
-        plan = Plan(method=self.name, stages=stages, reroute=self.reroute, score_from=self.score_from)
+        plan = Plan(
+            method=type(self).__name__,
+            layers=layers,
+            reroute=self.reroute,
+            keep_counts=self.keep_counts(num_layers, shape),
+            scorer=self.make_scorer(),
+        )
         executor = RoutingExecutor(model, adapter, plan, trace)
         _ACTIVE.add(model)
         try:
@@ -63,47 +199,14 @@ class TokenReduction:
             _ACTIVE.discard(model)
 
 
-@dataclass
-class FastV(TokenReduction):
-    """FastV: one decision at ``layer`` keeping ``keep`` visual tokens per image.
-
-    With one decision nothing can re-enter, so ``reroute`` changes nothing here; FastV + Reroute
-    re-decides at later layers with FastV's count, i.e. ``PDrop(layers, [k] * n, reroute=True)``.
-    """
-
-    layer: int = 3
-    keep: Keep = 0.5
-    reroute: bool = False
-    score_from: str = "current"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
-            raise TypeError(f"FastV(layer={self.layer!r}): the decision layer is an int")
-        check_keep_value(self.name, self.keep)
-        self._check_score_from()
-
-    def stages(self) -> tuple[Stage, ...]:
-        return (Stage(self.layer, self.keep),)
+def check_layer_list(owner: str, layers: Sequence[int] | None) -> tuple[int, ...] | None:
+    """Explicit decision layers for a target-solved method: validated like any schedule's."""
+    if layers is None:
+        return None
+    layers = tuple(layers)
+    Schedule.of(layers, [1] * len(layers), True, owner=owner)
+    return layers
 
 
-@dataclass
-class PDrop(TokenReduction):
-    """PyramidDrop: decisions at ``layers``, stage ``i`` keeping ``keep[i]`` tokens per image.
-
-    The defaults are the original PyramidDrop (LLaVA-1.5, 32 layers): decisions at 8, 16, 24
-    halving the tokens each time. ``reroute=True`` lets every visual token compete again at each
-    decision instead of removing the losers for good.
-    """
-
-    layers: Sequence[int] = field(default_factory=lambda: [8, 16, 24])
-    keep: Sequence[Keep] = field(default_factory=lambda: [0.5, 0.25, 0.125])
-    reroute: bool = False
-    score_from: str = "current"
-
-    def __post_init__(self) -> None:
-        self.layers, self.keep = list(self.layers), list(self.keep)
-        check_schedule(self.name, self.layers, self.keep, self.reroute)
-        self._check_score_from()
-
-    def stages(self) -> tuple[Stage, ...]:
-        return tuple(Stage(layer, k) for layer, k in zip(self.layers, self.keep, strict=True))
+def keep_tuple(keep: Sequence[Keep] | Keep) -> tuple[Keep, ...]:
+    return tuple(keep) if isinstance(keep, Sequence) and not isinstance(keep, str) else (keep,)

@@ -1,0 +1,101 @@
+"""The registry of methods: one place that maps a name to its class (no name strings elsewhere).
+
+``method_from_spec("pdrop", reroute=True, tier=64)`` builds a method from strings and numbers, for
+the command line and the lmms-eval plugin; a tier (or ratio, or FLOPs fraction) is solved per
+prompt for that prompt's image sizes when the model runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..budget.schedule import Keep, Schedule
+from ..budget.target import BudgetTarget
+
+if TYPE_CHECKING:
+    from .base import TokenReduction
+
+METHODS: dict[str, type[TokenReduction]] = {}
+
+
+def register(cls: type[TokenReduction]) -> type[TokenReduction]:
+    """Class decorator: make a method reachable by its ``key`` (and its display name)."""
+    if not cls.key or cls.key in METHODS and METHODS[cls.key] is not cls:
+        raise ValueError(f"method key {cls.key!r} of {cls.__name__} is empty or already registered")
+    METHODS[cls.key] = cls
+    return cls
+
+
+def method_names() -> tuple[str, ...]:
+    _load()
+    return tuple(METHODS)
+
+
+def _load() -> None:
+    from . import fastv, pdrop, random  # noqa: F401  (registers the shipped methods)
+
+
+def method_class(name: str, reroute: bool = False) -> tuple[type[TokenReduction], bool]:
+    """``"fastv"``, ``"PDrop"``, ``"FastV + Reroute"``, ``"pdrop_reroute"``... → ``(class, reroute)``."""
+    _load()
+    if isinstance(name, type) and name in METHODS.values():
+        return name, bool(reroute)
+    text = str(name).lower().replace(" ", "").replace("_", "+").replace("-", "+")
+    if text.endswith("+reroute"):
+        text, reroute = text.removesuffix("+reroute"), True
+    if text not in METHODS:
+        raise ValueError(
+            f"unknown method {name!r}; allowed: {', '.join(METHODS)} (optionally with '+ reroute')"
+        )
+    return METHODS[text], bool(reroute)
+
+
+def method_from_spec(
+    name: str,
+    *,
+    reroute: bool = False,
+    tier: float | None = None,
+    ratio: float | None = None,
+    flops_fraction: float | None = None,
+    strict: bool = False,
+    layers: Sequence[int] | None = None,
+    keep: Sequence[Keep] | None = None,
+    model: Any = None,
+    **settings: Any,
+) -> TokenReduction:
+    """A method from its name and either a budget (``tier`` = avg_T, ``ratio``, ``flops_fraction``)
+    or an explicit schedule (``layers`` and ``keep``).
+
+    With a budget the keep counts are solved per prompt, for each image's token count, on the
+    decision layers ``layers`` (default: the method's published layers scaled to the model's
+    depth). ``model`` (optional) is checked now instead of at the first call. ``settings`` go to
+    the method's class (e.g. ``seed=`` for ``random``, ``score_from=``).
+    """
+    cls, reroute = method_class(name, reroute)
+    budgets = {"tier": tier, "ratio": ratio, "flops_fraction": flops_fraction}
+    given = {k: v for k, v in budgets.items() if v is not None}
+    if len(given) > 1:
+        raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in given.items())}: give one budget, not several")
+    if given and keep is not None:
+        ((what, value),) = given.items()
+        raise ValueError(
+            f"{what}={value!r} with keep={list(keep)!r}: give a budget to solve the keep counts from, "
+            "or explicit keep counts, not both"
+        )
+    if given:
+        target = BudgetTarget(avg_t=tier, ratio=ratio, flops_fraction=flops_fraction, strict=strict)
+        method = cls(reroute=reroute, target=target, layers=layers, **settings)
+    elif keep is not None:
+        if layers is None:
+            raise ValueError(f"keep={list(keep)!r} without layers: give the decision layers too")
+        method = cls.from_schedule(Schedule.of(layers, keep, reroute, owner=cls.__name__), **settings)
+    elif layers is not None:
+        raise ValueError(f"layers={list(layers)!r} without keep or a budget: give keep= or tier=/ratio=")
+    else:
+        method = cls(reroute=reroute, **settings)
+    if model is not None:
+        from ..adapters import adapter_for
+
+        method.check_depth(len(adapter_for(model).layers))
+    return method
