@@ -278,9 +278,10 @@ class _Problem:
 
     def flops_message(self, target: float) -> str:
         lo, hi = self.flops_range()
+        where = f"{self.label} on {self._flops_shape().name} with n_text={self.n_text}"
         return (
-            f"target FLOPs fraction={target:g} is not reachable for {self.label} on "
-            f"{self._flops_shape().name} with n_text={self.n_text}: reachable PDrop-convention FLOPs ratio is {lo:.4f}..{hi:.4f}"
+            f"target FLOPs fraction={target:g} is not reachable for {where}: reachable "
+            f"PDrop-convention FLOPs ratio is {lo:.4f}..{hi:.4f}"
         )
 
 
