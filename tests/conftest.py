@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlm_reroute.testing.models import FAMILIES, TextShape, tiny_model
+from vlm_reroute.testing.models import FAMILIES, PAD_TOKEN, TextShape, tiny_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
@@ -36,3 +36,48 @@ def family(request) -> str:
 def _no_grad():
     with torch.no_grad():
         yield
+
+
+# ---- shared helpers (import them from conftest) ---------------------------------------
+
+
+def split_sample(inputs: dict, b: int) -> dict:
+    """Sample ``b`` of a left-padded batch, without its padding."""
+    keep = inputs["attention_mask"][b].bool()
+    single = {
+        "input_ids": inputs["input_ids"][b][keep][None],
+        "attention_mask": inputs["attention_mask"][b][keep][None],
+    }
+    if "image_grid_thw" in inputs:
+        per = inputs["pixel_values"].shape[0] // inputs["image_grid_thw"].shape[0]
+        n_img = inputs["image_grid_thw"].shape[0] // inputs["input_ids"].shape[0]
+        single["pixel_values"] = inputs["pixel_values"][b * n_img * per : (b + 1) * n_img * per]
+        single["image_grid_thw"] = inputs["image_grid_thw"][b * n_img : (b + 1) * n_img]
+        single["mm_token_type_ids"] = inputs["mm_token_type_ids"][b][keep][None]
+    else:
+        n_img = inputs["pixel_values"].shape[0] // inputs["input_ids"].shape[0]
+        single["pixel_values"] = inputs["pixel_values"][b * n_img : (b + 1) * n_img]
+    return single
+
+
+def merge_samples(model, a: dict, b: dict) -> dict:
+    """Left-pad two single-sample inputs of different lengths into one batch."""
+    width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+
+    def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+    merged = {
+        "input_ids": torch.cat([pad(a["input_ids"], PAD_TOKEN), pad(b["input_ids"], PAD_TOKEN)]),
+        "attention_mask": torch.cat([pad(a["attention_mask"], 0), pad(b["attention_mask"], 0)]),
+        "pixel_values": torch.cat([a["pixel_values"], b["pixel_values"]]),
+    }
+    if "image_grid_thw" in a:
+        merged["image_grid_thw"] = torch.cat([a["image_grid_thw"], b["image_grid_thw"]])
+        types = [pad(x["mm_token_type_ids"], 0) for x in (a, b)]
+        merged["mm_token_type_ids"] = torch.cat(types)
+    return merged
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())

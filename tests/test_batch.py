@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import model_for
-from test_cache_decode import _split
+from conftest import merge_samples, model_for, split_sample
 
 from vlm_reroute import PDrop
-from vlm_reroute.testing.models import PAD_TOKEN, tiny_inputs
+from vlm_reroute.testing.models import tiny_inputs
 
 LAYERS = [1, 2, 4, 6]
 
@@ -24,7 +23,7 @@ def test_batch_equals_one_by_one(family, reroute):
     batch_decisions = trace.decisions
     for b in range(2):
         with method(model) as trace:
-            alone = model(**_split(inputs, b)).logits[0, -1]
+            alone = model(**split_sample(inputs, b)).logits[0, -1]
         torch.testing.assert_close(batch_logits[b], alone, rtol=1e-4, atol=1e-4)
         for d_batch, d_alone in zip(batch_decisions, trace.decisions, strict=True):
             assert torch.equal(d_batch.selected[b], d_alone.selected[0])
@@ -38,25 +37,6 @@ def test_samples_decide_differently(family):
         model(**inputs)
     first, second = trace.decisions[0].selected
     assert not torch.equal(first, second)
-
-
-def _merge(model, a: dict, b: dict) -> dict:
-    """Left-pad two single-sample inputs of different lengths into one batch."""
-    width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
-
-    def pad(x: torch.Tensor, value: int) -> torch.Tensor:
-        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
-
-    merged = {
-        "input_ids": torch.cat([pad(a["input_ids"], PAD_TOKEN), pad(b["input_ids"], PAD_TOKEN)]),
-        "attention_mask": torch.cat([pad(a["attention_mask"], 0), pad(b["attention_mask"], 0)]),
-        "pixel_values": torch.cat([a["pixel_values"], b["pixel_values"]]),
-    }
-    if "image_grid_thw" in a:
-        merged["image_grid_thw"] = torch.cat([a["image_grid_thw"], b["image_grid_thw"]])
-        types = [pad(x["mm_token_type_ids"], 0) for x in (a, b)]
-        merged["mm_token_type_ids"] = torch.cat(types)
-    return merged
 
 
 @pytest.mark.parametrize("reroute", [False, True])
@@ -79,7 +59,7 @@ def test_multi_image_prompts_and_uneven_batches(family, reroute):
     with method(model) as trace:
         alone_one = model(**one).logits[0, -1]
     decisions_one = trace.decisions
-    batch = _merge(model, two, one)
+    batch = merge_samples(model, two, one)
     with method(model) as trace:
         out = model(**batch)
         generated = model.generate(**batch, max_new_tokens=3, do_sample=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import model_for
+from conftest import model_for, split_sample
 from reference import routed_reference
 
 from vlm_reroute import FastV, PDrop, kv_lengths
@@ -101,29 +101,10 @@ def test_generate_batches_with_left_padding(family, attn, sample):
     assert [d.kept for d in trace.decisions] == [[64, 64], [64, 64], [32, 32], [16, 16]]
     if not sample:
         for b in range(2):
-            single = _split(inputs, b)
+            single = split_sample(inputs, b)
             with PDrop(layers=LAYERS, keep=KEEP, reroute=True)(model):
                 alone = model.generate(**single, max_new_tokens=5, do_sample=False)
             assert torch.equal(alone[0, -5:], out[b, -5:])
-
-
-def _split(inputs: dict, b: int) -> dict:
-    """Sample ``b`` of a left-padded batch, without its padding."""
-    keep = inputs["attention_mask"][b].bool()
-    single = {
-        "input_ids": inputs["input_ids"][b][keep][None],
-        "attention_mask": inputs["attention_mask"][b][keep][None],
-    }
-    if "image_grid_thw" in inputs:
-        per = inputs["pixel_values"].shape[0] // inputs["image_grid_thw"].shape[0]
-        n_img = inputs["image_grid_thw"].shape[0] // inputs["input_ids"].shape[0]
-        single["pixel_values"] = inputs["pixel_values"][b * n_img * per : (b + 1) * n_img * per]
-        single["image_grid_thw"] = inputs["image_grid_thw"][b * n_img : (b + 1) * n_img]
-        single["mm_token_type_ids"] = inputs["mm_token_type_ids"][b][keep][None]
-    else:
-        n_img = inputs["pixel_values"].shape[0] // inputs["input_ids"].shape[0]
-        single["pixel_values"] = inputs["pixel_values"][b * n_img : (b + 1) * n_img]
-    return single
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import model_for
+from conftest import hook_count, model_for
 from reference import routed_reference
 
 from vlm_reroute import FastV, PDrop
@@ -31,11 +31,11 @@ def test_exit_restores_the_model(family):
     model = model_for(family)
     inputs = tiny_inputs(model, (20,))
     before = model(**inputs).logits
-    hooks_before = _hook_count(model)
+    hooks_before = hook_count(model)
     with PDrop(layers=[2, 5], keep=[32, 8], reroute=True)(model):
         routed = model(**inputs).logits
     assert not torch.equal(before, routed)  # routing did change the computation
-    assert _hook_count(model) == hooks_before
+    assert hook_count(model) == hooks_before
     assert torch.equal(model(**inputs).logits, before)
 
 
@@ -47,10 +47,6 @@ def test_exit_restores_after_an_error(family):
         model(**inputs)
         raise KeyError("user code failed")
     assert torch.equal(model(**inputs).logits, before)
-
-
-def _hook_count(model) -> int:
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
 @pytest.mark.parametrize("reroute", [False, True])
