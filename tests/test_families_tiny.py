@@ -24,6 +24,7 @@ from vlm_reroute.testing.families import (
     save_tiny_family_checkpoint,
     tiny_family_inputs,
     tiny_family_model,
+    tiny_family_processor,
 )
 from vlm_reroute.testing.family_inputs import (
     _FORMAT_OF,
@@ -213,3 +214,78 @@ def test_saved_checkpoint_loads_offline(family, tmp_path):
     loaded, original = tiny_family_inputs(family, bundle=bundle), _inputs(family)
     assert loaded.keys() == original.keys()
     assert all(torch.equal(loaded[k], original[k]) for k in original)
+
+
+def _image_672():
+    from vlm_reroute.testing.families import random_image
+
+    return random_image(672, 672, seed=0)
+
+
+def _tokens_672(name: str) -> int:
+    """Visual tokens of a 672x672 image at the family's default processor settings, from the real
+    image processor classes (PIL backend) and the processor's placeholder rule."""
+    from vlm_reroute.testing.family_inputs import _onevision_tokens
+
+    img = _image_672()
+    if name.startswith("qwen3"):
+        ip = tf.Qwen2VLImageProcessorPil(
+            patch_size=16, merge_size=2, size={"shortest_edge": 65536, "longest_edge": 16777216}
+        )
+        return int(ip(images=[img], return_tensors="pt")["image_grid_thw"].prod()) // 4
+    if name.startswith("llava-next"):
+        pins = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+        ip = tf.LlavaNextImageProcessorPil(
+            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=pins
+        )
+        tok = tiny_family_processor("llava_next").tokenizer
+        proc = tf.LlavaNextProcessor(
+            image_processor=ip,
+            tokenizer=tok,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
+        return int(
+            (proc(images=[img], text=["<image>"], return_tensors="pt")["input_ids"] == IMAGE_TOKEN).sum()
+        )
+    if name.startswith("llava-onevision"):
+        pins = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+        ip = tf.LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384}, image_grid_pinpoints=pins)
+        return _onevision_tokens(672, 672, ip, 729, "anyres_max_9")
+    if name.startswith("internvl3"):
+        ip = tf.GotOcr2ImageProcessorPil(
+            size={"height": 448, "width": 448}, crop_to_patches=True, max_patches=12
+        )
+        return 256 * int(ip(images=[img], return_tensors="pt")["num_patches"][0])
+    longest, tile, per_tile = (1456, 364, 169) if name.startswith("idefics3") else (1536, 384, 81)
+    ip = tf.Idefics3ImageProcessorPil(size={"longest_edge": longest}, max_image_size={"longest_edge": tile})
+    out = ip(images=[[img]], return_tensors="pt", return_row_col_info=True)
+    return (out["rows"][0][0] * out["cols"][0][0] + 1) * per_tile
+
+
+NEW_SHAPES = (
+    "qwen3-vl-2b",
+    "qwen3-vl-4b",
+    "qwen3-vl-8b",
+    "qwen3.5-9b",
+    "llava-next-vicuna-7b",
+    "llava-next-mistral-7b",
+    "llava-onevision-0.5b",
+    "llava-onevision-7b",
+    "internvl3-2b",
+    "internvl3-8b",
+    "smolvlm-2b",
+    "idefics3-8b",
+)
+
+
+@pytest.mark.parametrize("name", NEW_SHAPES)
+def test_shipped_shapes_load_and_their_image_token_counts_follow_the_processors(name):
+    from vlm_reroute.budget.shapes import load_model_info
+
+    info = load_model_info(name)
+    shape = info.shape
+    assert shape.num_heads % shape.num_kv_heads == 0 and shape.num_layers >= 24
+    assert info.default_visual_tokens == _tokens_672(name)
+    assert "672x672" in info.visual_tokens_note
