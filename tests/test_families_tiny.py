@@ -268,7 +268,6 @@ NEW_SHAPES = (
     "qwen3-vl-2b",
     "qwen3-vl-4b",
     "qwen3-vl-8b",
-    "qwen3.5-9b",
     "llava-next-vicuna-7b",
     "llava-next-mistral-7b",
     "llava-onevision-0.5b",
