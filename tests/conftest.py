@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlm_reroute.testing.models import FAMILIES, PAD_TOKEN, TextShape, tiny_model
+from vlm_reroute.testing.models import FAMILIES, PAD_TOKEN, TextShape, tiny_inputs, tiny_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
@@ -25,6 +25,20 @@ def model_for(family: str, attn: str = "sdpa", dtype: torch.dtype = torch.float3
     if family == "llava":
         kwargs["image_size"] = 112
     return tiny_model(family, attn_implementation=attn, dtype=dtype, **kwargs)
+
+
+MATRIX_TOKENS = 64  # visual tokens per image in the method x family matrix (8 x 8 grids)
+
+
+@cache
+def small_model_for(family: str):
+    """Cached tiny model whose images are 8 × 8 = 64 visual tokens: the matrix runs many cases."""
+    return tiny_model(family, image_size=112) if family == "llava" else tiny_model(family)
+
+
+def small_inputs(model, text_lengths=(20,), seed: int = 0, images_per_prompt: int = 1) -> dict:
+    """Inputs for :func:`small_model_for` models: one 64-token image per prompt by default."""
+    return tiny_inputs(model, text_lengths, images_per_prompt=images_per_prompt, grid=16, seed=seed)
 
 
 @pytest.fixture(params=FAMILIES)

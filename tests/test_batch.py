@@ -5,28 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import merge_samples, model_for, split_sample
+from conftest import merge_samples, model_for
 
 from vlm_reroute import PDrop
 from vlm_reroute.testing.models import tiny_inputs
 
 LAYERS = [1, 2, 4, 6]
-
-
-@pytest.mark.parametrize("reroute", [False, True])
-def test_batch_equals_one_by_one(family, reroute):
-    model = model_for(family)
-    inputs = tiny_inputs(model, (20, 6), seed=11)
-    method = PDrop(layers=LAYERS, keep=[64, 64, 32, 16] if reroute else [96, 64, 32, 16], reroute=reroute)
-    with method(model) as trace:
-        batch_logits = model(**inputs).logits[:, -1]
-    batch_decisions = trace.decisions
-    for b in range(2):
-        with method(model) as trace:
-            alone = model(**split_sample(inputs, b)).logits[0, -1]
-        torch.testing.assert_close(batch_logits[b], alone, rtol=1e-4, atol=1e-4)
-        for d_batch, d_alone in zip(batch_decisions, trace.decisions, strict=True):
-            assert torch.equal(d_batch.selected[b], d_alone.selected[0])
 
 
 def test_samples_decide_differently(family):

@@ -13,20 +13,6 @@ from vlm_reroute.testing.models import tiny_inputs
 ALL = [1.0, 1.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("reroute", [False, True])
-def test_full_keep_is_bit_identical(family, reroute):
-    model = model_for(family)
-    inputs = tiny_inputs(model, (20, 13))
-    vanilla = model(**inputs).logits
-    vanilla_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    with PDrop(layers=[1, 2, 4, 6], keep=ALL, reroute=reroute)(model) as trace:
-        routed = model(**inputs).logits
-        routed_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert [d.kept for d in trace.decisions] == [[576, 576]] * 4
-    assert torch.equal(vanilla, routed)
-    assert torch.equal(vanilla_gen, routed_gen)
-
-
 def test_exit_restores_the_model(family):
     model = model_for(family)
     inputs = tiny_inputs(model, (20,))
@@ -47,26 +33,6 @@ def test_exit_restores_after_an_error(family):
         model(**inputs)
         raise KeyError("user code failed")
     assert torch.equal(model(**inputs).logits, before)
-
-
-@pytest.mark.parametrize("reroute", [False, True])
-def test_matches_independent_reference(family, reroute):
-    """Logits and every decision's scores equal a hand-driven, full-matrix reference."""
-    model = model_for(family)
-    inputs = tiny_inputs(model, (20,), seed=3)
-    method = PDrop(
-        layers=[1, 2, 4, 6], keep=[64, 64, 32, 16] if reroute else [96, 64, 32, 16], reroute=reroute
-    )
-    with method(model) as trace:
-        logits = model(**inputs).logits[0, -1]
-    selected = [d.selected[0] for d in trace.decisions]
-    ref_logits, ref_scores = routed_reference(model, inputs, method.layers, selected, reroute)
-    torch.testing.assert_close(logits, ref_logits[-1], rtol=1e-5, atol=1e-5)
-    for decision, scores in zip(trace.decisions, ref_scores, strict=True):
-        torch.testing.assert_close(decision.scores[0], scores, rtol=1e-4, atol=1e-7)
-        # the selection is the top k of those scores
-        k = decision.kept[0]
-        assert set(scores.topk(k).indices.tolist()) == set(decision.selected[0].tolist())
 
 
 def test_scores_equal_the_models_eager_attention_row(family):

@@ -1,0 +1,126 @@
+"""The method × family × mode matrix: every registered method on every supported family, prune and
+reroute, through the engine's four promises.
+
+Adding a method or a family is one line below (``METHODS`` / ``FAMILIES``); a guard test fails when
+a registered method or an adapter's model class is missing from the matrix.
+
+1. keep-all is bit-identical to the untouched model (prefill logits and generated tokens);
+2. a batch (left padding) equals its prompts run one by one (logits and decisions);
+3. each layer's KV cache holds exactly text + the visual tokens of its stage;
+4. routed logits (and attention scores) equal the independent full-matrix reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MATRIX_TOKENS, small_inputs, small_model_for, split_sample
+from reference import routed_reference
+
+from vlm_reroute import kv_lengths
+from vlm_reroute.adapters import ADAPTERS
+from vlm_reroute.budget.schedule import Schedule
+from vlm_reroute.budget.solver import solve_schedule
+from vlm_reroute.methods import method_class, method_names
+from vlm_reroute.scoring.attention import LastTokenAttention
+
+# one line per family: name for vlm_reroute.testing's tiny builders -> model class it builds
+FAMILIES = {
+    "llava": "LlavaForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+# one line per method (registry key)
+METHODS = ["fastv", "pdrop", "random"]
+MODES = {"prune": False, "reroute": True}
+DEPTH, TOKENS = 8, MATRIX_TOKENS  # 8 decoder layers, 64 visual tokens per image
+
+CASES = [(f, m, r) for f in FAMILIES for m in METHODS for r in MODES]
+IDS = [f"{f}-{m}-{r}" for f, m, r in CASES]
+
+
+def build(method: str, mode: str, keep_all: bool = False):
+    """The method's default layers and rule, solved for avg_T = a quarter of the tokens (or keep all)."""
+    cls, reroute = method_class(method, MODES[mode])
+    if keep_all:
+        layers = cls.default_layers(DEPTH, reroute)
+        return cls.from_schedule(Schedule(layers, (1.0,) * len(layers), reroute))
+    return solve_schedule(DEPTH, TOKENS, method, reroute, target_avg_t=TOKENS / 4).to_method()
+
+
+def test_the_matrix_covers_every_method_and_family():
+    assert sorted(METHODS) == sorted(method_names())
+    classes = {name for adapter in ADAPTERS for name in adapter.model_classes}
+    assert classes <= set(FAMILIES.values()), (
+        f"families missing from the matrix: {classes - set(FAMILIES.values())}"
+    )
+
+
+@pytest.mark.parametrize(("family", "method", "mode"), CASES, ids=IDS)
+def test_keep_all_is_bit_identical(family, method, mode):
+    model = small_model_for(family)
+    inputs = small_inputs(model, (20, 13))
+    vanilla = model(**inputs).logits
+    vanilla_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    chosen = build(method, mode, keep_all=True)
+    with chosen(model) as trace:
+        routed = model(**inputs).logits
+        routed_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert all(d.kept == [TOKENS, TOKENS] for d in trace.decisions)
+    assert torch.equal(vanilla, routed)
+    assert torch.equal(vanilla_gen, routed_gen)
+
+
+@pytest.mark.parametrize(("family", "method", "mode"), CASES, ids=IDS)
+def test_batch_equals_one_by_one(family, method, mode):
+    model = small_model_for(family)
+    inputs = small_inputs(model, (20, 6), seed=11)
+    chosen = build(method, mode)
+    with chosen(model) as trace:
+        batch_logits = model(**inputs).logits[:, -1]
+    batch_decisions = trace.decisions
+    for b in range(2):
+        with chosen(model) as trace:
+            alone = model(**split_sample(inputs, b)).logits[0, -1]
+        torch.testing.assert_close(batch_logits[b], alone, rtol=1e-4, atol=1e-4)
+        for d_batch, d_alone in zip(batch_decisions, trace.decisions, strict=True):
+            assert torch.equal(d_batch.selected[b], d_alone.selected[0])
+
+
+@pytest.mark.parametrize(("family", "method", "mode"), CASES, ids=IDS)
+def test_kv_cache_holds_each_stage(family, method, mode):
+    model = small_model_for(family)
+    inputs = small_inputs(model, (20,), seed=5)
+    chosen = build(method, mode)
+    with chosen(model) as trace:
+        cache = model(**inputs, use_cache=True).past_key_values
+    n_text = inputs["input_ids"].shape[1] - TOKENS
+    expected = [n_text + v for v in trace.tokens_per_layer(DEPTH)]
+    assert kv_lengths(cache) == expected
+    schedule = chosen.resolve(_shape(model), TOKENS)
+    assert trace.tokens_per_layer(DEPTH) == schedule.tokens_per_layer(DEPTH, TOKENS)
+
+
+@pytest.mark.parametrize(("family", "method", "mode"), CASES, ids=IDS)
+def test_matches_the_full_matrix_reference(family, method, mode):
+    model = small_model_for(family)
+    inputs = small_inputs(model, (20,), seed=3)
+    chosen = build(method, mode)
+    with chosen(model) as trace:
+        logits = model(**inputs).logits[0, -1]
+    selected = [d.selected[0] for d in trace.decisions]
+    layers = [d.layer for d in trace.decisions]
+    scorer = chosen.make_scorer()
+    ref_logits, ref_scores = routed_reference(
+        model, inputs, layers, selected, MODES[mode], score_from=scorer.score_from
+    )
+    torch.testing.assert_close(logits, ref_logits[-1], rtol=1e-5, atol=1e-5)
+    if isinstance(scorer, LastTokenAttention):
+        for decision, scores in zip(trace.decisions, ref_scores, strict=True):
+            torch.testing.assert_close(decision.scores[0], scores, rtol=1e-4, atol=1e-7)
+
+
+def _shape(model):
+    from vlm_reroute.budget import ModelShape
+
+    return ModelShape.from_config(model.config)
