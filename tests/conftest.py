@@ -63,10 +63,15 @@ def split_sample(inputs: dict, b: int) -> dict:
         "attention_mask": inputs["attention_mask"][b][keep][None],
     }
     if "image_grid_thw" in inputs:
-        per = inputs["pixel_values"].shape[0] // inputs["image_grid_thw"].shape[0]
-        n_img = inputs["image_grid_thw"].shape[0] // inputs["input_ids"].shape[0]
-        single["pixel_values"] = inputs["pixel_values"][b * n_img * per : (b + 1) * n_img * per]
-        single["image_grid_thw"] = inputs["image_grid_thw"][b * n_img : (b + 1) * n_img]
+        # images of different sizes: count each sample's images from its runs of image tokens
+        visual = inputs["mm_token_type_ids"] == 1
+        starts = visual & ~torch.nn.functional.pad(visual[:, :-1], (1, 0), value=False)
+        first = int(starts[:b].sum())
+        grids = inputs["image_grid_thw"][first : first + int(starts[b].sum())]
+        patches = inputs["image_grid_thw"].prod(dim=1)
+        begin = int(patches[:first].sum())
+        single["pixel_values"] = inputs["pixel_values"][begin : begin + int(grids.prod(dim=1).sum())]
+        single["image_grid_thw"] = grids
         single["mm_token_type_ids"] = inputs["mm_token_type_ids"][b][keep][None]
     else:
         n_img = inputs["pixel_values"].shape[0] // inputs["input_ids"].shape[0]
