@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from ..methods.base import round_half_up
 from ..methods.registry import method_class, method_names
 from .flops import Budget, ModelShape, compute_budget, layer_flops, visual_tokens_per_layer
+from .published import PUBLISHED, PublishedSchedule, published_avg_t, published_schedule
 from .schedule import Schedule
 from .target import BudgetTarget
 
@@ -393,86 +394,4 @@ def solve(
         reroute=solve_schedule(shape_or_num_layers, n_visual, cls, True, layers=reroute_layers, **kwargs),
         target_avg_t=target_avg_t,
         target_flops_fraction=target_flops_fraction,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Published schedules (method.md): keep as fractions of 576
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PublishedSchedule:
-    """A schedule as published: decision layers and keep fractions of ``n_visual``."""
-
-    model: str
-    tier: int
-    method: str
-    reroute: bool
-    layers: tuple[int, ...]
-    fractions: tuple[float, ...]
-    num_layers: int
-    n_visual: int = 576
-
-    @property
-    def name(self) -> str:
-        return method_class(self.method)[0].label(self.reroute)
-
-    @property
-    def keep(self) -> tuple[int, ...]:
-        """Counts as the published code resolves them: ``max(1, int(n_visual · f))``."""
-        return tuple(max(1, int(self.n_visual * f)) for f in self.fractions)
-
-    @property
-    def avg_t(self) -> float:
-        return published_avg_t(self)
-
-
-def published_avg_t(entry: PublishedSchedule) -> float:
-    """avg_T that a published schedule actually achieves (counts resolved as the published code does)."""
-    counts = visual_tokens_per_layer(entry.num_layers, entry.n_visual, entry.layers, entry.keep)
-    return sum(counts) / entry.num_layers
-
-
-_FASTV_F = {192: 0.2644, 128: 0.1418, 64: 0.01916}
-_PDROP_F = {
-    192: (0.5965, 0.3558, 0.2123, 0.1266),
-    128: (0.4570, 0.2088, 0.0954, 0.0436),
-    64: (0.2789, 0.0937, 0.0315, 0.0106),
-}
-_PDROP_REROUTE_A = {192: 0.4502, 128: 0.2655, 64: 0.1392}
-# model: (num_layers, FastV layer, FastV + Reroute layers, PDrop layers). The Qwen FastV baseline
-# layer (3) is the first of its re-decision layers; method.md gives only the multi-decision lists.
-_PUBLISHED_MODELS = {
-    "llava-1.5": (32, (3,), (3, 7, 15, 23), (2, 7, 15, 23)),
-    "qwen2.5-vl-7b": (28, (3,), (3, 6, 13, 20), (2, 6, 13, 20)),
-}
-
-
-def _published() -> tuple[PublishedSchedule, ...]:
-    out = []
-    for model, (nl, fastv, fastv_rr, pdrop) in _PUBLISHED_MODELS.items():
-        for tier in (192, 128, 64):
-            f, a = _FASTV_F[tier], _PDROP_REROUTE_A[tier]
-            out += [
-                PublishedSchedule(model, tier, "fastv", False, fastv, (f,), nl),
-                PublishedSchedule(model, tier, "fastv", True, fastv_rr, (f,) * len(fastv_rr), nl),
-                PublishedSchedule(model, tier, "pdrop", False, pdrop, _PDROP_F[tier], nl),
-                PublishedSchedule(model, tier, "pdrop", True, pdrop, (a, a, a / 2, a / 4), nl),
-            ]
-    return tuple(out)
-
-
-PUBLISHED: tuple[PublishedSchedule, ...] = _published()
-
-
-def published_schedule(model: str, tier: int, method: str, reroute: bool = False) -> PublishedSchedule:
-    """Look up a published schedule (``model``: ``"llava-1.5"`` or ``"qwen2.5-vl-7b"``)."""
-    method, reroute = parse_method(method, reroute)
-    for entry in PUBLISHED:
-        if (entry.model, entry.tier, entry.method, entry.reroute) == (model, tier, method, reroute):
-            return entry
-    raise ValueError(
-        f"no published schedule for model={model!r}, tier={tier!r}; models: {sorted(_PUBLISHED_MODELS)}, "
-        "tiers: 192, 128, 64"
     )
