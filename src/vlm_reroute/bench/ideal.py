@@ -1,4 +1,4 @@
-"""The ideal routed prefill: what a zero-overhead router would take on this machine.
+"""The ideal routed prefill: what a zero-overhead router would take on the machine it runs on.
 
 A routed prefill does the vanilla work outside the decoder (vision tower, embedding, final norm,
 head) plus every decoder layer on its own token count. Both parts are measured here rather than

@@ -101,5 +101,5 @@ def environment() -> dict[str, Any]:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # 2 cores: < 1 is quiet
+        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # vs cpu_count
     }

@@ -42,7 +42,6 @@ class Plan:
     schedule resolved, or a budget target solved for that size).
     """
 
-    method: str
     layers: tuple[int, ...]
     reroute: bool
     keep_counts: Callable[[int], tuple[int, ...]]

@@ -183,7 +183,6 @@ class TokenReduction:
             raise RuntimeError(f"{type(model).__name__} already has a vlm-reroute method applied; nest none")
         trace = Trace(method=repr(self))
         plan = Plan(
-            method=type(self).__name__,
             layers=layers,
             reroute=self.reroute,
             keep_counts=self.keep_counts(num_layers, shape),
