@@ -1,0 +1,388 @@
+"""Seeded random cases for the differential fuzz: the engine against ``fuzz_reference``.
+
+A case is a tiny model (family, depth 4-10, hidden 32-64, GQA or not, sdpa or eager), a batch of
+1-4 left-padded prompts with 1-3 images each (Qwen images of different grids in one batch), a
+schedule (1-4 decisions, int / float keeps, prune / reroute, both scoring conventions) and a
+mode (forward logits, greedy ``generate``, sampled ``generate``). ``run_case`` runs the engine
+through the public API and compares it with the float64 reference.
+
+Tolerances (the engine runs the fp32 model; the reference is float64):
+
+* ``SCORE_TOL``: |engine score - reference score| for every visual token. Scores are attention
+  probabilities in [0, 1].
+* ``TIE_MARGIN = 2 * SCORE_TOL``: if both scores of two tokens are within ``SCORE_TOL`` of the
+  reference, the engine can rank them the other way round only when their reference scores are
+  less than ``2 * SCORE_TOL`` apart. A decision may differ from the reference's top-k only by
+  such swaps; any other difference is a mismatch.
+* ``LOGIT_TOL``: max |engine logit - reference logit| over a sample's defined positions, relative
+  to max(1, max |reference logit|). A greedy token may differ only if the reference's top two
+  logits are within twice that. Faults change logits at the 1e-1 level, so the check separates
+  float32 rounding (measured up to ~1e-6 relative, see docs/fuzz.md) from wrong routing.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+from fuzz_reference import Schedule, Weights, capture_prompts, routed_prefill
+
+from vlm_reroute import FastV, PDrop, kv_lengths
+from vlm_reroute.testing.models import (
+    FAMILIES,
+    IMAGE_TOKEN,
+    PAD_TOKEN,
+    VISION_END,
+    VISION_START,
+    VOCAB,
+    TextShape,
+    tiny_model,
+)
+
+SCORE_TOL = 2e-5
+TIE_MARGIN = 2 * SCORE_TOL
+LOGIT_TOL = 1e-4
+MODES = ("forward", "greedy", "sample")
+LLAVA_IMAGE_SIZE = 112  # patch 14 → 8 x 8 = 64 tokens per image
+QWEN_GRIDS = (4, 6, 8, 10, 12)  # patch grid sides; merged 2 x 2 → (h/2)(w/2) tokens
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """``texts``: text lengths before, between and after the images (len = images + 1);
+    ``grids``: (h, w) patch grid per image (LLaVA: fixed by the image size)."""
+
+    texts: tuple[int, ...]
+    grids: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Case:
+    index: int
+    seed: int
+    family: str
+    shape: tuple[int, int, int, int, int]  # layers, hidden, heads, kv_heads, ffn
+    attn: str
+    weight_seed: int
+    prompts: tuple[PromptSpec, ...]
+    schedule: Schedule
+    fastv: bool  # built with FastV(layer, keep) instead of PDrop
+    mode: str
+    new_tokens: int
+
+    def repro(self) -> str:
+        return (
+            f"cd tests && python -c 'from fuzz_cases import make_case, run_case; "
+            f"print(run_case(make_case({self.index}, seed={self.seed})))'"
+        )
+
+
+@dataclass
+class Outcome:
+    case: Case
+    failures: list[str] = field(default_factory=list)
+    logit_err: float = 0.0  # worst relative logit difference
+    score_err: float = 0.0  # worst absolute score difference
+    near_ties: int = 0  # decisions that differed from the reference only within TIE_MARGIN
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        status = "ok" if not self.failures else "MISMATCH"
+        head = (
+            f"case {self.case.index} (seed {self.case.seed}) {status}: logit_err={self.logit_err:.2e} "
+            f"score_err={self.score_err:.2e} near_ties={self.near_ties} [{self.seconds:.2f}s]\n  {self.case}"
+        )
+        return "\n".join([head, *("  - " + f for f in self.failures[:8])])
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing cases
+# ---------------------------------------------------------------------------------------------
+def _tokens_of(family: str, grid: tuple[int, int]) -> int:
+    return (LLAVA_IMAGE_SIZE // 14) ** 2 if family == "llava" else (grid[0] // 2) * (grid[1] // 2)
+
+
+def _draw_schedule(rng: random.Random, depth: int, sizes: list[int], reroute: bool) -> Schedule:
+    n_decisions = rng.randint(1, min(4, depth - 1))
+    layers = tuple(sorted(rng.sample(range(1, depth), n_decisions)))
+    smallest = min(sizes)
+    for _ in range(200):
+        keep: list[int | float] = []
+        kind = rng.choice(["int", "float", "mixed"])
+        for _ in layers:
+            as_int = kind == "int" or (kind == "mixed" and rng.random() < 0.5)
+            keep.append(rng.randint(1, smallest) if as_int else round(rng.uniform(0.05, 1.0), 3))
+        if not reroute and len({type(k) for k in keep}) == 1:
+            keep.sort(reverse=True)  # same-kind prune keeps must not increase (mixed: checked below)
+        if reroute or _non_increasing(keep, sizes):
+            score_from = "previous" if rng.random() < 0.3 else "current"
+            return Schedule(layers, tuple(keep), reroute, score_from)
+    raise RuntimeError("could not draw a prune schedule")  # pragma: no cover
+
+
+def _non_increasing(keep: list[int | float], sizes: list[int]) -> bool:
+    from fuzz_reference import keep_count
+
+    return all(
+        keep_count(b, n) <= keep_count(a, n) for n in sizes for a, b in zip(keep, keep[1:], strict=False)
+    )
+
+
+def make_case(index: int, seed: int = 0) -> Case:
+    """Case ``index`` of the stream ``seed``; families and modes rotate with ``index``."""
+    rng = random.Random(seed * 1_000_003 + index)
+    family = FAMILIES[index % len(FAMILIES)]
+    depth = rng.randint(4, 10)
+    hidden = rng.choice([32, 48, 64])
+    heads = rng.choice([2, 4])
+    kv_heads = heads if rng.random() < 0.4 else rng.choice([1, heads // 2])
+    shape = (depth, hidden, heads, kv_heads, rng.choice([64, 96, 128]))
+    batch = rng.choices([1, 2, 3, 4], weights=[35, 30, 20, 15])[0]
+    prompts = []
+    for _ in range(batch):
+        images = rng.randint(1, 3)
+        texts = (rng.randint(1, 6), *(rng.randint(0, 4) for _ in range(images - 1)), rng.randint(1, 12))
+        if family == "llava":
+            grids = ((8, 8),) * images
+        else:
+            grids = tuple((rng.choice(QWEN_GRIDS), rng.choice(QWEN_GRIDS)) for _ in range(images))
+        prompts.append(PromptSpec(texts, grids))
+    sizes = [_tokens_of(family, g) for p in prompts for g in p.grids]
+    reroute = rng.random() < 0.5
+    schedule = _draw_schedule(rng, depth, sizes, reroute)
+    fastv = len(schedule.layers) == 1 and not reroute and rng.random() < 0.5
+    mode = rng.choices(MODES, weights=[50, 35, 15])[0]
+    return Case(
+        index=index,
+        seed=seed,
+        family=family,
+        shape=shape,
+        attn=rng.choice(["sdpa", "eager"]),
+        weight_seed=rng.randint(0, 3),
+        prompts=tuple(prompts),
+        schedule=schedule,
+        fastv=fastv,
+        mode=mode,
+        new_tokens=rng.randint(2, 5),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and inputs
+# ---------------------------------------------------------------------------------------------
+@lru_cache(maxsize=8)
+def _model(family: str, shape: tuple[int, int, int, int, int], attn: str, weight_seed: int):
+    layers, hidden, heads, kv_heads, ffn = shape
+    text = TextShape(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn=ffn)
+    extra = {"image_size": LLAVA_IMAGE_SIZE} if family == "llava" else {}
+    return tiny_model(family, shape=text, attn_implementation=attn, seed=weight_seed, **extra)
+
+
+def build_inputs(model, case: Case) -> tuple[dict, list[list[int]]]:
+    """Processor-shaped, left-padded inputs, and the token count of every image per sample."""
+    gen = torch.Generator().manual_seed(case.seed * 7919 + case.index)
+    rows, sizes, grids = [], [], []
+    for spec in case.prompts:
+        row: list[int] = []
+        for i, n_text in enumerate(spec.texts):
+            row += torch.randint(1, VOCAB - 8, (n_text,), generator=gen).tolist()
+            if i < len(spec.grids):
+                n = _tokens_of(case.family, spec.grids[i])
+                block = [IMAGE_TOKEN] * n
+                row += block if case.family == "llava" else [VISION_START, *block, VISION_END]
+        rows.append(row)
+        sizes.append([_tokens_of(case.family, g) for g in spec.grids])
+        grids += spec.grids
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD_TOKEN, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r) :] = torch.tensor(r)
+        mask[b, width - len(r) :] = 1
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if case.family == "llava":
+        inputs["pixel_values"] = torch.randn(len(grids), 3, LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE, generator=gen)
+        return inputs, sizes
+    vc = model.config.vision_config
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    inputs["pixel_values"] = torch.randn(sum(h * w for h, w in grids), patch_dim, generator=gen)
+    inputs["image_grid_thw"] = torch.tensor([[1, h, w] for h, w in grids])
+    inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).to(torch.int)
+    return inputs, sizes
+
+
+def _method(case: Case):
+    s = case.schedule
+    if case.fastv:
+        return FastV(layer=s.layers[0], keep=s.keep[0], score_from=s.score_from)
+    return PDrop(layers=list(s.layers), keep=list(s.keep), reroute=s.reroute, score_from=s.score_from)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and comparing
+# ---------------------------------------------------------------------------------------------
+def _check_decision(out: Outcome, i: int, b: int, rec, engine: torch.Tensor, vis_image) -> bool:
+    """Compare one engine decision with the reference's top-k; True if the engine's is usable."""
+    tag = f"decision {i} (layer {rec.layer}) sample {b}"
+    n = rec.candidates.numel()
+    if engine.numel() and (engine.min() < 0 or engine.max() >= n or not bool((engine.diff() > 0).all())):
+        out.failures.append(f"{tag}: selection is not sorted unique indices in 0..{n - 1}")
+        return False
+    counts = torch.bincount(vis_image[engine], minlength=len(rec.counts)).tolist()
+    if counts != rec.counts:
+        out.failures.append(f"{tag}: keeps {counts} per image, expected {rec.counts}")
+        return False
+    if torch.equal(engine, rec.selected):
+        return True
+    if not bool(rec.candidates[engine].all()):
+        out.failures.append(f"{tag}: selected {int((~rec.candidates[engine]).sum())} non-candidates")
+        return True
+    ours, theirs = set(rec.selected.tolist()), set(engine.tolist())
+    gap = 0.0
+    for m in range(len(rec.counts)):
+        only_ref = [t for t in ours - theirs if int(vis_image[t]) == m]
+        only_eng = [t for t in theirs - ours if int(vis_image[t]) == m]
+        if only_ref:
+            gap = max(gap, float(rec.scores[only_ref].max() - rec.scores[only_eng].min()))
+    if gap > TIE_MARGIN:
+        out.failures.append(
+            f"{tag}: {len(theirs - ours)} tokens differ from the reference top-k; score gap {gap:.3e} "
+            f"> tie margin {TIE_MARGIN:.1e} (engine {sorted(theirs - ours)[:6]}, "
+            f"reference {sorted(ours - theirs)[:6]})"
+        )
+    else:
+        out.near_ties += 1
+    return True
+
+
+def _compare_logits(out: Outcome, what: str, engine: torch.Tensor, ref: torch.Tensor) -> None:
+    scale = max(1.0, float(ref.abs().max()))
+    err = float((engine.double() - ref).abs().max()) / scale
+    out.logit_err = max(out.logit_err, err)
+    if not err <= LOGIT_TOL:
+        out.failures.append(f"{what}: logits differ by {err:.3e} x scale {scale:.1f} > {LOGIT_TOL:.0e}")
+
+
+def _run_model(model, inputs: dict, case: Case) -> tuple:
+    """``(generate output, None)`` or ``(None, forward output)`` for the case's mode."""
+    if case.mode == "forward":
+        return None, model(**inputs)
+    torch.manual_seed(case.seed + case.index)
+    sampling = {"do_sample": True, "top_k": 20} if case.mode == "sample" else {"do_sample": False}
+    gen = model.generate(
+        **inputs,
+        max_new_tokens=case.new_tokens,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **sampling,
+    )
+    return gen, None
+
+
+FULL = Schedule(layers=(1,), keep=(1.0,), reroute=False)  # keeps every token: the unrouted model
+
+
+def run_case(case: Case, routed: bool = True) -> Outcome:
+    """Run the engine on ``case`` and compare it with the float64 reference.
+
+    ``routed=False`` runs the plain model against the reference with a keep-everything schedule:
+    a check of the reference itself, independent of the engine.
+    """
+    start = time.perf_counter()
+    out = Outcome(case)
+    model = _model(case.family, case.shape, case.attn, case.weight_seed)
+    inputs, sizes = build_inputs(model, case)
+    generating = case.mode != "forward"
+    schedule = case.schedule if routed else FULL
+    with torch.no_grad():
+        prompts = capture_prompts(model, inputs, sizes, generate=generating)
+        weights = Weights.of(model)
+        try:
+            if routed:
+                with _method(case)(model) as trace:
+                    gen, fwd = _run_model(model, inputs, case)
+                decisions = trace.decisions
+            else:
+                (gen, fwd), decisions = _run_model(model, inputs, case), []
+        except Exception as error:  # an engine that raises on a valid case is a finding too
+            out.failures.append(f"engine raised {type(error).__name__}: {error}")
+            out.seconds = time.perf_counter() - start
+            return out
+    if routed and [d.layer for d in decisions] != list(schedule.layers):
+        out.failures.append(f"decision layers {[d.layer for d in decisions]} != {list(schedule.layers)}")
+        out.seconds = time.perf_counter() - start
+        return out
+    cache_lengths = []
+    for b, prompt in enumerate(prompts):
+        engine_sel = [d.selected[b].cpu() for d in decisions] if routed else None
+        run = routed_prefill(weights, prompt, schedule, follow=engine_sel)
+        if routed and not _check_decisions(out, b, decisions, run, prompt):
+            run = routed_prefill(weights, prompt, schedule)  # unusable decisions: the reference's own
+        cache_lengths.append([prompt.padding + c for c in run.cache_lengths()])
+        if generating:
+            _check_generation(out, b, gen, inputs["input_ids"].shape[1], run, greedy=case.mode == "greedy")
+        else:
+            rows = fwd.logits[b, prompt.padding :][run.defined]
+            _compare_logits(out, f"sample {b} prefill", rows, run.logits[run.defined])
+    if not generating:
+        expected = [max(col) for col in zip(*cache_lengths, strict=True)]
+        got = kv_lengths(fwd.past_key_values)
+        if got != expected:
+            out.failures.append(f"KV cache lengths {got}, expected {expected}")
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def _check_decisions(out: Outcome, b: int, decisions, run, prompt) -> bool:
+    """Selections, scores and re-entry counts of sample ``b``; False if a selection is unusable."""
+    vis_image = prompt.image[prompt.visual]
+    usable, previous = True, None
+    for i, (d, rec) in enumerate(zip(decisions, run.decisions, strict=True)):
+        selected = d.selected[b].cpu()
+        usable &= _check_decision(out, i, b, rec, selected, vis_image)
+        err = float((d.scores[b].double() - rec.scores).abs().max())
+        out.score_err = max(out.score_err, err)
+        if not err <= SCORE_TOL:
+            out.failures.append(f"decision {i} sample {b}: scores differ by {err:.3e} > {SCORE_TOL:.0e}")
+        back = 0 if previous is None else len(set(selected.tolist()) - set(previous.tolist()))
+        if d.reentered[b] != back:
+            out.failures.append(f"decision {i} sample {b}: reentered {d.reentered[b]}, selections say {back}")
+        previous = selected
+    return usable
+
+
+def _check_generation(out: Outcome, b: int, gen, width: int, run, greedy: bool) -> None:
+    """Every step's logits, decoding the engine's own tokens; greedy tokens must be the argmax."""
+    for step, step_logits in enumerate(gen.logits):
+        ref = run.logits[-1] if step == 0 else run.decode(int(gen.sequences[b, width + step - 1]))
+        _compare_logits(out, f"sample {b} step {step}", step_logits[b], ref)
+        token = int(gen.sequences[b, width + step])
+        if greedy and token != int(ref.argmax()):
+            top2 = ref.topk(2).values
+            if float(top2[0] - top2[1]) / max(1.0, float(ref.abs().max())) > 2 * LOGIT_TOL:
+                out.failures.append(f"sample {b} step {step}: token {token}, reference {int(ref.argmax())}")
+
+
+def run_cases(count: int, seed: int = 0, first: int = 0) -> list[Outcome]:
+    return [run_case(make_case(i, seed)) for i in range(first, first + count)]
+
+
+if __name__ == "__main__":  # python tests/fuzz_cases.py [count] [seed]
+    import sys
+
+    torch.set_num_threads(1)
+    n, s = (int(a) for a in (sys.argv[1:] + ["40", "0"])[:2])
+    t0 = time.perf_counter()
+    results = run_cases(n, s)
+    for r in results:
+        if r.failures:
+            print(r, "\n ", r.case.repro())
+    bad = sum(bool(r.failures) for r in results)
+    print(
+        f"{n} cases, {bad} mismatches, {sum(r.near_ties for r in results)} near ties, "
+        f"max logit err {max(r.logit_err for r in results):.2e}, "
+        f"max score err {max(r.score_err for r in results):.2e}, {time.perf_counter() - t0:.1f}s"
+    )

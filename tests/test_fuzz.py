@@ -1,0 +1,134 @@
+"""Differential fuzz: the engine against an independent float64 reference (tests/fuzz_reference.py).
+
+``test_fuzz_quick`` runs a fixed slice in the normal suite; ``test_fuzz_long`` (marker ``fuzz``,
+deselected by default) runs hundreds of cases: ``pytest -m fuzz``, sized by the environment
+variables ``VLM_REROUTE_FUZZ_CASES`` (default 300) and ``VLM_REROUTE_FUZZ_SEED`` (default 1).
+The fault tests break the engine on purpose and check that the quick slice notices.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from fuzz_cases import Outcome, make_case, run_case
+
+QUICK_CASES, QUICK_SEED = 40, 0
+LONG_CASES = int(os.environ.get("VLM_REROUTE_FUZZ_CASES", "300"))
+LONG_SEED = int(os.environ.get("VLM_REROUTE_FUZZ_SEED", "1"))
+CHUNK = 25
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Thousands of tiny ops: a second intra-op thread only adds synchronisation (on a busy
+    2-core machine 40 cases took 30x longer with two threads than with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _report(outcomes: list[Outcome]) -> str:
+    bad = [o for o in outcomes if o.failures]
+    lines = [f"{len(bad)} of {len(outcomes)} cases disagree with the float64 reference:"]
+    for o in bad[:5]:
+        lines += [str(o), "  reproduce: " + o.case.repro()]
+    return "\n".join(lines)
+
+
+def _first_mismatch(count: int, seed: int) -> Outcome | None:
+    for index in range(count):
+        outcome = run_case(make_case(index, seed))
+        if outcome.failures:
+            return outcome
+    return None
+
+
+def test_fuzz_quick():
+    outcomes = [run_case(make_case(i, QUICK_SEED)) for i in range(QUICK_CASES)]
+    assert not any(o.failures for o in outcomes), _report(outcomes)
+    # the slice covers what it claims to cover
+    cases = [o.case for o in outcomes]
+    assert {c.family for c in cases} == {"llava", "qwen2_vl", "qwen2_5_vl"}
+    assert {c.mode for c in cases} >= {"forward", "greedy"}
+    assert {c.schedule.reroute for c in cases} == {False, True}
+    assert {c.schedule.score_from for c in cases} == {"current", "previous"}
+    assert any(len(c.prompts) > 1 and len({sum(p.texts) for p in c.prompts}) > 1 for c in cases)
+
+
+def test_reference_is_the_unrouted_model():
+    """The reference itself, with a schedule that keeps every token, reproduces the plain model
+    (forward logits, generate logits and greedy tokens): it reads the model right, on its own."""
+    outcomes = [run_case(make_case(i, QUICK_SEED), routed=False) for i in range(12)]
+    assert not any(o.failures for o in outcomes), _report(outcomes)
+    assert {o.case.family for o in outcomes} == {"llava", "qwen2_vl", "qwen2_5_vl"}
+
+
+@pytest.mark.fuzz
+@pytest.mark.parametrize("chunk", range(0, LONG_CASES, CHUNK))
+def test_fuzz_long(chunk):
+    indices = range(chunk, min(chunk + CHUNK, LONG_CASES))
+    outcomes = [run_case(make_case(i, LONG_SEED)) for i in indices]
+    assert not any(o.failures for o in outcomes), _report(outcomes)
+
+
+# ---- faults the fuzz must catch ------------------------------------------------------------------
+# Each injection is one small function so it can follow the engine's internals when they move.
+
+
+def inject_reroute_as_prune(monkeypatch) -> None:
+    """Reroute run as prune: the candidate pool is only the last decision's survivors, so a
+    deferred token can never come back."""
+    from vlm_reroute.engine.executor import RoutingExecutor
+
+    def candidates(self, st):
+        return st.visual if st.present is None else st.present
+
+    monkeypatch.setattr(RoutingExecutor, "_candidates", candidates)
+
+
+def inject_repacked_positions(monkeypatch) -> None:
+    """Re-packed positions: every stage's layers get the rotary embedding of contiguous positions
+    (those of the first L tokens) instead of the kept tokens' original positions."""
+    from vlm_reroute.engine.executor import RoutingExecutor
+
+    decide = RoutingExecutor._decide
+
+    def repacked(self, i, layer, hidden):
+        out = decide(self, i, layer, hidden)
+        cos, sin = self.state.rope
+        length = out.shape[1]
+        self.state.stage_kwargs["position_embeddings"] = (cos[:, :length], sin[:, :length])
+        return out
+
+    monkeypatch.setattr(RoutingExecutor, "_decide", repacked)
+
+
+def inject_padding_blind_scorer(monkeypatch) -> None:
+    """A scorer that ignores the attention mask: left padding tokens count as keys."""
+    from vlm_reroute.engine.executor import RoutingExecutor
+
+    score = RoutingExecutor._score
+
+    def blind(self, layer, full, candidates):
+        st = self.state
+        valid = st.valid
+        st.valid = torch.ones_like(valid)
+        st.valid[:, -1] = False  # the batch-filler slot, not padding
+        try:
+            return score(self, layer, full, candidates)
+        finally:
+            st.valid = valid
+
+    monkeypatch.setattr(RoutingExecutor, "_score", blind)
+
+
+@pytest.mark.parametrize(
+    "inject", [inject_reroute_as_prune, inject_repacked_positions, inject_padding_blind_scorer]
+)
+def test_fuzz_detects_a_broken_engine(inject, monkeypatch):
+    inject(monkeypatch)
+    caught = _first_mismatch(QUICK_CASES, QUICK_SEED)
+    assert caught is not None, f"{inject.__name__}: the quick fuzz slice did not notice the fault"
