@@ -16,8 +16,10 @@ Tolerances (the engine runs the fp32 model; the reference is float64):
   such swaps; any other difference is a mismatch.
 * ``LOGIT_TOL``: max |engine logit - reference logit| over a sample's defined positions, relative
   to max(1, max |reference logit|). A greedy token may differ only if the reference's top two
-  logits are within twice that. Faults change logits at the 1e-1 level, so the check separates
-  float32 rounding (measured up to ~1e-6 relative, see docs/fuzz.md) from wrong routing.
+  logits are within twice that.
+
+Measured on 3,300 correct cases (docs/fuzz.md): worst score difference 8e-6, worst relative logit
+difference 2e-5. The injected faults move scores by 3e-3 or more and logits by 1e-3 or more.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from vlm_reroute.testing.models import (
     tiny_model,
 )
 
-SCORE_TOL = 2e-5
+SCORE_TOL = 5e-5
 TIE_MARGIN = 2 * SCORE_TOL
 LOGIT_TOL = 1e-4
 MODES = ("forward", "greedy", "sample")
@@ -224,7 +226,7 @@ def _method(case: Case):
 # ---------------------------------------------------------------------------------------------
 # Running and comparing
 # ---------------------------------------------------------------------------------------------
-def _check_decision(out: Outcome, i: int, b: int, rec, engine: torch.Tensor, vis_image) -> bool:
+def check_decision(out: Outcome, i: int, b: int, rec, engine: torch.Tensor, vis_image) -> bool:
     """Compare one engine decision with the reference's top-k; True if the engine's is usable."""
     tag = f"decision {i} (layer {rec.layer}) sample {b}"
     n = rec.candidates.numel()
@@ -342,7 +344,7 @@ def _check_decisions(out: Outcome, b: int, decisions, run, prompt) -> bool:
     usable, previous = True, None
     for i, (d, rec) in enumerate(zip(decisions, run.decisions, strict=True)):
         selected = d.selected[b].cpu()
-        usable &= _check_decision(out, i, b, rec, selected, vis_image)
+        usable &= check_decision(out, i, b, rec, selected, vis_image)
         err = float((d.scores[b].double() - rec.scores).abs().max())
         out.score_err = max(out.score_err, err)
         if not err <= SCORE_TOL:

@@ -1,4 +1,4 @@
-"""A plain, slow float64 reference of routed execution, written from docs/method.md only.
+"""A plain, slow float64 reference of routed execution, written from the method spec (method.md).
 
 It shares no code with ``vlm_reroute`` (nor with ``tests/reference.py``). From the model it takes
 what belongs to the model, not to the method: the merged input embeddings and the model's own

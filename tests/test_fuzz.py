@@ -12,7 +12,8 @@ import os
 
 import pytest
 import torch
-from fuzz_cases import Outcome, make_case, run_case
+from fuzz_cases import TIE_MARGIN, Outcome, check_decision, make_case, run_case
+from fuzz_reference import DecisionRecord
 
 QUICK_CASES, QUICK_SEED = 40, 0
 LONG_CASES = int(os.environ.get("VLM_REROUTE_FUZZ_CASES", "300"))
@@ -132,3 +133,18 @@ def test_fuzz_detects_a_broken_engine(inject, monkeypatch):
     inject(monkeypatch)
     caught = _first_mismatch(QUICK_CASES, QUICK_SEED)
     assert caught is not None, f"{inject.__name__}: the quick fuzz slice did not notice the fault"
+
+
+def test_decisions_differ_only_within_the_tie_margin():
+    """The comparison itself: a swap of two tokens whose reference scores are closer than
+    TIE_MARGIN is float rounding; a wider swap is a mismatch."""
+    scores = torch.tensor([0.5, 0.3, 0.3 - TIE_MARGIN / 2, 0.1], dtype=torch.float64)
+    rec = DecisionRecord(1, scores, torch.ones(4, dtype=torch.bool), torch.tensor([0, 1]), [2])
+    image = torch.zeros(4, dtype=torch.long)
+    near, far, same = Outcome(make_case(0)), Outcome(make_case(0)), Outcome(make_case(0))
+    check_decision(near, 0, 0, rec, torch.tensor([0, 2]), image)
+    check_decision(far, 0, 0, rec, torch.tensor([0, 3]), image)
+    check_decision(same, 0, 0, rec, torch.tensor([0, 1]), image)
+    assert (near.failures, near.near_ties) == ([], 1)
+    assert len(far.failures) == 1 and far.near_ties == 0
+    assert (same.failures, same.near_ties) == ([], 0)
