@@ -74,6 +74,7 @@ class Case:
     fastv: bool  # built with FastV(layer, keep) instead of PDrop
     mode: str
     new_tokens: int
+    ties: bool = False  # queries zeroed: every score of a row is equal, decisions are pure tie-breaks
 
     def repro(self) -> str:
         return (
@@ -169,6 +170,7 @@ def make_case(index: int, seed: int = 0) -> Case:
         fastv=fastv,
         mode=mode,
         new_tokens=rng.randint(2, 5),
+        ties=rng.random() < 0.08,
     )
 
 
@@ -176,11 +178,18 @@ def make_case(index: int, seed: int = 0) -> Case:
 # Models and inputs
 # ---------------------------------------------------------------------------------------------
 @lru_cache(maxsize=8)
-def _model(family: str, shape: tuple[int, int, int, int, int], attn: str, weight_seed: int):
+def _model(family: str, shape: tuple[int, int, int, int, int], attn: str, weight_seed: int, ties: bool):
     layers, hidden, heads, kv_heads, ffn = shape
     text = TextShape(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn=ffn)
     extra = {"image_size": LLAVA_IMAGE_SIZE} if family == "llava" else {}
-    return tiny_model(family, shape=text, attn_implementation=attn, seed=weight_seed, **extra)
+    model = tiny_model(family, shape=text, attn_implementation=attn, seed=weight_seed, **extra)
+    if ties:  # zero queries: attention logits are exactly 0, scores exactly uniform (in fp32 and fp64)
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                layer.self_attn.q_proj.weight.zero_()
+                if layer.self_attn.q_proj.bias is not None:
+                    layer.self_attn.q_proj.bias.zero_()
+    return model
 
 
 def build_inputs(model, case: Case) -> tuple[dict, list[list[int]]]:
@@ -226,8 +235,11 @@ def _method(case: Case):
 # ---------------------------------------------------------------------------------------------
 # Running and comparing
 # ---------------------------------------------------------------------------------------------
-def check_decision(out: Outcome, i: int, b: int, rec, engine: torch.Tensor, vis_image) -> bool:
-    """Compare one engine decision with the reference's top-k; True if the engine's is usable."""
+def check_decision(
+    out: Outcome, i: int, b: int, rec, engine: torch.Tensor, vis_image, exact: bool = False
+) -> bool:
+    """Compare one engine decision with the reference's top-k; True if the engine's is usable.
+    ``exact``: the scores are exact ties by construction, so no swap is float rounding."""
     tag = f"decision {i} (layer {rec.layer}) sample {b}"
     n = rec.candidates.numel()
     if engine.numel() and (engine.min() < 0 or engine.max() >= n or not bool((engine.diff() > 0).all())):
@@ -249,10 +261,11 @@ def check_decision(out: Outcome, i: int, b: int, rec, engine: torch.Tensor, vis_
         only_eng = [t for t in theirs - ours if int(vis_image[t]) == m]
         if only_ref:
             gap = max(gap, float(rec.scores[only_ref].max() - rec.scores[only_eng].min()))
-    if gap > TIE_MARGIN:
+    margin = 0.0 if exact else TIE_MARGIN  # exact ties go to the earlier token, no rounding excuse
+    if exact or gap > margin:
         out.failures.append(
             f"{tag}: {len(theirs - ours)} tokens differ from the reference top-k; score gap {gap:.3e} "
-            f"> tie margin {TIE_MARGIN:.1e} (engine {sorted(theirs - ours)[:6]}, "
+            f"vs tie margin {margin:.1e} (engine {sorted(theirs - ours)[:6]}, "
             f"reference {sorted(ours - theirs)[:6]})"
         )
     else:
@@ -295,7 +308,7 @@ def run_case(case: Case, routed: bool = True) -> Outcome:
     """
     start = time.perf_counter()
     out = Outcome(case)
-    model = _model(case.family, case.shape, case.attn, case.weight_seed)
+    model = _model(case.family, case.shape, case.attn, case.weight_seed, case.ties)
     inputs, sizes = build_inputs(model, case)
     generating = case.mode != "forward"
     schedule = case.schedule if routed else FULL
@@ -321,7 +334,7 @@ def run_case(case: Case, routed: bool = True) -> Outcome:
     for b, prompt in enumerate(prompts):
         engine_sel = [d.selected[b].cpu() for d in decisions] if routed else None
         run = routed_prefill(weights, prompt, schedule, follow=engine_sel)
-        if routed and not _check_decisions(out, b, decisions, run, prompt):
+        if routed and not _check_decisions(out, b, decisions, run, prompt, exact=case.ties):
             run = routed_prefill(weights, prompt, schedule)  # unusable decisions: the reference's own
         cache_lengths.append([prompt.padding + c for c in run.cache_lengths()])
         if generating:
@@ -338,13 +351,13 @@ def run_case(case: Case, routed: bool = True) -> Outcome:
     return out
 
 
-def _check_decisions(out: Outcome, b: int, decisions, run, prompt) -> bool:
+def _check_decisions(out: Outcome, b: int, decisions, run, prompt, exact: bool) -> bool:
     """Selections, scores and re-entry counts of sample ``b``; False if a selection is unusable."""
     vis_image = prompt.image[prompt.visual]
     usable, previous = True, None
     for i, (d, rec) in enumerate(zip(decisions, run.decisions, strict=True)):
         selected = d.selected[b].cpu()
-        usable &= check_decision(out, i, b, rec, selected, vis_image)
+        usable &= check_decision(out, i, b, rec, selected, vis_image, exact=exact)
         err = float((d.scores[b].double() - rec.scores).abs().max())
         out.score_err = max(out.score_err, err)
         if not err <= SCORE_TOL:
