@@ -18,7 +18,7 @@ Tolerances (the engine runs the fp32 model; the reference is float64):
   to max(1, max |reference logit|). A greedy token may differ only if the reference's top two
   logits are within twice that.
 
-Measured on 3,300 correct cases (docs/fuzz.md): worst score difference 8e-6, worst relative logit
+Measured on 3,500 correct cases (docs/fuzz.md): worst score difference 8e-6, worst relative logit
 difference 2e-5. The injected faults move scores by 3e-3 or more and logits by 1e-3 or more.
 """
 
