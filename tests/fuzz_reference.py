@@ -14,7 +14,7 @@ Method: FastV (arXiv 2403.06764), PyramidDrop (arXiv 2410.17247), Reroute (arXiv
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -340,7 +340,6 @@ class RoutedRun:
     caches: list[LayerCache]
     steps: int = 0
     rope_delta: int = 0
-    history: list[int] = field(default_factory=list)
 
     def cache_lengths(self) -> list[int]:
         return [c.length for c in self.caches]
@@ -358,7 +357,6 @@ class RoutedRun:
         for j, lw in enumerate(w.layers):
             h, self.caches[j] = run_layer(w, lw, h, cos, sin, self.caches[j])
         self.steps += 1
-        self.history.append(token)
         return (rms_norm(h, w.norm, w.norm_eps) @ w.head.T)[0]
 
 
