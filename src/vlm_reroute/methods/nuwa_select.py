@@ -57,7 +57,7 @@ def candidate_count(height: int, width: int, n_per_cell: int) -> int:
 def qwen_anchor_count(height: int, width: int, ratio: float, n_per_cell: int) -> int:
     """The Qwen2.5-VL release's ``K₁ = min(ceil(N · s₁), |C|)`` with ``N = H · W`` (``nuwa.md`` §3.1).
 
-    The product is taken in Python floats exactly as released (``math.ceil(391 * 0.6) = 235``).
+    The product is taken in Python floats as released (``math.ceil(391 * 0.6) = 235``).
     Anchors on padding are dropped afterwards, so an image may keep fewer.
     """
     if not 0.0 < ratio <= 1.0:
