@@ -38,7 +38,12 @@ def model(family: str, attn: str):
 
 def clip_tower(depth: int, attn: str) -> CLIPVisionModel:
     cfg = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=depth, num_attention_heads=2, image_size=112, patch_size=14
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=depth,
+        num_attention_heads=2,
+        image_size=112,
+        patch_size=14,
     )
     cfg._attn_implementation = attn
     torch.manual_seed(1)  # biases and norms keep their constructor init
@@ -145,7 +150,9 @@ def test_clip_feature_layer_picks_its_own_block(feature_layer, block):
     sig = clip_signals(fast, pixels, feature_layer=feature_layer, similarity_layers=[2, 4, 4])
     ref = eager(pixels, output_attentions=True)
     own = fast(pixels, output_hidden_states=True).hidden_states
-    assert torch.allclose(torch.stack(sig.salience).flatten(1), ref.attentions[block][:, :, 0, 1:].sum(1), atol=1e-6)
+    assert torch.allclose(
+        torch.stack(sig.salience).flatten(1), ref.attentions[block][:, :, 0, 1:].sum(1), atol=1e-6
+    )
     assert torch.equal(torch.stack(sig.features), own[feature_layer][:, 1:])
     weighted = (own[2] + 2 * own[4]) / 3  # a repeated index counts twice
     assert torch.allclose(torch.stack(sig.similarity), weighted[:, 1:], atol=1e-6)
@@ -166,7 +173,9 @@ def test_llava_stage1_end_to_end_release_settings():
     sig = llava_signals(fast, pixels)
     own = fast.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
     fixed = run_stage1(sig.features, sig.similarity, sig.salience, 1, 112, llava_tau(), 0.55, "convex")
-    release = run_stage1(sig.features, sig.similarity, sig.salience, 1, 112, llava_tau(), 0.55, "release_llava")
+    release = run_stage1(
+        sig.features, sig.similarity, sig.salience, 1, 112, llava_tau(), 0.55, "release_llava"
+    )
     for b, (mine, theirs) in enumerate(zip(fixed, release, strict=True)):
         cells = (mine.anchors // 24 // 2) * 12 + (mine.anchors % 24) // 2
         assert len(mine.anchors) == 112 and int(torch.bincount(cells).max()) == 1
@@ -276,3 +285,19 @@ def test_qwen_signals_errors():
         qwen_signals(fast, torch.cat([pixels, pixels]), torch.tensor([[2, 8, 8]]))
     with pytest.raises(TypeError, match="Qwen2VLForConditionalGeneration"):
         qwen_signals(tiny_model("qwen2_vl"), pixels, thw)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_half_precision_towers_give_the_same_anchors_signals(family):
+    """bf16 towers: salience and similarity come out in float32, close to the float32 tower's."""
+    half = tiny_model(family, dtype=torch.bfloat16)
+    if family == "llava":
+        pixels = tiny_inputs(model(family, "sdpa"))["pixel_values"]
+        sig, ref = llava_signals(half, pixels), llava_signals(model(family, "sdpa"), pixels)
+    else:
+        pixels, thw = qwen_pixels(GRIDS)
+        sig, ref = qwen_signals(half, pixels, thw), qwen_signals(model(family, "sdpa"), pixels, thw)
+    assert sig.features[0].dtype == torch.bfloat16 and sig.salience[0].dtype == torch.float32
+    for a, b in zip(sig.salience + sig.similarity, ref.salience + ref.similarity, strict=True):
+        assert a.dtype == torch.float32
+        assert torch.allclose(a, b, rtol=0.05, atol=0.05 * float(b.abs().max()))

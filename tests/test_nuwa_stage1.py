@@ -49,7 +49,10 @@ def ref_select(sal: torch.Tensor, n: int, k1: int) -> list[int]:
     for cy in range(0, height + height % 2, 2):
         for cx in range(0, width + width % 2, 2):
             cell = [(y, x) for y in (cy, cy + 1) for x in (cx, cx + 1)]
-            scored = [(-(float(sal[y, x]) if y < height and x < width else -math.inf), i, y, x) for i, (y, x) in enumerate(cell)]
+            scored = [
+                (-(float(sal[y, x]) if y < height and x < width else -math.inf), i, y, x)
+                for i, (y, x) in enumerate(cell)
+            ]
             cand += [(s, y, x) for s, _, y, x in sorted(scored)[:n]]
     ranked = sorted(cand, key=lambda c: (c[0], c[1] * (width + 1) + c[2]))[:k1]
     return sorted(y * width + x for _, y, x in ranked if y < height and x < width)
@@ -59,7 +62,7 @@ def release_qwen_select(sal: torch.Tensor, n: int, k1: int) -> list[int]:
     """The release's Qwen2.5-VL selection (nuwa.md §3.1): zero padding, unfold, topk, drop padding."""
     height, width = sal.shape
     pad_h, pad_w = (2 - height % 2) % 2, (2 - width % 2) % 2
-    ph, pw = height + pad_h, width + pad_w
+    pw = width + pad_w
     metric = F.pad(sal, (0, pad_w, 0, pad_h), value=0)
     regions = metric.unfold(0, 2, 2).unfold(1, 2, 2).reshape(-1, 4)
     _, local = regions.topk(k=n, dim=-1)
@@ -130,7 +133,7 @@ def test_at_most_n_per_cell_sorted_strictly_increasing(grid, n):
     anchors = select_anchors(distinct(2, *grid, seed=7), n, candidate_count(*grid, n))
     for row in anchors.per_image():
         assert bool((row[1:] > row[:-1]).all())
-        assert 0 <= int(row.min()) and int(row.max()) < height * width
+        assert int(row.min()) >= 0 and int(row.max()) < height * width
         cells = (row // width // 2) * ((width + 1) // 2) + (row % width) // 2
         assert int(torch.bincount(cells).max()) <= n
     # every row of the batched index stays sorted, filler included
@@ -147,7 +150,9 @@ def test_one_per_cell_at_full_count_is_each_cells_argmax():
     sal = distinct(1, 24, 24, seed=3)[0]
     anchors = select_anchors(sal[None], 1, 144).per_image()[0]
     argmax = sal.view(12, 2, 12, 2).permute(0, 2, 1, 3).reshape(144, 4).argmax(dim=1)
-    expected = sorted(((i // 12) * 2 + int(a) // 2) * 24 + (i % 12) * 2 + int(a) % 2 for i, a in enumerate(argmax))
+    expected = sorted(
+        ((i // 12) * 2 + int(a) // 2) * 24 + (i % 12) * 2 + int(a) % 2 for i, a in enumerate(argmax)
+    )
     assert anchors.tolist() == expected
 
 
@@ -335,7 +340,14 @@ def test_aggregate_batch_equals_single():
     anchors = select_anchors(s, 3, [12, 24, 18])
     batched = aggregate(x, f, s.flatten(1), anchors, 3.0, 0.5)
     for b in range(3):
-        one = aggregate(x[b : b + 1], f[b : b + 1], s[b : b + 1].flatten(1), select_anchors(s[b : b + 1], 3, [12, 24, 18][b]), 3.0, 0.5)
+        one = aggregate(
+            x[b : b + 1],
+            f[b : b + 1],
+            s[b : b + 1].flatten(1),
+            select_anchors(s[b : b + 1], 3, [12, 24, 18][b]),
+            3.0,
+            0.5,
+        )
         k = int(anchors.counts[b])
         assert torch.allclose(batched.features[b, :k], one.features[0], atol=1e-6)
         assert torch.equal(batched.aggregated[b, :k], one.aggregated[0])

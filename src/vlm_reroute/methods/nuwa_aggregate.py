@@ -135,17 +135,18 @@ def _weights(
     unit = F.normalize(similarity.float(), p=2, dim=-1)
     cos = torch.bmm(unit.gather(1, rows[..., None].expand(-1, -1, unit.shape[-1])), unit.transpose(1, 2))
     n = height * width
-    coords = torch.stack(
-        [torch.arange(n, device=rows.device) // width, torch.arange(n, device=rows.device) % width], dim=-1
-    ).float()
-    delta = coords[rows][:, :, None] - coords  # (B, L, N, 2), integers: the distance below is exact
-    dist = delta.square().sum(dim=-1).sqrt()
-    weights = cos.relu_() * (1.0 - torch.clamp(dist / tau, max=1.0))
+    grid_row = (torch.arange(n, device=rows.device) // width).float()
+    grid_col = (torch.arange(n, device=rows.device) % width).float()
+    # integer offsets, so the distance is exact; in place to hold few (B, L, N) buffers at once
+    dist = (rows // width).float()[..., None].sub(grid_row).square_()
+    dist.add_((rows % width).float()[..., None].sub(grid_col).square_()).sqrt_()
+    kernel = dist.div_(tau).clamp_(max=1.0).neg_().add_(1.0)  # 1 − min(d/τ, 1), as released
+    weights = cos.relu_().mul_(kernel)
     self_col = rows[..., None]
     if weighting == "convex":
         weights.scatter_(2, self_col, 1.0)
-        return weights / weights.sum(dim=-1, keepdim=True)
-    weights = weights / (weights.sum(dim=-1, keepdim=True) + EPS)
+        return weights.div_(weights.sum(dim=-1, keepdim=True))
+    weights.div_(weights.sum(dim=-1, keepdim=True) + EPS)
     if weighting == "release_llava":
         weights.scatter_(2, self_col, 1.0)
     return weights

@@ -15,6 +15,7 @@ Similarity features are running float32 sums of block outputs, never a stack of 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,8 +27,9 @@ from transformers.vision_utils import get_vision_window_index
 
 @dataclass(frozen=True)
 class VisionSignals:
-    """Per image ``i``: ``features[i]`` ``(N_i, D)`` (what anchors carry on), ``similarity[i]``
-    ``(N_i, Ds)`` and ``salience[i]`` ``(H_i, W_i)``, float32, raster order of the token grid."""
+    """Per image ``i``, in raster order of its token grid: ``features[i]`` ``(N_i, D)`` (what the
+    anchors carry on, in the model's dtype, untouched), ``similarity[i]`` ``(N_i, Ds)`` and
+    ``salience[i]`` ``(H_i, W_i)`` (both float32)."""
 
     features: list[torch.Tensor]
     similarity: list[torch.Tensor]
@@ -126,8 +128,10 @@ def clip_signals(
     finally:
         for handle in handles:
             handle.remove()
-    side = int(round(store["salience"].shape[1] ** 0.5))
-    batch = pixel_values.shape[0]
+    batch, patches = store["salience"].shape
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ValueError(f"{patches} patches per image: Nüwa's CLIP path expects a square patch grid")
     similarity = (store["sum"] / len(sim))[:, 1:]
     return VisionSignals(
         features=list(store["features"]),
