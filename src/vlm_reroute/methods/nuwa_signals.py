@@ -182,8 +182,9 @@ def received_attention(
         keys = k[start:end]
         chunk = max(1, max_elements // (attn.num_heads * (end - start)))
         for first in range(start, end, chunk):
-            probs = torch.einsum("qhd,khd->hqk", q[first : min(first + chunk, end)], keys).softmax(dim=-1)
-            received[:, start:end] += probs.sum(dim=1)
+            probs = torch.einsum("qhd,khd->hqk", q[first : min(first + chunk, end)], keys)
+            probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()  # softmax in place: one buffer
+            received[:, start:end] += probs.div_(probs.sum(dim=-1, keepdim=True)).sum(dim=1)
     return received.mean(dim=0)
 
 
