@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from functools import cache
 
 import pytest
 import torch
 import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as qwen_module
+from conftest import model_for
 from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
@@ -28,12 +28,11 @@ from vlm_reroute.methods.nuwa_signals import (
     qwen_similarity_blocks,
     qwen_vision_signals,
 )
-from vlm_reroute.testing.models import _init_weights, tiny_inputs, tiny_model
+from vlm_reroute.testing.models import TextShape, _init_weights, tiny_inputs, tiny_model
 
 
-@cache
 def model(family: str, attn: str):
-    return tiny_model(family, attn_implementation=attn)
+    return model_for(family, attn)  # the suite's cached tiny models
 
 
 def clip_tower(depth: int, attn: str) -> CLIPVisionModel:
@@ -290,13 +289,15 @@ def test_qwen_signals_errors():
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_half_precision_towers_give_the_same_anchors_signals(family):
     """bf16 towers: salience and similarity come out in float32, close to the float32 tower's."""
-    half = tiny_model(family, dtype=torch.bfloat16)
+    half = model_for(family, "sdpa", torch.bfloat16)
+    shape = TextShape(layers=4, hidden=32, heads=2, ffn=64)  # model_for's half-precision shape
     if family == "llava":
-        pixels = tiny_inputs(model(family, "sdpa"))["pixel_values"]
-        sig, ref = llava_signals(half, pixels), llava_signals(model(family, "sdpa"), pixels)
+        full = tiny_model(family, shape=shape, image_size=112)
+        pixels = tiny_inputs(full)["pixel_values"]  # one 112² image: an 8×8 grid
+        sig, ref = llava_signals(half, pixels), llava_signals(full, pixels)
     else:
         pixels, thw = qwen_pixels(GRIDS)
-        sig, ref = qwen_signals(half, pixels, thw), qwen_signals(model(family, "sdpa"), pixels, thw)
+        sig, ref = qwen_signals(half, pixels, thw), qwen_signals(tiny_model(family, shape=shape), pixels, thw)
     assert sig.features[0].dtype == torch.bfloat16 and sig.salience[0].dtype == torch.float32
     for a, b in zip(sig.salience + sig.similarity, ref.salience + ref.similarity, strict=True):
         assert a.dtype == torch.float32
