@@ -1,0 +1,262 @@
+"""Nüwa stage 1, what the vision tower must give: salience, similarity and aggregation features.
+
+The release (Nüwa, arXiv 2602.02951) runs every vision block with eager attention to read one
+attention map. Here the vision tower runs with its own attention implementation; hooks read the
+input of the one block whose attention is needed and recompute only the rows the method uses
+(``nuwa.md`` §1.1, §3.1):
+
+- LLaVA-1.5 (CLIP): the [CLS] query row of the feature-layer block, one row per image.
+- Qwen2.5-VL: the attention every patch *receives* in the last block, computed per attention
+  segment (image, or window if that block is windowed) in query chunks, so at most
+  ``heads × chunk × segment`` float32 scores exist at a time (``max_elements``).
+
+Similarity features are running float32 sums of block outputs, never a stack of hidden states.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+from transformers.vision_utils import get_vision_window_index
+
+
+@dataclass(frozen=True)
+class VisionSignals:
+    """Per image ``i``, in raster order of its token grid: ``features[i]`` ``(N_i, D)`` (what the
+    anchors carry on, in the model's dtype, untouched), ``similarity[i]`` ``(N_i, Ds)`` and
+    ``salience[i]`` ``(H_i, W_i)`` (both float32)."""
+
+    features: list[torch.Tensor]
+    similarity: list[torch.Tensor]
+    salience: list[torch.Tensor]
+
+
+def _depth_range(first: float, last: float, depth: int) -> range:
+    """Nearest-integer (halves up) scaling of the release's ``first..last`` to ``depth`` blocks."""
+    return range(int(first * depth + 0.5), int(last * depth + 0.5) + 1)
+
+
+def clip_similarity_layers(depth: int) -> range:
+    """Hidden-state indices averaged for similarity in a ``depth``-block CLIP tower.
+
+    The release averages ``hs[16..24]`` of the 24-block CLIP ViT-L (``nuwa.md`` §1.1): from
+    two-thirds of the depth to the last block, i.e. ``round(2·depth/3) .. depth`` (depth 2 → 1..2).
+    """
+    return _depth_range(16 / 24, 1.0, depth)
+
+
+def qwen_similarity_blocks(depth: int) -> range:
+    """Vision blocks (0-based) whose outputs are averaged for similarity in a ``depth``-block tower.
+
+    The release averages blocks 7..23 of Qwen2.5-VL-7B's 32 (``nuwa.md`` §3.1): ``round(7·depth/32)
+    .. round(23·depth/32)`` (depth 2 → 0..1, depth 4 → 1..3).
+    """
+    return _depth_range(7 / 32, 23 / 32, depth)
+
+
+def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    inner = getattr(tower, "vision_model", tower)
+    return inner.encoder.layers
+
+
+def cls_attention(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """[CLS]→patch attention of a CLIP encoder ``layer``, summed over heads: float32 ``(B, N)``.
+
+    ``hidden`` ``(B, 1 + N, D)`` is the layer's input; the layer's own ``layer_norm1`` and Q/K
+    projections give one query row per image; the softmax runs over all ``1 + N`` keys and the CLS
+    column is dropped afterwards without renormalising (``nuwa.md`` §1.1 "Salience").
+    """
+    attn = layer.self_attn
+    batch, tokens, _ = hidden.shape
+    normed = layer.layer_norm1(hidden)
+    q = attn.q_proj(normed[:, :1]).view(batch, attn.num_heads, attn.head_dim).float()
+    k = attn.k_proj(normed).view(batch, tokens, attn.num_heads, attn.head_dim).float()
+    probs = (torch.einsum("bhd,bthd->bht", q, k) * attn.scale).softmax(dim=-1)
+    return probs[..., 1:].sum(dim=1)
+
+
+def clip_signals(
+    tower: nn.Module,
+    pixel_values: torch.Tensor,
+    feature_layer: int = -2,
+    similarity_layers: Sequence[int] | None = None,
+) -> VisionSignals:
+    """Run a CLIP vision ``tower`` once and read Nüwa's three signals for LLaVA-1.5 (``nuwa.md`` §1.1).
+
+    ``feature_layer`` indexes the tower's hidden states like ``LlavaConfig.vision_feature_layer``
+    (``hs[0]`` embeddings, ``hs[k]`` output of block ``k``): its patch part is the aggregation
+    feature and its block's [CLS] row the salience. ``similarity_layers`` (hidden-state indices,
+    default :func:`clip_similarity_layers`) are averaged for similarity.
+    """
+    layers = _encoder_layers(tower)
+    depth = len(layers)
+    is_int = isinstance(feature_layer, int) and not isinstance(feature_layer, bool)
+    if not is_int or feature_layer == 0 or not -depth <= feature_layer <= depth:
+        raise ValueError(
+            f"feature_layer={feature_layer!r}: one hidden-state index of a {depth}-block tower, in "
+            f"[-{depth}, -1] or [1, {depth}] (hs[0] is the embedding output, which has no attention)"
+        )
+    feature_index = feature_layer % (depth + 1)
+    sim = list(clip_similarity_layers(depth) if similarity_layers is None else similarity_layers)
+    if not sim or any(not 1 <= i <= depth for i in sim):
+        raise ValueError(f"similarity_layers={sim}: hidden-state indices in [1, {depth}] (block outputs)")
+    store: dict[str, torch.Tensor] = {}
+
+    def read_salience(_module, args):
+        store["salience"] = cls_attention(layers[feature_index - 1], args[0])
+
+    def read_output(index: int):
+        def hook(_module, _args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if index == feature_index:
+                store["features"] = hidden[:, 1:]
+            if index in sim:
+                store["sum"] = hidden.float() * sim.count(index) + store.get("sum", 0)
+
+        return hook
+
+    handles = [layers[feature_index - 1].register_forward_pre_hook(read_salience)]
+    handles += [layers[i - 1].register_forward_hook(read_output(i)) for i in sorted({feature_index, *sim})]
+    try:
+        with torch.no_grad():
+            tower(pixel_values.to(dtype=tower.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    batch, patches = store["salience"].shape
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ValueError(f"{patches} patches per image: Nüwa's CLIP path expects a square patch grid")
+    similarity = (store["sum"] / len(sim))[:, 1:]
+    return VisionSignals(
+        features=list(store["features"]),
+        similarity=list(similarity),
+        salience=list(store["salience"].view(batch, side, -1)),
+    )
+
+
+def llava_signals(model: nn.Module, pixel_values: torch.Tensor, **kwargs) -> VisionSignals:
+    """:func:`clip_signals` for a ``LlavaForConditionalGeneration`` with its configured feature layer."""
+    cfg = model.config
+    if cfg.vision_feature_select_strategy != "default":
+        raise ValueError(
+            f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: Nüwa needs the [CLS] "
+            "token and a patch-only grid, i.e. LLaVA-1.5's 'default' strategy"
+        )
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise ValueError(
+            f"vision_feature_layer={cfg.vision_feature_layer!r}: Nüwa reads one feature layer; "
+            "several concatenated layers are not supported"
+        )
+    kwargs.setdefault("feature_layer", cfg.vision_feature_layer)
+    return clip_signals(model.model.vision_tower, pixel_values, **kwargs)
+
+
+def received_attention(
+    block: nn.Module,
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    max_elements: int = 1 << 25,
+) -> torch.Tensor:
+    """Attention each token receives in a Qwen2.5-VL vision ``block``: float32 ``(L,)``.
+
+    Mean over heads of the sum over queries of the block's softmax attention, within each segment
+    of ``cu_seqlens`` (the block's own: images for full attention, windows otherwise). ``hidden``
+    ``(L, D)`` is the block input in the tower's window order. Queries go in chunks of at most
+    ``max_elements // (heads · segment)`` rows.
+    """
+    attn = block.attn
+    length = hidden.shape[0]
+    qkv = attn.qkv(block.norm1(hidden)).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
+    q, k = apply_rotary_pos_emb_vision(qkv[0], qkv[1], *position_embeddings)
+    q, k = q.float() * attn.scaling, k.float()
+    received = torch.zeros(attn.num_heads, length, dtype=torch.float32, device=hidden.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        keys = k[start:end]
+        chunk = max(1, max_elements // (attn.num_heads * (end - start)))
+        for first in range(start, end, chunk):
+            probs = torch.einsum("qhd,khd->hqk", q[first : min(first + chunk, end)], keys)
+            probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()  # softmax in place: one buffer
+            received[:, start:end] += probs.div_(probs.sum(dim=-1, keepdim=True)).sum(dim=1)
+    return received.mean(dim=0)
+
+
+def qwen_vision_signals(
+    visual: nn.Module,
+    pixel_values: torch.Tensor,
+    grid_thw: torch.Tensor,
+    official: bool = False,
+    similarity_blocks: Sequence[int] | None = None,
+    max_elements: int = 1 << 25,
+) -> VisionSignals:
+    """Run a Qwen2.5-VL vision tower once and read Nüwa's signals, per image (``nuwa.md`` §3.1).
+
+    Salience: :func:`received_attention` of the last block, averaged over the patches of each merge
+    unit, in raster order of the merged grid. Similarity: the mean of the outputs of
+    ``similarity_blocks`` (default :func:`qwen_similarity_blocks`) through the patch merger, in
+    raster order — or, with ``official=True``, left in the tower's window order as the release does
+    (its bug: the similarity then belongs to other grid cells). Features: the merged embeddings the
+    language model would receive.
+    """
+    blocks = visual.blocks
+    depth = len(blocks)
+    sim = list(qwen_similarity_blocks(depth) if similarity_blocks is None else similarity_blocks)
+    if not sim or any(not 0 <= i < depth for i in sim):
+        raise ValueError(f"similarity_blocks={sim}: block indices in [0, {depth - 1}]")
+    if grid_thw.ndim != 2 or bool((grid_thw[:, 0] != 1).any()):
+        raise ValueError(f"grid_thw={grid_thw.tolist()}: Nüwa handles images, (1, h, w) per image")
+    store: dict[str, torch.Tensor] = {}
+
+    def read_salience(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        store["received"] = received_attention(
+            _module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"], max_elements
+        )
+
+    def read_output(index: int):
+        def hook(_module, _args, output):
+            store["sum"] = output.float() * sim.count(index) + store.get("sum", 0)
+
+        return hook
+
+    handles = [blocks[-1].register_forward_pre_hook(read_salience, with_kwargs=True)]
+    handles += [blocks[i].register_forward_hook(read_output(i)) for i in sorted(set(sim))]
+    try:
+        with torch.no_grad():
+            out = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw)
+            merged_sim = visual.merger((store["sum"] / len(sim)).to(visual.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    merge = visual.spatial_merge_size
+    window_index, _ = get_vision_window_index(
+        grid_thw, spatial_merge_size=merge, window_size=visual.window_size, patch_size=visual.patch_size
+    )
+    to_raster = torch.argsort(window_index.to(grid_thw.device))
+    unit = store["received"].view(-1, merge * merge).mean(dim=-1)
+    sizes = (grid_thw[:, 1] * grid_thw[:, 2] // (merge * merge)).tolist()
+    salience = unit[to_raster].split(sizes)
+    similarity = (merged_sim if official else merged_sim[to_raster]).float().split(sizes)
+    grids = (grid_thw[:, 1:] // merge).tolist()
+    return VisionSignals(
+        features=list(out.pooler_output.split(sizes)),
+        similarity=list(similarity),
+        salience=[s.view(h, w) for s, (h, w) in zip(salience, grids, strict=True)],
+    )
+
+
+def qwen_signals(
+    model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs
+) -> VisionSignals:
+    """:func:`qwen_vision_signals` for a ``Qwen2_5_VLForConditionalGeneration``."""
+    name = type(model).__name__
+    if name != "Qwen2_5_VLForConditionalGeneration":
+        raise TypeError(f"{name}: Nüwa's Qwen stage 1 is defined for Qwen2_5_VLForConditionalGeneration")
+    return qwen_vision_signals(model.model.visual, pixel_values, image_grid_thw, **kwargs)
