@@ -11,7 +11,8 @@ from ..engine.trace import Trace
 
 
 def render_frames(trace: Trace, images: Any, processor: Any, **options: Any) -> list:
-    """One RGB ``PIL.Image`` per decision (the figure restricted to that decision)."""
+    """One RGB ``PIL.Image`` per decision: the figure restricted to that decision, its states and
+    scores side by side."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
 
@@ -19,7 +20,7 @@ def render_frames(trace: Trace, images: Any, processor: Any, **options: Any) -> 
 
     frames = []
     for d in range(len(trace.decisions)):
-        fig = trace_figure(trace, images, processor, decisions=[d], **options)
+        fig = trace_figure(trace, images, processor, decisions=[d], kinds_across=True, **options)
         canvas = FigureCanvasAgg(fig)
         canvas.draw()
         frames.append(Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB"))

@@ -8,6 +8,7 @@ with the token grid placed on it by :mod:`.geometry`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 from ..engine.trace import Trace
 from .coverage import BoxCoverage, box_coverage
 from .geometry import Box, Placement, check_box, placement_for
-from .states import STATES, ImageStates, image_states, trace_reroute
+from .states import STATES, image_states, trace_reroute
 
 #: Colours of kept / re-entered / deferred / removed from Okabe & Ito's colour-blind-safe palette
 #: (https://jfly.uni-koeln.de/color/), and their opacity over the picture: tokens that go through
@@ -153,6 +154,7 @@ def trace_figure(
     num_layers: int | None = None,
     decisions: Sequence[int] | None = None,
     scores: bool = True,
+    kinds_across: bool = False,
     panel: float = 2.2,
     dpi: float = 100,
 ):
@@ -162,6 +164,8 @@ def trace_figure(
     pictures. ``compare``: the twin trace (same schedule, other mode), drawn prune above reroute.
     ``box``: ``(x1, y1, x2, y2)`` in pixels of image ``box_image``; adds the coverage chart over
     ``num_layers`` decoder layers. ``decisions``: indices of the decisions to draw (default all).
+    Panels: each run's states (and scores) row over the decisions; ``kinds_across`` puts states
+    and scores side by side instead (the GIF's frames).
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -182,37 +186,34 @@ def trace_figure(
         else None
     )
 
-    row_kinds = [
-        (k, kind) for k in range(len(runs)) for kind in (("states", "scores") if scores else ("states",))
-    ]
-    chart_height = panel * 1.2 if coverage else 0.0
-    width = max(panel * len(shown) * len(pictures) + 0.8, 5.0)
-    fig = Figure(
-        figsize=(width, panel * len(row_kinds) + 1.0 + chart_height),
-        dpi=dpi,
-        layout="constrained",
+    kinds = ("states", "scores") if scores else ("states",)
+    # panels: (run, kind) down and decisions across; a GIF frame (kinds_across) puts kinds across
+    n_rows, n_cols = (
+        (len(runs), len(kinds) * len(shown)) if kinds_across else (len(runs) * len(kinds), len(shown))
     )
+    chart_height = panel * 1.2 if coverage else 0.0
+    width = max(panel * n_cols * len(pictures) + 0.8, 5.0)
+    fig = Figure(figsize=(width, panel * n_rows + 1.0 + chart_height), dpi=dpi, layout="constrained")
     area = fig
     if coverage:
-        area, chart_area = fig.subfigures(2, 1, height_ratios=[panel * len(row_kinds) + 0.6, chart_height])
+        area, chart_area = fig.subfigures(2, 1, height_ratios=[panel * n_rows + 0.6, chart_height])
     columns = area.subfigures(1, len(pictures), squeeze=False)[0]
     for i, (column, picture, placement) in enumerate(zip(columns, pictures, placements, strict=True)):
-        axes = column.subplots(len(row_kinds), len(shown), squeeze=False)
+        axes = column.subplots(n_rows, n_cols, squeeze=False)
         if len(pictures) > 1:
             column.suptitle(f"image {i}: {picture.size[0]}×{picture.size[1]} px", fontsize=8)
-        for row, (k, kind) in enumerate(row_kinds):
-            cells: ImageStates = grids[k][i]
-            for col, d in enumerate(shown):
-                ax = axes[row, col]
-                ax.set_label(f"{kind}/{k}/{i}/{d}")
-                if kind == "states":
-                    overlay, title = cell_colours(cells.states[d].numpy()), cells.title(d)
-                else:
-                    overlay, title = score_colours(cells.scores[d].numpy()), f"layer {cells.layers[d]} scores"
-                _draw_picture(ax, picture, placement, overlay, box if i == box_image else None)
-                ax.set_title(title, fontsize=7)
-                if col == 0:
-                    ax.set_ylabel(f"{runs[k].label}\n{kind}", fontsize=7)
+        for k, j, (c, d) in itertools.product(range(len(runs)), range(len(kinds)), enumerate(shown)):
+            row, col = (k, c * len(kinds) + j) if kinds_across else (k * len(kinds) + j, c)
+            ax, cells = axes[row, col], grids[k][i]
+            ax.set_label(f"{kinds[j]}/{k}/{i}/{d}")
+            if kinds[j] == "states":
+                overlay, title = cell_colours(cells.states[d].numpy()), cells.title(d)
+            else:
+                overlay, title = score_colours(cells.scores[d].numpy()), f"layer {cells.layers[d]} scores"
+            _draw_picture(ax, picture, placement, overlay, box if i == box_image else None)
+            ax.set_title(title, fontsize=7)
+            if col == 0:
+                ax.set_ylabel(runs[k].label + ("" if kinds_across else f"\n{kinds[j]}"), fontsize=7)
     shown_states = sorted({s for r in runs for s in ((0, 1, 2) if r.reroute else (0, 3))})
     handles = [
         Patch(fc=STATE_COLOURS[s], alpha=STATE_ALPHA[s], ec="none", label=STATES[s]) for s in shown_states
