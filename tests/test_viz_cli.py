@@ -137,7 +137,8 @@ def test_qwen2_vl_is_drawn_too(tmp_path):
     Image.new("RGB", (150, 200), (90, 90, 90)).save(picture)
     ckpt = save_tiny_checkpoint("qwen2_vl", tmp_path / "qwen2")
     args = ["--model", ckpt, "--image", picture, "--prompt", "?", "--layers", "3", "--keep", "10"]
-    result, text = explain(*args, "--prune", "--no-scores", "--dpi", 20, "--json", "--out", tmp_path / "q.png")
+    args += ["--prune", "--no-scores", "--dpi", 20, "--json", "--out", tmp_path / "q.png"]
+    result, text = explain(*args)
     assert result.exit_code == 0, text
     (image,) = json.loads(result.output)["samples"][0]["images"]
     assert image["grid"] == [7, 5] and image["decisions"]["PDrop"] == [

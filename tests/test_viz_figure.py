@@ -109,7 +109,8 @@ def test_cell_colours_titles_and_png(setup, tmp_path):
         for d, decision in enumerate(trace.decisions):
             counts = np.bincount(expected_states(trace, 0, mode)[d], minlength=4)
             parts = [f"{NAMES[s]} {counts[s]}" for s in ((0, 1, 2) if mode else (0, 3))]
-            assert find_axes(fig, f"states/{k}/0/{d}").get_title() == f"layer {decision.layer}\n" + " · ".join(parts)
+            title = find_axes(fig, f"states/{k}/0/{d}").get_title()
+            assert title == f"layer {decision.layer}\n" + " · ".join(parts)
     # score panels: the best-scored candidate is viridis' top colour; a token removed earlier is dark
     placement = placement_for(processor, picture.size, layouts[0])
     scores = prune.decisions[1].scores[0]

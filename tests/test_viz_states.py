@@ -149,7 +149,7 @@ def test_cells_sit_where_the_processor_put_the_pixels(processor, size, rect):
     if isinstance(processor, LlavaImageProcessorPil):
         assert x0 < 0 < 150 < x1  # padded to a square: the frame reaches beyond the picture
     else:
-        assert 0 <= x0 and x1 <= size[0] and 0 <= y0 and y1 <= size[1]  # a crop lies inside it
+        assert x0 >= 0 and x1 <= size[0] and y0 >= 0 and y1 <= size[1]  # a crop lies inside it
 
 
 def test_qwen_grid_covers_the_whole_picture_and_must_match_the_processor():
