@@ -296,7 +296,7 @@ def plot_trace(
     for s in samples:
         target = sample_path(path, s, len(samples))
         fig = trace_figure(trace, images, processor, sample=s, **options)
-        fig.savefig(target)
+        fig.savefig(target, dpi=fig.dpi)
         written.append(target)
         if gif:
             written.append(
