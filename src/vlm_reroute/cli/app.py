@@ -308,3 +308,6 @@ def _print_run(report: dict) -> None:
         )
         console.print(f"[bold]vanilla answer:[/] {v['answer']}")
     console.print(line)
+
+
+from . import explain as _explain  # noqa: E402, F401  (registers the `explain` command)

@@ -1,0 +1,243 @@
+"""``vlm-reroute explain``: pictures of one routed prefill, decision by decision.
+
+Runs the prompt once (prefill only: the decisions are made there), then draws which visual tokens
+each decision kept, deferred, brought back or removed, over the original pictures, with the
+scores; ``--compare`` runs the same schedule in the other mode and draws prune above reroute;
+``--box`` reports the share of a target box each decoder layer saw. Registered on the app by one
+import at the end of ``cli/app.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .app import _parse_ints, app, build_method, console, fail
+
+
+def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
+    """``"x1,y1,x2,y2"`` (pixels of the original image) → a tuple, or one clear error."""
+    if text is None:
+        return None
+    parts = text.replace(" ", "").split(",")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4 or not (values[0] < values[2] and values[1] < values[3]):
+        fail(f"--box {text!r}: give x1,y1,x2,y2 in pixels of the original image with x1 < x2 and y1 < y2")
+    return values  # type: ignore[return-value]
+
+
+def twin_method(method: Any) -> Any:
+    """The same schedule in the other mode (prune ↔ reroute).
+
+    FastV + Reroute decides at several layers, which FastV's prune refuses; its prune twin with the
+    same decisions is PDrop with FastV's equal counts, identical to FastV's single decision (each
+    later decision keeps every candidate).
+    """
+    try:
+        return method.replace(reroute=not method.reroute)
+    except ValueError:
+        from ..methods import FastV, method_from_spec
+
+        if not isinstance(method, FastV):
+            raise
+        schedule = method.schedule()
+        return method_from_spec(
+            "pdrop", layers=schedule.layers, keep=schedule.keep, score_from=method.score_from
+        )
+
+
+def _chat_text(builder: Any, n_images: int, prompt: str) -> str:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    messages = [{"role": "user", "content": content}]
+    processor = builder.processor
+    owner = processor if processor is not None and processor.chat_template else builder.tokenizer
+    if getattr(owner, "chat_template", None):
+        return owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "USER: " + "<image>\n" * n_images + f"{prompt} ASSISTANT:"  # LLaVA-1.5's format
+
+
+def build_inputs(builder: Any, pictures: list, prompts: list[str], model: Any) -> dict:
+    """A batch: one sample per prompt, each holding every picture, in the checkpoint's format."""
+    import torch
+
+    texts = [_chat_text(builder, len(pictures), p) for p in prompts]
+    images = pictures * len(prompts)
+    if builder.processor is not None:
+        inputs = builder.processor(images=images, text=texts, padding=True, return_tensors="pt")
+    else:  # Qwen without its full processor: assemble as the processor would (see loading.py)
+        vision = builder.image_processor(images=images, return_tensors="pt")
+        merge = builder.image_processor.merge_size
+        counts = iter((vision["image_grid_thw"].prod(dim=1) // merge**2).tolist())
+        pad = builder.tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+        expanded = []
+        for text in texts:
+            pieces = text.split(pad)
+            if len(pieces) != len(pictures) + 1:
+                fail(
+                    f"the chat template placed {len(pieces) - 1} image tokens {pad!r} "
+                    f"for {len(pictures)} images"
+                )
+            expanded.append("".join(p + pad * next(counts) for p in pieces[:-1]) + pieces[-1])
+        encoded = builder.tokenizer(expanded, padding=True, return_tensors="pt")
+        mm_types = (encoded["input_ids"] == model.config.image_token_id).to(torch.int)
+        inputs = {**encoded, **vision, "mm_token_type_ids": mm_types}
+    return {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def _prefill_trace(model: Any, inputs: dict, method: Any) -> Any:
+    import torch
+
+    with method(model) as trace, torch.no_grad():
+        model(**inputs, use_cache=False)
+    return trace
+
+
+def _report(runs, pictures, processor, sample: int, box, box_image: int, num_layers: int) -> dict:
+    """Counts per decision for every image and run, and the box coverage, for ``--json``."""
+    from ..viz.coverage import box_coverage
+    from ..viz.geometry import placement_for
+    from ..viz.states import STATES, image_states
+
+    first = runs[0][1]
+    images = []
+    for i, (picture, layout) in enumerate(zip(pictures, first.layouts[sample], strict=True)):
+        placement = placement_for(processor, picture.size, layout)
+        per_run = {}
+        for label, trace, reroute in runs:
+            cells = image_states(trace, sample, i, reroute)
+            per_run[label] = [
+                {"layer": layer, **dict(zip(STATES, counts, strict=True))}
+                for layer, counts in zip(cells.layers, cells.counts().tolist(), strict=True)
+            ]
+        images.append(
+            {
+                "image": i,
+                "size": list(picture.size),
+                "grid": list(layout.grid),
+                "frame": [round(v, 3) for v in placement.frame],
+                "placement": placement.how,
+                "decisions": per_run,
+            }
+        )
+    out: dict[str, Any] = {"sample": sample, "images": images}
+    if box is not None:
+        placement = placement_for(processor, pictures[box_image].size, first.layouts[sample][box_image])
+        coverage = {
+            label: box_coverage(trace, sample, box_image, placement, box, num_layers)
+            for label, trace, _ in runs
+        }
+        out["box"] = {
+            "image": box_image,
+            "pixels": list(box),
+            "cells": next(iter(coverage.values())).cells,
+            "rule": "a cell is in the box when >= 50% of its area is; share = box cells seen / box cells",
+            "layers": list(range(num_layers)),
+            "runs": {label: cov.to_json() for label, cov in coverage.items()},
+        }
+    return out
+
+
+def _print_box(report: dict, decision_layers: list[int]) -> None:
+    box = report.get("box")
+    if not box:
+        return
+    console.print(
+        f"sample {report['sample']}: box {box['pixels']} ({box['cells']} cells), share each layer saw:"
+    )
+    for label, cov in box["runs"].items():
+        steps = " → ".join(f"{cov['box_share'][layer]:.0%} (L{layer})" for layer in decision_layers)
+        console.print(f"  {label}: 100% → {steps}")
+
+
+@app.command()
+def explain(
+    model: Annotated[str, typer.Option(help="Hub id or local model folder")],
+    image: Annotated[list[str], typer.Option(help="image path or URL; repeat for several images per prompt")],
+    prompt: Annotated[list[str], typer.Option(help="the question; repeat for a batch (one sample each)")],
+    method: Annotated[str, typer.Option(help="a registered method: fastv, pdrop, random")] = "pdrop",
+    reroute: Annotated[bool, typer.Option("--reroute/--prune", help="recoverable routing or removal")] = True,
+    tier: Annotated[float, typer.Option(help="target avg_T (visual tokens per layer) to solve for")] = 64,
+    layers: Annotated[str | None, typer.Option(help="explicit decision layers, e.g. 2,7,15,23")] = None,
+    keep: Annotated[str | None, typer.Option(help="explicit tokens kept per stage, e.g. 46,46,23,12")] = None,
+    out: Annotated[
+        str, typer.Option(help="PNG to write (a batch writes <stem>-sample<i>.png)")
+    ] = "routing.png",
+    compare: Annotated[bool, typer.Option(help="also run the same schedule in the other mode")] = False,
+    gif: Annotated[
+        bool, typer.Option(help="also write an animation over the decisions (<stem>.gif)")
+    ] = False,
+    box: Annotated[str | None, typer.Option(help="target box x1,y1,x2,y2 in original pixels")] = None,
+    box_image: Annotated[int, typer.Option(help="which image of the prompt --box is on")] = 0,
+    sample: Annotated[int | None, typer.Option(help="draw only this sample of the batch")] = None,
+    scores: Annotated[bool, typer.Option("--scores/--no-scores", help="draw the score heat maps")] = True,
+    dpi: Annotated[float, typer.Option(help="resolution of the pictures")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="print the counts and box shares as JSON")] = False,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    attn: Annotated[str, typer.Option(help="attention implementation: sdpa or eager")] = "sdpa",
+) -> None:
+    """Pictures of the routing: which visual tokens each decision kept, deferred, brought back or removed."""
+    from ..adapters import adapter_for
+    from ..loading import LoadError, PromptBuilder, load_image, load_model, quiet_transformers
+    from ..viz.figure import plot_trace
+
+    target = parse_box(box)
+    if sample is not None and not 0 <= sample < len(prompt):
+        fail(f"--sample {sample}: the batch has {len(prompt)} prompts (samples 0..{len(prompt) - 1})")
+    quiet_transformers()
+    try:
+        pictures = [load_image(source) for source in image]
+        loaded = load_model(model, dtype=dtype, device=device, attn=attn)
+        builder = PromptBuilder.from_pretrained(model, loaded)
+        processor = builder.processor if builder.processor is not None else builder.image_processor
+        inputs = build_inputs(builder, pictures, prompt, loaded)
+        chosen = build_method(
+            loaded, inputs, method, reroute, tier, _parse_ints(layers, "layers"), _parse_ints(keep, "keep")
+        )
+        methods = [chosen] + ([twin_method(chosen)] if compare else [])
+        labels = [m.name for m in methods]
+        if compare and type(methods[1]) is not type(chosen):
+            labels[1] = type(chosen).label(methods[1].reroute)
+        runs = [
+            (label, _prefill_trace(loaded, inputs, m), m.reroute)
+            for label, m in zip(labels, methods, strict=True)
+        ]
+        num_layers = len(adapter_for(loaded).layers)
+        options = dict(
+            labels=[r[0] for r in runs],
+            reroute=runs[0][2],
+            box=target,
+            box_image=box_image,
+            num_layers=num_layers,
+            scores=scores,
+            dpi=dpi,
+        )
+        trace, twin = runs[0][1], (runs[1][1] if compare else None)
+        files = plot_trace(
+            trace, pictures, Path(out), processor, sample=sample, gif=gif, compare=twin, **options
+        )
+        samples = range(len(prompt)) if sample is None else [sample]
+        reports = [_report(runs, pictures, processor, s, target, box_image, num_layers) for s in samples]
+    except (LoadError, ValueError, TypeError) as exc:
+        fail(str(exc))
+    if as_json:
+        result = {
+            "model": model,
+            "methods": [r[0] for r in runs],
+            "decision_layers": [d.layer for d in trace.decisions],
+            "num_layers": num_layers,
+            "files": [str(f) for f in files],
+            "samples": [{**r, "prompt": prompt[r["sample"]]} for r in reports],
+        }
+        print(json.dumps(result, indent=2))
+        return
+    for f in files:
+        console.print(f"wrote {f}")
+    for r in reports:
+        _print_box(r, [d.layer for d in trace.decisions])
