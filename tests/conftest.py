@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from functools import cache
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 from vlm_reroute.testing.models import FAMILIES, PAD_TOKEN, TextShape, tiny_inputs, tiny_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(2)
+# one thread per xdist worker (tiny models do not scale across threads), two otherwise
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @cache
