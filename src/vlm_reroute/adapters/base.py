@@ -82,22 +82,33 @@ class ModelAdapter(ABC):
     ) -> torch.Tensor:
         """Queries ``(B, T, heads, head_dim)`` of ``hidden`` entering ``layer``, rotated and scaled."""
         attn = layer.self_attn
-        batch, n = hidden.shape[:2]
-        q = attn.q_proj(layer.input_layernorm(hidden)).view(batch, n, -1, attn.head_dim)
-        if getattr(attn, "q_norm", None) is not None:
-            q = attn.q_norm(q)
-        return self.apply_rope(q, cos, sin).mul_(attn.scaling)
+        return self._project(layer, attn.q_proj, getattr(attn, "q_norm", None), hidden, cos, sin).mul_(
+            attn.scaling
+        )
 
     def project_keys(
         self, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         """Keys ``(B, T, kv_heads, head_dim)`` of ``hidden`` entering ``layer``, rotated."""
         attn = layer.self_attn
+        return self._project(layer, attn.k_proj, getattr(attn, "k_norm", None), hidden, cos, sin)
+
+    def _project(
+        self,
+        layer: nn.Module,
+        proj: nn.Module,
+        norm: nn.Module | None,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """The layer's input norm, one projection split into heads, its per-head norm (q_norm /
+        k_norm where the family has one, as Qwen3 does), then the rotary embedding."""
         batch, n = hidden.shape[:2]
-        k = attn.k_proj(layer.input_layernorm(hidden)).view(batch, n, -1, attn.head_dim)
-        if getattr(attn, "k_norm", None) is not None:
-            k = attn.k_norm(k)
-        return self.apply_rope(k, cos, sin)
+        x = proj(layer.input_layernorm(hidden)).view(batch, n, -1, layer.self_attn.head_dim)
+        if norm is not None:
+            x = norm(x)
+        return self.apply_rope(x, cos, sin)
 
     def check(self) -> None:
         """Refuse configurations the executor cannot route exactly."""
