@@ -30,6 +30,8 @@ _EXPORTS = {
     "SUPPORTED_MODELS": "adapters",
     "presets": "budget.presets",
     "solver": "budget.solver",
+    "pipeline": "pipelines",
+    "Pipeline": "pipelines",
 }
 __all__ = [
     "SUPPORTED_MODELS",
@@ -50,6 +52,8 @@ __all__ = [
     "kv_lengths",
     "presets",
     "solver",
+    "pipeline",
+    "Pipeline",
 ]
 
 if TYPE_CHECKING:
@@ -61,6 +65,7 @@ if TYPE_CHECKING:
     from .engine.layout import ImageLayout
     from .engine.trace import Decision, Trace
     from .methods import FastV, PDrop, Random, TokenReduction, method_from_spec, method_names
+    from .pipelines import Pipeline, pipeline
     from .scoring.attention import LastTokenAttention
     from .scoring.random import RandomScores
 

@@ -1,29 +1,28 @@
 """Measured cost of token reduction: run a model vanilla and under each method on the same inputs.
 
-Per method (and vanilla) :func:`profile` reports prefill wall time (median of ``repeats`` after
-``warmup``, interleaved: repeat r runs vanilla, m1, m2, ... in turn so machine drift hits every
-configuration alike), time per decode token, the prefill's peak process memory, the KV cache
-actually held after prefill next to its theoretical size, theoretical FLOPs and, with
-``ideal=True``, the prefill a zero-overhead router would take (:mod:`vlm_reroute.ideal`).
+Per method (and vanilla) :func:`profile` reports prefill wall time (median and quartiles of
+``repeats`` after ``warmup``, interleaved: repeat r runs vanilla, m1, m2, ... in turn so machine
+drift hits every configuration alike), time per decode token, the prefill's peak process memory,
+the KV cache actually held after prefill next to its theoretical size, theoretical FLOPs and,
+with ``ideal=True``, the prefill a zero-overhead router would take (:mod:`vlm_reroute.bench.ideal`).
+Every speedup is a ratio of medians with the range the quartiles allow (:mod:`.stats`).
 
-JSON (``ProfileReport.to_dict()``): ``model``, ``inputs``, ``settings``, ``environment``,
-``outside_decoder_s`` and ``rows``; each row has the keys of :class:`ProfileRow`.
+JSON: see :mod:`vlm_reroute.bench.report`.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import time
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from statistics import median
 from typing import Any
 
 import torch
+from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -34,122 +33,10 @@ from ..engine.cache import kv_bytes, kv_lengths
 from ..methods import TokenReduction
 from .ideal import LayerTimer, SpanTimer
 from .measure import MemoryStats, environment, prefill_memory, sync
+from .report import VANILLA, ProfileReport, ProfileRow
+from .stats import ratio, spread
 
-__all__ = ["ProfileReport", "ProfileRow", "profile"]
-
-VANILLA = "vanilla"
-
-
-@dataclass
-class ProfileRow:
-    """One configuration. Times in seconds, memory in bytes; ratios are to vanilla's row.
-
-    ``prefill_s`` is the median of ``prefill_runs_s``. Ratios are medians of per-repeat ratios
-    (paired runs, so drift between repeats cancels): ``speedup`` = vanilla / this prefill,
-    ``ideal_speedup`` = vanilla / ideal, ``ideal_fraction`` = ideal / measured (1: no router
-    overhead). ``ideal_runs_s[r]`` = vanilla's time outside the decoder layers in repeat r + every
-    layer timed alone on its token count right after this configuration's run r
-    (``ideal_layer_s``: per-layer medians). ``theoretical_speedup`` = 1 / ``flops_ratio`` (GQA-aware
-    exact MACs of the decoder layers, n = text + visual); ``efficiency`` = speedup / theoretical.
-    ``kv_lengths`` are per layer (per sample, padding and fillers included); ``kv_tokens`` sums
-    them over layers × batch and ``kv_bytes`` is what the cache tensors hold. ``*_theory`` come from
-    :func:`~vlm_reroute.budget.compute_budget` for sample 0 × batch (``None`` for padded batches or
-    images of different sizes). ``visual_tokens_per_layer`` and ``reentered`` are sample 0's.
-    """
-
-    name: str
-    method: str
-    reroute: bool
-    layers: list[int]
-    keep: list[int]
-    prefill_s: float
-    prefill_runs_s: list[float]
-    speedup: float
-    decode_s_per_token: float | None
-    peak_rss_bytes: int | None
-    peak_rss_increase_bytes: int | None
-    cuda_peak_bytes: int | None
-    kv_lengths: list[int]
-    kv_tokens: int
-    kv_bytes: int
-    kv_tokens_theory: int | None
-    kv_bytes_theory: int | None
-    visual_tokens_per_layer: list[int]
-    reentered: list[int]
-    avg_visual_tokens: float
-    flops_ratio: float | None
-    flops_ratio_pdrop: float | None
-    theoretical_speedup: float | None
-    efficiency: float | None
-    ideal_prefill_s: float | None = None
-    ideal_runs_s: list[float] | None = None
-    ideal_layer_s: list[float] | None = None
-    ideal_speedup: float | None = None
-    ideal_fraction: float | None = None
-
-
-@dataclass
-class ProfileReport:
-    """Rows (``vanilla`` first) plus what was run where, so a JSON file stands on its own."""
-
-    rows: list[ProfileRow]
-    model: dict[str, Any]
-    inputs: dict[str, Any]
-    settings: dict[str, Any]
-    environment: dict[str, Any] = field(default_factory=dict)
-    outside_decoder_s: float | None = None
-
-    def row(self, name: str) -> ProfileRow:
-        return next(r for r in self.rows if r.name == name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def table(self) -> Table:
-        """A compact ``rich`` table of the headline figures."""
-        table = Table(
-            title=f"{self.model['class']} — {self.inputs['seq_len']} tokens, batch {self.inputs['batch']}"
-        )
-        for col in (
-            "method",
-            "prefill ms",
-            "speedup",
-            "ideal ms",
-            "ideal/meas",
-            "FLOPs speedup",
-            "efficiency",
-            "decode ms/tok",
-            "peak RSS MiB",
-            "KV tokens",
-            "KV MiB",
-        ):
-            table.add_column(col, justify="left" if col == "method" else "right")
-        for r in self.rows:
-            table.add_row(
-                r.name,
-                f"{r.prefill_s * 1e3:.1f}",
-                f"{r.speedup:.2f}×",
-                _fmt(r.ideal_prefill_s, 1e3, ".1f"),
-                _fmt(r.ideal_fraction, 1, ".3f"),
-                _fmt(r.theoretical_speedup, 1, ".2f", "×"),
-                _fmt(r.efficiency, 1, ".2f"),
-                _fmt(r.decode_s_per_token, 1e3, ".2f"),
-                _fmt(r.peak_rss_bytes, 2**-20, ".0f"),
-                str(r.kv_tokens),
-                f"{r.kv_bytes / 2**20:.2f}",
-            )
-        return table
-
-
-def _paired(numerators: list[float], denominators: list[float]) -> float:
-    return median(a / b for a, b in zip(numerators, denominators, strict=True))
-
-
-def _fmt(value: float | None, scale: float, spec: str, suffix: str = "") -> str:
-    return "—" if value is None else f"{value * scale:{spec}}{suffix}"
+__all__ = ["VANILLA", "ProfileReport", "ProfileRow", "profile"]
 
 
 # ---- timing helpers ---------------------------------------------------------------------------
@@ -290,7 +177,7 @@ def profile(
     outside: list[float] = []
     kv: dict[str, list[int]] = {}
     result: dict[str, tuple[int, Any]] = {}
-    with Progress(disable=not progress, transient=True) as bar:
+    with Progress(disable=not progress, transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task("profiling", total=steps)
 
         def step(label: str) -> None:
@@ -333,7 +220,7 @@ def profile(
                     mem[name] = prefill_memory(model, lambda: model(**inputs, **call))
                 step(f"memory {name}")
 
-    vanilla_runs = times[VANILLA]
+    vanilla = spread(times[VANILLA])
     rows = []
     for name, method in configs.items():
         layers, keep, budget = _theory(shape, facts, method)
@@ -344,9 +231,14 @@ def profile(
             else [facts["visual_tokens"]] * shape.num_layers
         )
         batch_ok = budget is not None and not facts["padded"]
-        ideal_runs = [o + sum(run) for o, run in zip(outside, layer_runs[name], strict=True)]
         theory = 1 / budget.flops_exact_ratio if budget else None
-        speedup = _paired(vanilla_runs, times[name])
+        prefill = spread(times[name])
+        speedup = ratio(vanilla, prefill)
+        ideal_runs = [o + sum(run) for o, run in zip(outside, layer_runs[name], strict=True)]
+        ideal_s = spread(ideal_runs) if ideal_runs else None
+        ideal_speedup = ratio(vanilla, ideal_s) if ideal_s else None
+        ideal_fraction = ratio(ideal_s, prefill) if ideal_s else None
+        decode_s = spread(decode[name]) if decode[name] else None
         rows.append(
             ProfileRow(
                 name=name,
@@ -354,10 +246,14 @@ def profile(
                 reroute=bool(method is not None and method.reroute),
                 layers=layers,
                 keep=keep,
-                prefill_s=median(times[name]),
+                prefill_s=prefill.median,
+                prefill_iqr_s=[prefill.q1, prefill.q3],
                 prefill_runs_s=times[name],
-                speedup=speedup,
-                decode_s_per_token=median(decode[name]) if decode[name] else None,
+                speedup=speedup.value,
+                speedup_range=[speedup.low, speedup.high],
+                decode_s_per_token=decode_s.median if decode_s else None,
+                decode_iqr_s_per_token=[decode_s.q1, decode_s.q3] if decode_s else None,
+                decode_runs_s_per_token=decode[name],
                 peak_rss_bytes=mem[name].peak_rss_bytes if name in mem else None,
                 peak_rss_increase_bytes=mem[name].increase_bytes if name in mem else None,
                 cuda_peak_bytes=mem[name].cuda_peak_bytes if name in mem else None,
@@ -372,12 +268,15 @@ def profile(
                 flops_ratio=budget.flops_exact_ratio if budget else None,
                 flops_ratio_pdrop=budget.flops_pdrop_ratio if budget else None,
                 theoretical_speedup=theory,
-                efficiency=speedup / theory if theory else None,
-                ideal_prefill_s=median(ideal_runs) if ideal_runs else None,
+                efficiency=speedup.value / theory if theory else None,
+                ideal_prefill_s=ideal_s.median if ideal_s else None,
+                ideal_iqr_s=[ideal_s.q1, ideal_s.q3] if ideal_s else None,
                 ideal_runs_s=ideal_runs or None,
                 ideal_layer_s=[median(col) for col in zip(*layer_runs[name], strict=True)] or None,
-                ideal_speedup=_paired(vanilla_runs, ideal_runs) if ideal_runs else None,
-                ideal_fraction=_paired(ideal_runs, times[name]) if ideal_runs else None,
+                ideal_speedup=ideal_speedup.value if ideal_speedup else None,
+                ideal_speedup_range=[ideal_speedup.low, ideal_speedup.high] if ideal_speedup else None,
+                ideal_fraction=ideal_fraction.value if ideal_fraction else None,
+                ideal_fraction_range=[ideal_fraction.low, ideal_fraction.high] if ideal_fraction else None,
             )
         )
     return ProfileReport(

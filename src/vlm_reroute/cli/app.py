@@ -1,143 +1,304 @@
-"""The ``vlm-reroute`` command: ``budget`` (offline arithmetic), ``run`` and ``bench``.
+"""The ``vlm-reroute`` command: the typer app, one-line errors, the options commands share, ``--version``.
 
-Errors a person will hit (unknown model, missing image, unreachable tier, no network) are
-printed as one line and exit with status 1; heavy imports (torch, transformers) happen only in
-the subcommands that load a model, so ``budget`` answers instantly.
+Each command is one module of this package (``budget.py``, ``run.py``, ``bench.py``, ...) that
+decorates its function with ``@app.command()``; the ``command_module(...)`` lines at the end of
+this file register them. Every error a person can cause (a usage error included) prints one line
+``error: ...`` on stderr and exits with status 1. Heavy imports (torch, transformers) happen
+inside the commands that load a model, so ``budget`` and ``--help`` answer instantly.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Annotated
+import importlib
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from typer.core import TyperGroup
 
-from ..budget import Budget, compute_budget, known_models, load_model_info, load_shape
-from ..budget.solver import solve, tabulated_methods
+from .. import __version__
+
+try:  # recent typer vendors click; older releases use click itself
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import ClickException, NoArgsIsHelpError
+Abort = getattr(typer, "Abort", RuntimeError)
+
+#: the budget when none is given: keep 11.1 % of the visual tokens on average (64 of LLaVA's 576)
+DEFAULT_RATIO = 0.111
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (unknown option, bad value, missing option) as one line and status 1."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as exc:
+            typer.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+            code = 0
+        except ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            _print_error(exc.format_message() + hint)
+            code = 1
+        except Abort:
+            _print_error("aborted")
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
-    help="Visual-token pruning and recoverable routing for Hugging Face VLMs.", no_args_is_help=True
+    cls=OneLineErrors,
+    help="Visual-token pruning and recoverable routing for Hugging Face VLMs.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
 )
-console = Console()
-err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            installed = version("vlm-reroute")
+        except PackageNotFoundError:
+            installed = __version__
+        typer.echo(f"vlm-reroute {installed}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
     """Visual-token pruning and recoverable routing for Hugging Face VLMs."""
 
 
-def fail(message: str) -> None:
-    """One clear line and a non-zero exit, never a traceback."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+# ---- one-line messages -------------------------------------------------------------------------
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _print_error(message: str) -> None:
+    typer.echo(f"error: {_one_line(message)}", err=True)
+
+
+def fail(message: str) -> NoReturn:
+    """One clear line on stderr and exit status 1, never a traceback."""
+    _print_error(message)
     raise typer.Exit(1)
 
 
-def budget_rows(model: str, tier: float, n_text: int, n_visual: int | None) -> list[tuple[str, Budget]]:
-    """Vanilla and the four methods, solved for avg_T = ``tier`` on ``model``."""
-    shape = load_shape(model)
-    if n_visual is None:
-        n_visual = load_model_info(model).default_visual_tokens if model in known_models() else 576
-    rows = [("vanilla", compute_budget(shape, n_visual, n_text))]
-    for method in tabulated_methods():
-        pair = solve(shape, n_visual, method, target_avg_t=tier, n_text=n_text)
-        for sched in (pair.prune, pair.reroute):
-            rows.append((sched.name, sched.budget(shape, n_text=n_text)))
-    return rows
+def warn(message: str) -> None:
+    typer.echo(f"warning: {_one_line(message)}", err=True)
 
 
-def budget_json(rows: list[tuple[str, Budget]]) -> list[dict]:
-    return [
-        {
-            "method": name,
-            "reroute": b.reroute,
-            "layers": list(b.layers),
-            "keep": list(b.keep),
-            "avg_visual_tokens": b.avg_visual_tokens,
-            "tflops": b.flops_fastv / 1e12,
-            "tflops_pdrop": b.flops_pdrop / 1e12,
-            "tflops_exact": b.flops_exact / 1e12,
-            "kv_bytes": b.kv_bytes,
-            "flops_ratio": b.flops_fastv_ratio,
-            "kv_ratio": b.kv_bytes_ratio,
-            "n_text": b.n_text,
-            "n_visual": b.n_visual,
-        }
-        for name, b in rows
-    ]
+@contextmanager
+def our_warnings(seen: list[str] | None = None) -> Iterator[list[str]]:
+    """Show this package's warnings (an unreachable budget clamped, ...) as one line each, once;
+    silence other libraries' warnings. Yields the list of messages shown (for JSON reports)."""
+    shown = [] if seen is None else seen
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+
+        def show(message: Warning | str, category: type[Warning], filename: str, *_: Any, **__: Any) -> None:
+            text = _one_line(str(message))
+            ours = f"{os.sep}vlm_reroute{os.sep}" in filename or category.__module__.startswith("vlm_reroute")
+            if ours and text not in shown:
+                shown.append(text)
+                warn(text)
+
+        warnings.showwarning = show
+        yield shown
 
 
-@app.command()
-def budget(
-    model: Annotated[
-        str, typer.Option(help=f"shipped name ({', '.join(known_models())}) or a local model dir")
-    ],
-    tier: Annotated[float, typer.Option(help="target avg_T: mean visual tokens per decoder layer")] = 64,
-    n_text: Annotated[int, typer.Option(help="text tokens in the prompt (counted in n)")] = 40,
-    n_visual: Annotated[
-        int | None, typer.Option(help="visual tokens per image (default: the model's)")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON (one object per method)")] = False,
-) -> None:
-    """Theoretical cost of every method at a tier: schedule, avg_T, TFLOPs, KV cache. Offline."""
+# ---- shared options ------------------------------------------------------------------------------
+
+Model = Annotated[str, typer.Option("--model", help="Hub id or local model folder")]
+Images = Annotated[
+    list[str] | None, typer.Option("--image", help="image path or http(s) URL; repeat for several images")
+]
+Method = Annotated[str, typer.Option(help="a registered method: fastv, pdrop, random")]
+Reroute = Annotated[bool, typer.Option("--reroute/--prune", help="recoverable routing, or removal for good")]
+Tier = Annotated[
+    float | None, typer.Option(help="budget: mean visual tokens per decoder layer (avg_T), e.g. 64")
+]
+Ratio = Annotated[
+    float | None,
+    typer.Option(
+        help=f"budget: fraction of visual tokens kept on average over the layers (default {DEFAULT_RATIO})"
+    ),
+]
+FlopsFraction = Annotated[
+    float | None, typer.Option(help="budget: fraction of the decoder's prefill FLOPs, e.g. 0.25")
+]
+Strict = Annotated[
+    bool, typer.Option(help="an unreachable budget is an error (default: use the nearest reachable one)")
+]
+AsJson = Annotated[bool, typer.Option("--json", help="print JSON on stdout instead of tables")]
+Output = Annotated[Path | None, typer.Option(help="also write the JSON report to this file")]
+Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps")]
+Attn = Annotated[str, typer.Option(help="attention implementation: sdpa, eager, flash_attention_2")]
+Threads = Annotated[
+    int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's own choice)")
+]
+
+
+def budget_spec(
+    tier: float | None, ratio: float | None, flops_fraction: float | None, strict: bool, explicit_keep: bool
+) -> dict[str, Any]:
+    """The budget keyword for ``method_from_spec`` (at most one), checked with the options' names."""
+    given = {
+        name: value
+        for name, value in (("tier", tier), ("ratio", ratio), ("flops-fraction", flops_fraction))
+        if value is not None
+    }
+    if len(given) > 1:
+        fail(f"{', '.join(f'--{k} {v:g}' for k, v in given.items())}: give one budget, not several")
+    if explicit_keep:
+        if given:
+            ((name, value),) = given.items()
+            fail(
+                f"--{name} {value:g} with --keep: give a budget to solve keep counts for, or --keep, not both"
+            )
+        if strict:
+            fail("--strict applies to a budget (--tier, --ratio, --flops-fraction), not to explicit --keep")
+        return {}
+    if not given:
+        given = {"ratio": DEFAULT_RATIO}
+    ((name, value),) = given.items()
+    if name == "tier" and not value > 0:
+        fail(f"--tier {value:g}: visual tokens per layer must be > 0")
+    if name != "tier" and not 0 < value <= 1:
+        fail(f"--{name} {value:g}: a fraction must be in (0, 1]")
+    return {name.replace("-", "_"): value}
+
+
+def describe_budget(spec: dict[str, Any]) -> str:
+    if not spec:
+        return "explicit keep counts"
+    ((name, value),) = spec.items()
+    return {"tier": "avg_T", "ratio": "ratio", "flops_fraction": "FLOPs fraction"}[name] + f" = {value:g}"
+
+
+def check_output(path: Path | None, what: str = "--output") -> Path | None:
+    """Fail now, before any work, if ``path`` cannot be written (missing or read-only folder)."""
+    if path is None:
+        return None
+    path = path.expanduser()
+    folder = path.parent
+    if path.is_dir():
+        fail(f"{what} {str(path)!r} is a folder; give a file name")
+    if not folder.is_dir():
+        fail(f"{what} {str(path)!r}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        fail(f"{what} {str(path)!r}: not writable")
+    return path
+
+
+def check_folder(path: Path | None, what: str) -> Path | None:
+    """Create an output folder now (before any work), or fail with one line."""
+    if path is None:
+        return None
+    path = path.expanduser()
     try:
-        rows = budget_rows(model, tier, n_text, n_visual)
-    except ValueError as exc:
-        fail(str(exc))
-    if as_json:
-        print(json.dumps(budget_json(rows), indent=2))
-        return
-    base = rows[0][1]
-    table = Table(title=f"{model}: avg_T = {tier:g}, n = {n_text} text + {base.n_visual} visual tokens")
-    table.add_column("method", no_wrap=True)
-    for col in ("layers", "keep"):
-        table.add_column(col, overflow="fold")
-    for col in ("avg_T", "TFLOPs", "KV MB", "FLOPs\nsaved", "KV\nsaved"):
-        table.add_column(col, justify="right")
-    for name, b in rows:
-        table.add_row(
-            name,
-            ", ".join(map(str, b.layers)) or "-",
-            ", ".join(map(str, b.keep)) or "-",
-            f"{b.avg_visual_tokens:.1f}",
-            f"{b.flops_fastv / 1e12:.3f}",
-            f"{b.kv_bytes / 1e6:.1f}",
-            f"{1 - b.flops_fastv_ratio:.0%}",
-            f"{1 - b.kv_bytes_ratio:.0%}",
-        )
-    console.print(table)
-    console.print(
-        "TFLOPs: multiply-accumulates of the decoder prefill in FastV's convention 4nd²+2n²d+2ndm, "
-        "n = text + visual tokens entering each layer (--json adds PyramidDrop's and an exact GQA-aware "
-        "count). KV in MB (10^6 bytes) after prefill.",
-        style="dim",
-    )
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"{what} {str(path)!r}: cannot create the folder ({exc.strerror or exc})")
+    if not os.access(path, os.W_OK):
+        fail(f"{what} {str(path)!r}: not writable")
+    return path
 
 
-def _parse_ints(text: str | None, what: str) -> list[int] | None:
+def parse_layers(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        fail(f"--{what} {text!r}: give comma-separated integers, e.g. 2,7,15,23")
-    return None
+        fail(f"--layers {text!r}: give comma-separated decoder layer indices, e.g. 2,7,15,23")
 
 
-def _shape_and_image_tokens(model, inputs) -> tuple:
-    """The decoder shape and the visual tokens of the first image: what tiers are solved for."""
+def parse_keep(text: str | None) -> list[int | float] | None:
+    """Counts (``46,46,23,12``) or fractions of each image's tokens (``0.5,0.25``)."""
+    if text is None:
+        return None
+    out: list[int | float] = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        try:
+            out.append(int(item))
+        except ValueError:
+            try:
+                out.append(float(item))
+            except ValueError:
+                fail(
+                    f"--keep {text!r}: give comma-separated token counts (e.g. 46,46,23,12) or fractions "
+                    "of each image's tokens in (0, 1] (e.g. 0.5,0.25)"
+                )
+    return out
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[tuple[int, bool]]:
+    """Set torch's CPU threads for the command (restored after); yields ``(threads, is_default)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads(), threads is None
+    finally:
+        torch.set_num_threads(before)
+
+
+def threads_text(threads: int, default: bool) -> str:
+    return f"{threads} thread{'s' * (threads != 1)} ({'torch default' if default else '--threads'})"
+
+
+def print_json(data: Any) -> None:
+    import json
+
+    typer.echo(json.dumps(data, indent=2))
+
+
+def write_json(path: Path | None, data: Any) -> None:
+    import json
+
+    if path is not None:
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+# ---- kept for cli/explain.py, which imports these -------------------------------------------------
+
+console = Console(highlight=False)
+
+
+def _parse_ints(text: str | None, what: str) -> list[int | float] | None:
+    """``--layers`` as integers, ``--keep`` as counts or fractions (see :func:`parse_keep`)."""
+    return parse_keep(text) if what == "keep" else parse_layers(text)
+
+
+def build_method(model: Any, inputs: Any, method: str, reroute: bool, tier: float | None, layers, keep):
+    """The method ``explain`` runs: explicit ``layers``/``keep``, else a fixed schedule solved for
+    avg_T = ``tier`` on the first image's token count (``run`` and ``bench`` solve per image)."""
     from ..adapters import adapter_for
     from ..budget import ModelShape
-
-    ids = inputs["input_ids"]
-    image_ids = adapter_for(model).image_ids(ids, inputs)
-    return ModelShape.from_config(model.config), int((image_ids == 0).sum())
-
-
-def build_method(model, inputs, method: str, reroute: bool, tier: float | None, layers, keep):
-    """The method to run: explicit ``layers``/``keep``, else solved for avg_T = ``tier``."""
     from ..budget.solver import solve_schedule
     from ..methods import method_from_spec
 
@@ -145,169 +306,20 @@ def build_method(model, inputs, method: str, reroute: bool, tier: float | None, 
         fail("--layers and --keep go together (or give neither and use --tier)")
     if layers is not None:
         return method_from_spec(method, reroute=reroute, layers=layers, keep=keep, model=model)
-    shape, visual = _shape_and_image_tokens(model, inputs)
+    image_ids = adapter_for(model).image_ids(inputs["input_ids"], inputs)
+    shape, visual = ModelShape.from_config(model.config), int((image_ids == 0).sum())
     return solve_schedule(shape, visual, method, reroute, target_avg_t=tier).to_method()
 
 
-def _prefill(model, inputs) -> tuple[float, object]:
-    import time
-
-    import torch
-
-    with torch.no_grad():
-        start = time.perf_counter()
-        out = model(**inputs, use_cache=True)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    return time.perf_counter() - start, out.past_key_values
+# ---- commands: one module each -----------------------------------------------------------------
 
 
-@app.command()
-def run(
-    model: Annotated[str, typer.Option(help="Hub id or local model folder")],
-    image: Annotated[str, typer.Option(help="image path or http(s) URL")],
-    prompt: Annotated[str, typer.Option(help="the question about the image")],
-    method: Annotated[str, typer.Option(help="a registered method: fastv, pdrop, random")] = "pdrop",
-    reroute: Annotated[bool, typer.Option("--reroute/--prune", help="recoverable routing or removal")] = True,
-    tier: Annotated[float, typer.Option(help="target avg_T (visual tokens per layer) to solve for")] = 64,
-    layers: Annotated[str | None, typer.Option(help="explicit decision layers, e.g. 2,7,15,23")] = None,
-    keep: Annotated[str | None, typer.Option(help="explicit tokens kept per stage, e.g. 46,46,23,12")] = None,
-    compare: Annotated[bool, typer.Option(help="also run vanilla and compare time, KV and answer")] = False,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    attn: Annotated[str, typer.Option(help="attention implementation: sdpa or eager")] = "sdpa",
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-) -> None:
-    """Answer a question about an image with a routed model; show the decisions and the cost."""
-    import torch
-
-    from ..engine.cache import kv_bytes
-    from ..loading import LoadError, PromptBuilder, load_image, load_model, quiet_transformers
-
-    quiet_transformers()
-    try:
-        picture = load_image(image)
-        loaded = load_model(model, dtype=dtype, device=device, attn=attn)
-        builder = PromptBuilder.from_pretrained(model, loaded)
-        inputs = builder(picture, prompt, loaded)
-        chosen = build_method(
-            loaded, inputs, method, reroute, tier, _parse_ints(layers, "layers"), _parse_ints(keep, "keep")
-        )
-        gen = dict(max_new_tokens=max_new_tokens, do_sample=False)
-        with chosen(loaded) as trace:
-            seconds, cache = _prefill(loaded, inputs)
-            with torch.no_grad():
-                answer_ids = loaded.generate(**inputs, **gen)[0, inputs["input_ids"].shape[1] :]
-    except (LoadError, ValueError, TypeError) as exc:
-        fail(str(exc))
-    report = {
-        "model": model,
-        "method": chosen.name,
-        "schedule": {
-            "layers": [d.layer for d in trace.decisions],
-            "keep": [d.kept[0] for d in trace.decisions],
-        },
-        "answer": builder.decode(answer_ids),
-        "visual_tokens": trace.visual_tokens[0],
-        "decisions": [
-            {"layer": d.layer, "kept": d.kept[0], "reentered": d.reentered[0]} for d in trace.decisions
-        ],
-        "prefill_seconds": seconds,
-        "kv_bytes": kv_bytes(cache),
-    }
-    if compare:
-        base_seconds, base_cache = _prefill(loaded, inputs)
-        with torch.no_grad():
-            base_ids = loaded.generate(**inputs, **gen)[0, inputs["input_ids"].shape[1] :]
-        report["vanilla"] = {
-            "answer": builder.decode(base_ids),
-            "prefill_seconds": base_seconds,
-            "kv_bytes": kv_bytes(base_cache),
-        }
-    if as_json:
-        print(json.dumps(report, indent=2))
-        return
-    _print_run(report)
+def command_module(name: str) -> None:
+    """Register the command(s) that ``vlm_reroute.cli.<name>`` defines with ``@app.command()``."""
+    importlib.import_module(f"{__package__}.{name}")
 
 
-def _solved_methods(model, inputs, tier: float) -> dict:
-    """Every tabulated method, prune and reroute, solved for avg_T = ``tier`` on this input."""
-    shape, visual = _shape_and_image_tokens(model, inputs)
-    pairs = [solve(shape, visual, method, target_avg_t=tier) for method in tabulated_methods()]
-    return {s.name: s.to_method() for pair in pairs for s in (pair.prune, pair.reroute)}
-
-
-@app.command()
-def bench(
-    model: Annotated[str, typer.Option(help="Hub id or local model folder")],
-    image: Annotated[str, typer.Option(help="image path or http(s) URL")],
-    prompt: Annotated[str, typer.Option(help="the question")] = "Describe the image.",
-    tier: Annotated[float, typer.Option(help="target avg_T for every method")] = 64,
-    repeats: Annotated[int, typer.Option(help="timed repeats (median; interleaved A/B)")] = 5,
-    warmup: Annotated[int, typer.Option(help="untimed warm-up rounds")] = 1,
-    decode_tokens: Annotated[int, typer.Option(help="tokens for time per decode token (0: skip)")] = 8,
-    ideal: Annotated[bool, typer.Option(help="also time the zero-overhead ideal (layers alone)")] = False,
-    json_out: Annotated[str | None, typer.Option("--json", help="write the report as JSON here")] = None,
-    plots: Annotated[str | None, typer.Option(help="folder for the PNG plots")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
-    attn: Annotated[str, typer.Option(help="sdpa or eager")] = "sdpa",
-) -> None:
-    """Measured cost: prefill time, decode time, memory and KV of vanilla and every method."""
-    from pathlib import Path
-
-    from ..bench.plots import speedup_png, tokens_per_layer_png
-    from ..bench.profiler import profile
-    from ..loading import LoadError, PromptBuilder, load_image, load_model, quiet_transformers
-
-    quiet_transformers()
-    try:
-        picture = load_image(image)
-        loaded = load_model(model, dtype=dtype, device=device, attn=attn)
-        inputs = PromptBuilder.from_pretrained(model, loaded)(picture, prompt, loaded)
-        methods = _solved_methods(loaded, inputs, tier)
-        report = profile(
-            loaded, inputs, methods, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, ideal=ideal
-        )
-    except (LoadError, ValueError, TypeError) as exc:
-        fail(str(exc))
-    console.print(report.table())
-    if json_out:
-        Path(json_out).write_text(report.to_json())
-        console.print(f"JSON: {json_out}")
-    if plots:
-        folder = Path(plots)
-        folder.mkdir(parents=True, exist_ok=True)
-        for png in (
-            tokens_per_layer_png(report, folder / "tokens_per_layer.png"),
-            speedup_png(report, folder / "speedup.png"),
-        ):
-            console.print(f"plot: {png}")
-
-
-def _print_run(report: dict) -> None:
-    console.print(
-        f"[bold]{report['method']}[/] on {report['model']}: {report['visual_tokens']} visual tokens"
-    )
-    console.print(f"[bold]answer:[/] {report['answer']}")
-    table = Table(title="decisions (sample 0)")
-    for col in ("layer", "kept", "re-entered"):
-        table.add_column(col, justify="right")
-    for d in report["decisions"]:
-        table.add_row(str(d["layer"]), str(d["kept"]), str(d["reentered"]))
-    console.print(table)
-    line = f"prefill {report['prefill_seconds'] * 1e3:.1f} ms, KV cache {report['kv_bytes'] / 1e6:.2f} MB"
-    if "vanilla" in report:
-        v = report["vanilla"]
-        kv_ratio = report["kv_bytes"] / v["kv_bytes"]
-        time_ratio = report["prefill_seconds"] / v["prefill_seconds"]
-        line += (
-            f" | vanilla {v['prefill_seconds'] * 1e3:.1f} ms, {v['kv_bytes'] / 1e6:.2f} MB "
-            f"(KV {kv_ratio:.0%}, time {time_ratio:.0%})"
-        )
-        console.print(f"[bold]vanilla answer:[/] {v['answer']}")
-    console.print(line)
-
-
-from . import explain as _explain  # noqa: E402, F401  (registers the `explain` command)
+command_module("budget")
+command_module("run")
+command_module("bench")
+command_module("explain")

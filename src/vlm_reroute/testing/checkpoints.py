@@ -2,8 +2,11 @@
 
 The loading code of the command line (``AutoProcessor`` / ``from_pretrained``) is the one users
 run on real checkpoints; these folders let it run offline, in the tests and in the README's
-first command. The tokenizer is character-level (a BPE with no merges) plus the family's
-special tokens at the ids the tiny configs use.
+commands. The tokenizer is character-level (a BPE with no merges) plus the family's special
+tokens at the ids the tiny configs use. Saving is quiet: the expected "falls back to the PIL
+image processor" notice (no torchvision) and the shard-writing bar are silenced.
+
+    python -m vlm_reroute.testing llava /tmp/tiny-llava
 """
 
 from __future__ import annotations
@@ -11,13 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models
-from transformers import (
-    CLIPImageProcessor,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
-    Qwen2VLImageProcessor,
-)
+from transformers import PreTrainedTokenizerFast
 
+from ..loading import quiet_transformers
 from .models import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, VOCAB, tiny_model
 
 LLAVA_TEMPLATE = (
@@ -58,8 +57,15 @@ def _tokenizer(specials: dict[str, int]) -> PreTrainedTokenizerFast:
 
 
 def save_tiny_checkpoint(family: str, path: str | Path, **model_kwargs) -> Path:
-    """Write a tiny ``family`` model and a matching processor to ``path`` (created)."""
-    path = Path(path)
+    """Write a tiny ``family`` model and a matching processor to ``path`` (created), quietly."""
+    with quiet_transformers():
+        return _save(family, Path(path), **model_kwargs)
+
+
+def _save(family: str, path: Path, **model_kwargs) -> Path:
+    # imported here, under quiet_transformers: without torchvision the lazy import itself warns
+    from transformers import CLIPImageProcessor, LlavaProcessor, Qwen2VLImageProcessor
+
     model = tiny_model(family, **model_kwargs)
     if family == "llava":
         tokenizer = _tokenizer({"<image>": IMAGE_TOKEN})
