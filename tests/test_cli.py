@@ -1,5 +1,6 @@
-"""The command line, offline: budget arithmetic and a real load of tiny checkpoints saved with
-``save_pretrained`` into the test's temp dir."""
+"""The command line's offline parts: ``budget`` (absolute and relative budgets, unreachable
+methods marked, known Hub ids, local folders), one-line usage errors, ``--version``,
+``python -m vlm_reroute``, output paths checked first."""
 
 from __future__ import annotations
 
@@ -8,119 +9,150 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-from typer.testing import CliRunner
+from cli_support import assert_one_line_error, invoke, saved_checkpoints
 
-from vlm_reroute.cli import app
-from vlm_reroute.testing.checkpoints import save_tiny_checkpoint
+from vlm_reroute import __version__
+from vlm_reroute.budget import compute_budget, load_shape
 
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    return runner.invoke(app, list(args))
-
-
-def test_budget_json_has_every_method_and_hits_the_tier():
-    result = invoke("budget", "--model", "llava-1.5-7b", "--tier", "64", "--json")
-    assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
-    assert [r["method"] for r in rows] == ["vanilla", "FastV", "FastV + Reroute", "PDrop", "PDrop + Reroute"]
-    for row in rows:
-        assert {
-            "method",
-            "reroute",
-            "layers",
-            "keep",
-            "avg_visual_tokens",
-            "tflops",
-            "tflops_exact",
-            "kv_bytes",
-        } <= set(row)
-    assert rows[0]["avg_visual_tokens"] == 576
-    for row in rows[1:]:
-        assert abs(row["avg_visual_tokens"] - 64) <= 0.5
-        assert row["reroute"] == row["method"].endswith("Reroute")
-        assert row["tflops"] < rows[0]["tflops"] and row["kv_bytes"] < rows[0]["kv_bytes"]
-    fastv, fastv_rr = rows[1], rows[2]
-    assert fastv["layers"] == [3] and fastv_rr["layers"] == [3, 7, 15, 23]
-    assert len(set(fastv_rr["keep"])) == 1  # FastV + Reroute: FastV's count at every re-decision
-    pdrop_rr = rows[4]
-    a = pdrop_rr["keep"][0]
-    assert (
-        pdrop_rr["keep"][1] == a
-        and abs(pdrop_rr["keep"][2] - a / 2) <= 1
-        and abs(pdrop_rr["keep"][3] - a / 4) <= 1
-    )
-
-
-def test_budget_table_and_clear_errors():
-    result = invoke("budget", "--model", "qwen2.5-vl-7b", "--tier", "128")
-    assert result.exit_code == 0 and "PDrop" in result.output and "Reroute" in result.output
-    bad = invoke("budget", "--model", "llava-9b")
-    assert bad.exit_code == 1 and "unknown model 'llava-9b'" in bad.output and "Traceback" not in bad.output
-    unreachable = invoke("budget", "--model", "llava-1.5-7b", "--tier", "1")
-    assert unreachable.exit_code == 1 and "not reachable" in unreachable.output
-
-
-def test_budget_is_fast_and_needs_no_torch():
-    code = "import sys; from vlm_reroute.cli import app; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+METHODS = ["vanilla", "FastV", "FastV + Reroute", "PDrop", "PDrop + Reroute"]
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    image = root / "street.png"
-    Image.new("RGB", (500, 400), (200, 40, 40)).save(image)
-    return {f: save_tiny_checkpoint(f, root / f) for f in ("llava", "qwen2_vl")}, image
+    return saved_checkpoints(tmp_path_factory)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_run_on_a_saved_checkpoint(checkpoints, family):
-    paths, image = checkpoints
-    result = invoke(
-        "run", "--model", str(paths[family]), "--image", str(image), "--prompt", "Where is the red box?",
-        "--tier", "128", "--compare", "--max-new-tokens", "3", "--json",
-    )  # fmt: skip
+def avg_t(layers: list[int], keep: list[int], n: int, num_layers: int) -> float:
+    """Mean visual tokens per layer of a schedule, by hand."""
+    ends = [*layers[1:], num_layers]
+    return (layers[0] * n + sum(k * (b - a) for k, a, b in zip(keep, layers, ends, strict=True))) / num_layers
+
+
+def budget_json(*args: str) -> list[dict]:
+    result = invoke("budget", *args, "--json")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
-    assert report["method"] == "PDrop + Reroute"
-    assert [d["layer"] for d in report["decisions"]] == report["schedule"]["layers"]
-    n = report["visual_tokens"]
-    layers, keep = report["schedule"]["layers"], report["schedule"]["keep"]
-    widths = [b - a for a, b in zip(layers, [*layers[1:], 8], strict=True)]
-    avg_t = (layers[0] * n + sum(k * w for k, w in zip(keep, widths, strict=True))) / 8
-    assert abs(avg_t - 128) <= 0.5
-    assert report["kv_bytes"] < report["vanilla"]["kv_bytes"]
-    assert isinstance(report["answer"], str) and isinstance(report["vanilla"]["answer"], str)
+    return json.loads(result.stdout)
 
 
-def test_run_errors_are_one_line(checkpoints, tmp_path):
-    paths, image = checkpoints
-    missing = invoke(
-        "run", "--model", str(paths["llava"]), "--image", str(tmp_path / "no.png"), "--prompt", "x"
+def test_budget_json_hits_an_absolute_tier_for_every_method():
+    rows = budget_json("--model", "llava-1.5-7b", "--tier", "64")
+    assert [r["method"] for r in rows] == METHODS
+    assert rows[0]["avg_visual_tokens"] == 576 and rows[0]["budget"] is None
+    for row in rows[1:]:
+        assert row["reachable"] and row["budget"] == {"tier": 64}
+        assert abs(avg_t(row["layers"], row["keep"], 576, 32) - 64) <= 0.5
+        assert row["reroute"] == row["method"].endswith("Reroute")
+        assert row["tflops"] < rows[0]["tflops"] and row["kv_bytes"] < rows[0]["kv_bytes"]
+    assert rows[1]["layers"] == [3] and rows[2]["layers"] == [3, 7, 15, 23]
+    assert len(set(rows[2]["keep"])) == 1  # FastV + Reroute: FastV's count at every re-decision
+    a = rows[4]["keep"][0]
+    assert (
+        rows[4]["keep"][1] == a
+        and abs(rows[4]["keep"][2] - a / 2) <= 1
+        and abs(rows[4]["keep"][3] - a / 4) <= 1
     )
-    assert missing.exit_code == 1 and "image file not found" in missing.output
-    nowhere = invoke("run", "--model", str(tmp_path / "absent"), "--image", str(image), "--prompt", "x")
-    assert nowhere.exit_code == 1 and "cannot load" in nowhere.output
-    tier = invoke(
-        "run", "--model", str(paths["llava"]), "--image", str(image), "--prompt", "x", "--tier", "2"
+
+
+def test_relative_budgets_ratio_and_flops_fraction():
+    shape = load_shape("qwen2.5-vl-7b")
+    rows = budget_json("--model", "qwen2.5-vl-7b", "--ratio", "0.25", "--n-visual", "300")
+    for row in rows[1:]:
+        assert row["budget"] == {"ratio": 0.25} and row["n_visual"] == 300
+        assert abs(avg_t(row["layers"], row["keep"], 300, 28) - 75) <= 0.5  # 0.25 x 300 tokens
+    rows = budget_json("--model", "qwen2.5-vl-7b", "--flops-fraction", "0.3", "--n-text", "40")
+    for row in rows[1:]:
+        # PyramidDrop-convention FLOPs of the schedule, recomputed from its layers and keep counts
+        own = compute_budget(shape, 576, 40, row["layers"], row["keep"], row["reroute"])
+        assert own.flops_pdrop_ratio == pytest.approx(row["flops_pdrop_ratio"])
+        assert abs(own.flops_pdrop_ratio - 0.3) < 0.01
+
+
+def test_default_budget_is_the_ratio_of_64_in_576():
+    rows = budget_json("--model", "llava-1.5-7b")
+    assert all(r["budget"] == {"ratio": 0.111} for r in rows[1:])
+    assert all(abs(r["avg_visual_tokens"] - 0.111 * 576) <= 0.5 for r in rows[1:])
+
+
+def test_unreachable_methods_are_marked_with_their_range_and_others_still_solved():
+    # FastV on 32 layers cannot go below (3 x 576 + 29 x 1) / 32 = 54.91 tokens per layer
+    floor = (3 * 576 + 29) / 32
+    rows = budget_json("--model", "llava-1.5-7b", "--tier", "50")
+    by_name = {r["method"]: r for r in rows}
+    for name in ("FastV", "FastV + Reroute"):
+        row = by_name[name]
+        assert not row["reachable"] and row["reachable_avg_t"][0] == pytest.approx(floor)
+        assert row["avg_visual_tokens"] == pytest.approx(floor) and "54.91..576.00" in row["note"]
+    for name in ("PDrop", "PDrop + Reroute"):
+        assert by_name[name]["reachable"] and abs(by_name[name]["avg_visual_tokens"] - 50) <= 0.5
+    table = invoke("budget", "--model", "llava-1.5-7b", "--tier", "50")
+    assert table.exit_code == 0
+    assert "FastV *" in table.stdout and "FastV + Reroute *" in table.stdout and "PDrop *" not in table.stdout
+    assert "54.91..576.00" in table.stdout and "PDrop + Reroute" in table.stdout
+    strict = invoke("budget", "--model", "llava-1.5-7b", "--tier", "50", "--strict")
+    line = assert_one_line_error(strict, "FastV:", "FastV + Reroute:", "54.91..576.00")
+    assert "PDrop" not in line
+
+
+def test_a_known_hub_id_resolves_to_its_shipped_shape():
+    assert budget_json("--model", "llava-hf/llava-1.5-7b-hf") == budget_json("--model", "llava-1.5-7b")
+    assert budget_json("--model", "qwen/qwen2.5-vl-7b-instruct") == budget_json("--model", "qwen2.5-vl-7b")
+
+
+def test_local_folders_small_models_get_a_fitting_unit_and_text_only_models_are_refused(
+    checkpoints, tmp_path
+):
+    rows = budget_json("--model", checkpoints["llava"], "--tier", "200")
+    assert rows[0]["n_visual"] == 576  # (336 / 14)^2 from the folder's vision config
+    table = invoke("budget", "--model", checkpoints["llava"], "--tier", "200")
+    assert table.exit_code == 0 and "MFLOPs" in table.stdout and "TFLOPs" not in table.stdout
+    assert " 0.000 " not in table.stdout
+    qwen = budget_json("--model", checkpoints["qwen2_vl"], "--tier", "200")
+    assert qwen[0]["n_visual"] == 451584 // 28**2  # the processor's pixel cap / merged patch
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2,
+              "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2}  # fmt: skip
+    (llama / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(invoke("budget", "--model", llama), "text-only", "LlamaForCausalLM")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--model", "llava-9b"], ["unknown model 'llava-9b'", "llava-1.5-7b", "llava-hf/llava-1.5-7b-hf"]),
+        (["--model", "llava-1.5-7b", "--n-visual", "0"], ["--n-visual", "greater than or equal to 1"]),
+        (["--model", "llava-1.5-7b", "--n-visual", "-5"], ["--n-visual", "greater than or equal to 1"]),
+        (["--model", "llava-1.5-7b", "--tier", "64", "--ratio", "0.1"], ["one budget"]),
+        (["--model", "llava-1.5-7b", "--ratio", "1.5"], ["--ratio 1.5", "(0, 1]"]),
+        (["--model", "llava-1.5-7b", "--tier", "0"], ["--tier 0", "> 0"]),
+        (["--model", "llava-1.5-7b", "--tierr", "64"], ["No such option: --tierr", "--help"]),
+        ([], ["Missing option '--model'"]),
+    ],
+)
+def test_budget_errors_are_one_line(args, fragments):
+    assert_one_line_error(invoke("budget", *args), *fragments)
+
+
+def test_output_is_checked_before_any_work_and_holds_the_json(tmp_path):
+    missing = invoke("budget", "--model", "llava-1.5-7b", "--output", tmp_path / "no" / "r.json")
+    assert_one_line_error(missing, "does not exist")
+    assert_one_line_error(invoke("budget", "--model", "llava-1.5-7b", "--output", tmp_path), "is a folder")
+    out = tmp_path / "budget.json"
+    result = invoke("budget", "--model", "llava-1.5-7b", "--output", out)
+    assert result.exit_code == 0 and "PDrop" in result.stdout  # the table still prints
+    assert json.loads(out.read_text()) == budget_json("--model", "llava-1.5-7b")
+
+
+def test_version_and_python_dash_m_without_torch():
+    assert invoke("--version").stdout.strip() == f"vlm-reroute {__version__}"
+    code = (
+        "import runpy, sys; sys.argv = ['vlm-reroute', 'budget', '--model', 'llava-1.5-7b', '--json']\n"
+        "try:\n    runpy.run_module('vlm_reroute', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules"
     )
-    assert tier.exit_code == 1 and "not reachable" in tier.output
-    for result in (missing, nowhere, tier):
-        assert "Traceback" not in result.output
-
-
-def test_bench_writes_json_and_plots(checkpoints, tmp_path):
-    paths, image = checkpoints
-    out = tmp_path / "report.json"
-    result = invoke(
-        "bench", "--model", str(paths["llava"]), "--image", str(image), "--tier", "128", "--repeats", "1",
-        "--warmup", "0", "--decode-tokens", "1", "--json", str(out), "--plots", str(tmp_path),
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
-    assert json.dumps(report).count("PDrop + Reroute") >= 1
-    for png in ("tokens_per_layer.png", "speedup.png"):
-        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [r["method"] for r in json.loads(done.stdout)] == METHODS
+    shown = subprocess.run([sys.executable, "-m", "vlm_reroute", "--version"], capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout.strip() == f"vlm-reroute {__version__}"

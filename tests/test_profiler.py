@@ -24,11 +24,13 @@ METHODS = {
     "PDrop + Reroute": PDrop(layers=[1, 2, 4, 6], keep=[16, 16, 8, 4], reroute=True),
 }
 ROW_KEYS = {
-    "name", "method", "reroute", "layers", "keep", "prefill_s", "prefill_runs_s", "speedup",
-    "decode_s_per_token", "peak_rss_bytes", "peak_rss_increase_bytes", "cuda_peak_bytes", "kv_lengths",
+    "name", "method", "reroute", "layers", "keep", "prefill_s", "prefill_iqr_s", "prefill_runs_s", "speedup",
+    "speedup_range", "decode_s_per_token", "decode_iqr_s_per_token", "decode_runs_s_per_token",
+    "peak_rss_bytes", "peak_rss_increase_bytes", "cuda_peak_bytes", "kv_lengths",
     "kv_tokens", "kv_bytes", "kv_tokens_theory", "kv_bytes_theory", "visual_tokens_per_layer", "reentered",
     "avg_visual_tokens", "flops_ratio", "flops_ratio_pdrop", "theoretical_speedup", "efficiency",
-    "ideal_prefill_s", "ideal_runs_s", "ideal_layer_s", "ideal_speedup", "ideal_fraction",
+    "ideal_prefill_s", "ideal_iqr_s", "ideal_runs_s", "ideal_layer_s", "ideal_speedup", "ideal_speedup_range",
+    "ideal_fraction", "ideal_fraction_range",
 }  # fmt: skip
 TOP_KEYS = {"rows", "model", "inputs", "settings", "environment", "outside_decoder_s"}
 

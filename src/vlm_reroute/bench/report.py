@@ -107,16 +107,13 @@ class ProfileReport:
         return (
             f"{model['class']}: {inputs['seq_len']} tokens ({inputs['visual_tokens']} visual), batch "
             f"{inputs['batch']}, {model['dtype']} {model['attn_implementation']} on {model['device']}, "
-            f"{env.get('torch_threads', '?')} threads; median (q1–q3) of {self.settings['repeats']} "
+            f"{_threads(env.get('torch_threads'))}; median (q1–q3) of {self.settings['repeats']} "
             f"interleaved runs after {self.settings['warmup']} warm-up"
         )
 
     def table(self) -> Table:
         """Prefill times and speedups (median, quartiles), FLOPs speedup and KV: fits 80 columns."""
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        table.add_column("method", no_wrap=True)
-        for col in ("prefill ms", "speedup", "FLOPs", "KV MiB"):
-            table.add_column(col, justify="right", no_wrap=True)
+        table = _table("method", "prefill ms", "speedup", "FLOPs", "KV MiB")
         for r in self.rows:
             table.add_row(
                 r.name,
@@ -127,37 +124,33 @@ class ProfileReport:
             )
         return table
 
-    def detail_table(self) -> Table | None:
-        """Ideal router, decode and memory columns, for the measurements that were made."""
-        ideal = any(r.ideal_runs_s for r in self.rows)
-        decode = any(r.decode_runs_s_per_token for r in self.rows)
-        memory = any(r.peak_rss_bytes is not None for r in self.rows)
-        if not (ideal or decode or memory):
-            return None
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        table.add_column("method", no_wrap=True)
-        if ideal:
-            for col in ("ideal ms", "ideal speedup", "ideal/meas"):
-                table.add_column(col, justify="right", no_wrap=True)
-        if decode:
-            table.add_column("decode ms/tok", justify="right", no_wrap=True)
-        if memory:
-            table.add_column("peak RSS MiB", justify="right", no_wrap=True)
-        for r in self.rows:
-            cells = [r.name]
-            if ideal:
-                cells += [
+    def detail_tables(self) -> list[Table]:
+        """The ideal router's columns, then decode and memory, for the measurements that were made."""
+        tables = []
+        if any(r.ideal_runs_s for r in self.rows):
+            table = _table("method", "ideal ms", "ideal speedup", "ideal/measured")
+            for r in self.rows:
+                table.add_row(
+                    r.name,
                     spread(r.ideal_runs_s).text(1e3) if r.ideal_runs_s else "—",
                     _ratio_text(r.ideal_speedup, r.ideal_speedup_range),
-                    _ratio_text(r.ideal_fraction, r.ideal_fraction_range, ".3f", ""),
-                ]
-            if decode:
-                runs = r.decode_runs_s_per_token
-                cells.append(spread(runs).text(1e3, ".2f") if runs else "—")
-            if memory:
-                cells.append(_fmt(r.peak_rss_bytes, 2**-20, ".0f"))
-            table.add_row(*cells)
-        return table
+                    _ratio_text(r.ideal_fraction, r.ideal_fraction_range, ".2f", ""),
+                )
+            tables.append(table)
+        decode = any(r.decode_runs_s_per_token for r in self.rows)
+        memory = any(r.peak_rss_bytes is not None for r in self.rows)
+        if decode or memory:
+            table = _table("method", *(["decode ms/token"] * decode), *(["peak RSS MiB"] * memory))
+            for r in self.rows:
+                cells = [r.name]
+                if decode:
+                    runs = r.decode_runs_s_per_token
+                    cells.append(spread(runs).text(1e3, ".2f") if runs else "—")
+                if memory:
+                    cells.append(_fmt(r.peak_rss_bytes, 2**-20, ".0f"))
+                table.add_row(*cells)
+            tables.append(table)
+        return tables
 
     def spread_warning(self, threshold: float = WIDE_SPREAD) -> str | None:
         """One line naming the configurations whose prefill times spread too wide to trust."""
@@ -165,17 +158,24 @@ class ProfileReport:
         if not wide:
             return None
         names = ", ".join(f"{name} {rel:.0%}" for name, rel in wide)
+        fewer = ", or try --threads 1" if (self.environment.get("torch_threads") or 1) > 1 else ""
         return (
             f"prefill times spread wider than {threshold:.0%} of the median (interquartile range: "
-            f"{names}); the machine was busy: close other work, raise --repeats, or try --threads 1"
+            f"{names}); the machine was busy: close other work or raise --repeats{fewer}"
         )
 
     def print(self, console: Console) -> None:
         console.print(self.title(), highlight=False)
         console.print(self.table())
-        detail = self.detail_table()
-        if detail is not None:
-            console.print(detail)
+        for table in self.detail_tables():
+            console.print(table)
+
+
+def _table(*columns: str) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="right" if i else "left", no_wrap=True)
+    return table
 
 
 def _ratio_text(value: float | None, bounds: list[float] | None, spec: str = ".2f", unit: str = "×") -> str:
@@ -184,6 +184,10 @@ def _ratio_text(value: float | None, bounds: list[float] | None, spec: str = ".2
     if bounds is None or bounds[0] == bounds[1] == value:
         return f"{value:{spec}}{unit}"
     return f"{value:{spec}}{unit} ({bounds[0]:{spec}}–{bounds[1]:{spec}})"
+
+
+def _threads(n: int | None) -> str:
+    return f"{n} thread{'s' * (n != 1)}" if n else "? threads"
 
 
 def _fmt(value: float | None, scale: float, spec: str, suffix: str = "") -> str:
