@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from statistics import median, quantiles
 
 import pytest
 import torch
-from cli_support import assert_one_line_error, invoke, png_header, saved_checkpoints, saved_images
+from cli_support import assert_one_line_error, invoke, png_header, saved_checkpoints, saved_images, serve
 
 from vlm_reroute.budget.solver import solve_for_target
 
@@ -147,16 +144,8 @@ def served(tmp_path_factory, images):
     (root / "page.png").write_text("<html>not an image</html>")
     data = images["big"].read_bytes()
     (root / "cut.png").write_bytes(data[: len(data) // 2])
-    shutil.copy(images["big"], root / "good.png")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
+    with serve(root) as url:
+        yield url
 
 
 def _broken_folders(tmp_path, checkpoints):

@@ -78,9 +78,16 @@ class Pipeline:
     method: TokenReduction | None = None
     generate_kwargs: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 64})
 
-    def __call__(self, images: Images, question: str, **generate_kwargs: Any) -> Answer:
-        """Answer ``question`` about one image or several (paths, URLs or PIL images)."""
-        return self.batch([(images, question)], **generate_kwargs)[0]
+    def __call__(
+        self,
+        images: Images,
+        question: str,
+        method: TokenReduction | None | str = "default",
+        **generate_kwargs: Any,
+    ) -> Answer:
+        """Answer ``question`` about one image or several (paths, URLs or PIL images); ``method=None``
+        runs the model untouched, another method object overrides the pipeline's for this call."""
+        return self.batch([(images, question)], method, **generate_kwargs)[0]
 
     def inputs(self, samples: Sequence[tuple[Images, str]]) -> dict[str, Any]:
         """Model inputs for ``(images, question)`` pairs, padded on the left."""

@@ -1,12 +1,19 @@
 """PNG plots of a profile: visual tokens per layer per schedule, and measured vs ideal vs FLOPs speedup.
 
-Every function takes a :class:`~vlm_reroute.profiler.ProfileReport` or its ``to_dict()`` (so a
-saved JSON file can be re-plotted) and writes with the Agg backend: no display needed.
+Every function takes a :class:`~vlm_reroute.bench.report.ProfileReport` or its ``to_dict()`` (so a
+saved JSON file can be re-plotted) and writes with the Agg backend: no display needed. From a
+saved report (``vlm-reroute bench --output``, ``benchmarks/speed.py``)::
+
+    python -m vlm_reroute.bench.plots docs/benchmarks/llava32.json docs/benchmarks/llava32
+
+writes ``llava32_tokens_per_layer.png`` and ``llava32_speedup.png`` beside it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +96,8 @@ def tokens_per_layer_png(report: Any, path: str | os.PathLike[str], title: str |
 
 
 def speedup_png(report: Any, path: str | os.PathLike[str], title: str | None = None) -> Path:
-    """Prefill speedup over vanilla per method: measured, ideal router (if profiled), FLOPs theory."""
+    """Prefill speedup over vanilla per method: measured, ideal router (if profiled), FLOPs theory;
+    error bars span the quartile range of each measured speedup when the report has one."""
     data = _as_dict(report)
     rows = [r for r in data["rows"] if r["name"] != "vanilla"]
     series = [
@@ -103,7 +111,14 @@ def speedup_png(report: Any, path: str | os.PathLike[str], title: str | None = N
     for j, (label, key) in enumerate(series):
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(rows))]
         values = [r.get(key) or 0.0 for r in rows]
-        bars = ax.bar(xs, values, width, label=label)
+        spans = [r.get(f"{key}_range") for r in rows]  # quartile ranges (reports from this version on)
+        yerr = None
+        if all(spans):
+            yerr = [
+                [v - lo for v, (lo, _) in zip(values, spans, strict=True)],
+                [hi - v for v, (_, hi) in zip(values, spans, strict=True)],
+            ]
+        bars = ax.bar(xs, values, width, label=label, yerr=yerr, capsize=3 if yerr else 0)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.axhline(1.0, c="grey", lw=0.8)
     ax.set_xticks(range(len(rows)), [r["name"] for r in rows], fontsize=8)
@@ -120,3 +135,19 @@ def _save(fig: plt.Figure, path: str | os.PathLike[str]) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def main(argv: list[str]) -> None:
+    """``python -m vlm_reroute.bench.plots REPORT.json PREFIX``: both plots of a saved report."""
+    if len(argv) != 2:
+        sys.exit("usage: python -m vlm_reroute.bench.plots REPORT.json PREFIX")
+    data = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    for path in (
+        tokens_per_layer_png(data, f"{argv[1]}_tokens_per_layer.png"),
+        speedup_png(data, f"{argv[1]}_speedup.png"),
+    ):
+        print(path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
