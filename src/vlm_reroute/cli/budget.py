@@ -257,15 +257,12 @@ def _print_table(
 ) -> None:
     console = Console(highlight=False)
     scale, unit = flops_unit(rows[0].budget.flops_fastv)
-    table = Table(
-        title=f"{label}: {describe_budget(spec)}, n = {n_text} text + {n_visual} visual tokens",
-        caption=f"visual tokens per image: {note}" if note else None,
-    )
-    table.add_column("method", no_wrap=True)
-    for col in ("layers", "keep"):
-        table.add_column(col, overflow="fold")
+    console.print(f"{label}: {describe_budget(spec)}, n = {n_text} text + {n_visual} visual tokens")
+    table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold underline")
+    for col in ("method", "layers", "keep"):
+        table.add_column(col, no_wrap=True)
     for col in ("avg_T", unit, "KV MB", "FLOPs\nsaved", "KV\nsaved"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         b = r.budget
         table.add_row(
@@ -279,6 +276,8 @@ def _print_table(
             f"{1 - b.kv_bytes_ratio:.0%}",
         )
     console.print(table)
+    if note:
+        console.print(f"visual tokens per image: {note}")
     for r in rows:
         if not r.reachable:
             console.print(f"* {r.note}; --strict makes this an error")

@@ -132,6 +132,8 @@ def run(
             print_json(report)
         else:
             _print(report, describe_budget(spec), threads_text(n_threads, default))
+        if report.get("spread_warning"):
+            warn(report["spread_warning"])
 
 
 def _check_method(name: str) -> None:
@@ -207,9 +209,7 @@ def _run_one(pipe: Any, pictures: list, prompt: str, compare: bool, repeats: int
         "high": routed.speedup_range[1],
     }
     report["timing"] = {"repeats": repeats, "warmup": warmup, "interleaved": True}
-    wide = timed.spread_warning()
-    if wide:
-        warn(wide)
+    report["spread_warning"] = timed.spread_warning()
     return report
 
 
@@ -241,7 +241,7 @@ def _print(report: dict[str, Any], budget: str, threads: str) -> None:
     )
     console.print(f"[bold]answer:[/] {report['answer']}", markup=True)
     if report["decisions"]:
-        table = Table(title="decisions (all images of the prompt)")
+        table = Table(title="decisions")
         for col in ("layer", "kept", "re-entered"):
             table.add_column(col, justify="right")
         for d in report["decisions"]:
