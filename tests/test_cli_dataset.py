@@ -37,7 +37,7 @@ def prompts(tmp_path_factory):
 
 def run_dataset(checkpoint, prompts, *args):
     result = invoke(
-        "run", "--model", checkpoint, "--input", prompts, "--tier", "100", "--max-new-tokens", "3",
+        "run", "--model", checkpoint, "--input", prompts, "--ratio", "0.3", "--max-new-tokens", "3",
         "--threads", "1", *args,
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -105,7 +105,7 @@ def run_dataset(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
         with Progress(*columns, console=Console(stderr=True), transient=output is None) as bar:
-            task = bar.add_task(f"{method} on {model}", total=len(prompts))
+            task = bar.add_task(method, total=len(prompts))
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
                 samples = []
