@@ -27,7 +27,7 @@ from PIL import Image
 
 from .adapters import adapter_for
 from .engine.trace import Trace
-from .loading import ImageLike, PromptBuilder, load_image, load_model, resolve_source
+from .loading import ImageLike, PromptBuilder, load_image, load_model, quiet_transformers, resolve_source
 from .methods import TokenReduction, method_from_spec
 
 __all__ = ["Answer", "Pipeline", "pipeline"]
@@ -173,23 +173,25 @@ def pipeline(
 ) -> Pipeline:
     """A :class:`Pipeline` for ``model`` (Hub id, local folder or a loaded model) and ``method``.
 
-    ``method``: ``None`` (vanilla), a method object (``PDrop(...)``), or a registered name
-    (``"fastv"``, ``"pdrop"``, ``"pdrop+reroute"``, ...) built with :func:`method_from_spec` from
-    ``reroute``, one budget (``tier`` = avg_T, ``ratio`` of visual tokens kept on average,
-    ``flops_fraction``; ``strict`` makes an unreachable budget an error instead of a clamp) or an
-    explicit ``layers``/``keep`` schedule, and ``settings`` (e.g. ``seed=`` for ``"random"``).
-    ``processor``: where to load the processor from when ``model`` is an already loaded model
-    (default: its ``name_or_path``). Loading problems raise :class:`~vlm_reroute.loading.LoadError`.
+        ``method``: ``None`` (vanilla), a method object (``PDrop(...)``), or a registered name
+        (``"fastv"``, ``"pdrop"``, ``"pdrop+reroute"``, ...) built with :func:`method_from_spec` from
+        ``reroute``, one budget (``tier`` = avg_T, ``ratio`` of visual tokens kept on average,
+        ``flops_fraction``; ``strict`` makes an unreachable budget an error instead of a clamp) or an
+        explicit ``layers``/``keep`` schedule, and ``settings`` (e.g. ``seed=`` for ``"random"``).
+        ``processor``: where to load the processor from when ``model`` is an already loaded model
+        (default: its ``name_or_path``). Loading problems raise :class:`~vlm_reroute.loading.LoadError`;
+    the libraries' loading bars and expected notices are silenced while loading.
     """
-    if isinstance(model, str | os.PathLike):
-        name = os.fspath(model)
-        source = resolve_source(name)
-        loaded = load_model(name, dtype=dtype, device=device, attn=attn, source=source)
-        builder = PromptBuilder.from_pretrained(name, loaded, source)
-    else:
-        loaded = model
-        name = os.fspath(processor) if processor is not None else getattr(model, "name_or_path", "")
-        builder = PromptBuilder.from_pretrained(name, loaded)
+    with quiet_transformers():  # the expected torchvision fallback notices and loading bars
+        if isinstance(model, str | os.PathLike):
+            name = os.fspath(model)
+            source = resolve_source(name)
+            loaded = load_model(name, dtype=dtype, device=device, attn=attn, source=source)
+            builder = PromptBuilder.from_pretrained(name, loaded, source)
+        else:
+            loaded = model
+            name = os.fspath(processor) if processor is not None else getattr(model, "name_or_path", "")
+            builder = PromptBuilder.from_pretrained(name, loaded)
     spec = {"tier": tier, "ratio": ratio, "flops_fraction": flops_fraction, "layers": layers, "keep": keep}
     given = {k: v for k, v in spec.items() if v is not None}
     if isinstance(method, str):
