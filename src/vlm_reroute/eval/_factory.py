@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..budget import ModelShape
-from ..budget import stage_counts
+from ..budget import ModelShape, stage_counts
 from ..budget.solver import _rule, default_layers, solve_schedule
 from .spec import MethodSpec
 

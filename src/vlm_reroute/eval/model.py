@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -282,10 +283,12 @@ class VlmRerouteSimple(lmms):
         bar.close()
         if records:
             means = summarise(records)
+            seconds = sum(r["generate_seconds"] for r in records)
+            tokens = sum(r["output_tokens"] for r in records)
             log_metrics(
-                total_elapsed_time=sum(r["prefill_ms"] for r in records) / 1e3,
-                total_gen_tokens=sum(r.get("output_tokens", 0) for r in records),
-                avg_speed=0.0,
+                total_elapsed_time=seconds,
+                total_gen_tokens=tokens,
+                avg_speed=tokens / seconds if seconds > 0 else 0.0,
                 additional_metrics={"rank": self.rank, **{f"vlm_reroute_{k}": v for k, v in means.items()}},
             )
         return [results[r.index] for r in sorted(requests, key=lambda r: r.index)]
@@ -295,9 +298,11 @@ class VlmRerouteSimple(lmms):
         inputs = self.inputs([r.conversation for r in batch])
         inputs = {k: v.to(self._device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         method = self._method_for(self._first_image_tokens(batch[0].conversation))
+        start = time.perf_counter()
         with torch.no_grad(), peak_memory(self._model) as peak, self._timer() as timer:
             with self._applied(method) as trace:
                 output = self._model.generate(**inputs, **gen)
+        seconds = time.perf_counter() - start
         width = inputs["input_ids"].shape[1]
         new_tokens = output[:, width:]
         texts = self.inputs.decode(new_tokens)
@@ -320,8 +325,10 @@ class VlmRerouteSimple(lmms):
                 "split": request.split,
                 "doc_id": request.doc_id,
                 "spec": self.spec.model_args(),
+                "rank": self.rank,
                 **cost.to_dict(),
                 "output_tokens": n_out,
+                "generate_seconds": seconds / len(batch),
             }
             self.costs.append(record)
             self._write_cost(record)

@@ -117,3 +117,31 @@ def save_vqa_dataset(path: str | Path, n: int = 4, split: str = "test", seed: in
     )
     datasets.DatasetDict({split: datasets.Dataset.from_list(rows, features=features)}).save_to_disk(str(path))
     return path
+
+
+def write_vqa_task(folder: str | Path, dataset_path: str | Path, name: str = "tiny_pope") -> Path:
+    """A task YAML ``name`` in ``folder`` that runs lmms-eval's own POPE functions on a local dataset."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    utils = "lmms_eval.tasks.pope.utils"
+    metrics = "".join(
+        f"  - metric: pope_{m}\n    aggregation: !function {utils}.pope_aggregate_{m}\n    higher_is_better: true\n"
+        for m in ("accuracy", "precision", "recall", "f1_score", "yes_ratio")
+    )
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\n"
+        f"dataset_path: {Path(dataset_path).resolve()}\n"
+        "dataset_kwargs:\n  load_from_disk: true\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        f"doc_to_visual: !function {utils}.pope_doc_to_visual\n"
+        f"doc_to_text: !function {utils}.pope_doc_to_text\n"
+        'doc_to_target: "answer"\n'
+        "generation_kwargs:\n  max_new_tokens: 8\n  temperature: 0\n  do_sample: false\n"
+        f"process_results: !function {utils}.pope_process_results\n"
+        f"metric_list:\n{metrics}"
+        'lmms_eval_specific_kwargs:\n  default:\n    pre_prompt: ""\n'
+        '    post_prompt: "\\nAnswer the question using a single word or phrase."\n'
+        "metadata:\n  - version: 0.0\n"
+    )
+    return folder / f"{name}.yaml"

@@ -1,0 +1,214 @@
+"""The ``vlm_reroute`` lmms-eval model end to end on CPU: tiny checkpoints, tiny datasets, real lmms-eval.
+
+Needs the ``eval`` extra (``pip install -e ".[eval]"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("lmms_eval", reason="needs the eval extra: pip install -e '.[eval]'")
+
+from eval_helpers import MAX_NEW_TOKENS, direct_answers, rec_docs, workspace  # noqa: E402
+
+from vlm_reroute.budget import ModelShape, compute_budget  # noqa: E402
+from vlm_reroute.budget.solver import solve_schedule  # noqa: E402
+from vlm_reroute.eval.metrics import sample_scores  # noqa: E402
+from vlm_reroute.eval.tasks import refcoco  # noqa: E402
+from vlm_reroute.methods import FastV, PDrop  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return workspace(tmp_path_factory.mktemp("eval"))
+
+
+def evaluate(ws, family_or_ckpt: str, model_args: str, task: str, batch_size: int = 1, **kwargs):
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(ws["tasks"]), include_defaults=False)
+    return simple_evaluate(
+        model="vlm_reroute",
+        model_args=f"pretrained={ws[family_or_ckpt]},max_new_tokens={MAX_NEW_TOKENS},{model_args}",
+        tasks=[task],
+        task_manager=manager,
+        device="cpu",
+        batch_size=batch_size,
+        log_samples=True,
+        **kwargs,
+    )
+
+
+def _image_tokens(model, inputs) -> int:
+    return int((inputs["input_ids"] == model.config.image_token_id).sum())
+
+
+# family -> (model_args, reference method for (model, inputs), batch size). The schedules differ per
+# family to cover an int FastV schedule, a tier solved per prompt and fractional keep with mixed sizes.
+CASES = {
+    "llava": ("method=fastv,layers=[2],keep=[64]", lambda m, i: FastV(layer=2, keep=64)),
+    "qwen2_vl": (
+        "method=pdrop,reroute=true,tier=24",
+        lambda m, i: solve_schedule(
+            ModelShape.from_config(m.config), _image_tokens(m, i), "pdrop", True, target_avg_t=24
+        ).to_method(),
+    ),
+    "qwen2_5_vl": (
+        "method=pdrop,reroute=true,layers=[2,4,6],keep=[0.5,0.5,0.25]",
+        lambda m, i: PDrop(layers=[2, 4, 6], keep=[0.5, 0.5, 0.25], reroute=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_batched_plugin_answers_equal_direct_routed_generate(ws, family):
+    model_args, reference = CASES[family]
+    task = f"refcoco_bbox_rec_{family}_val"
+    out = evaluate(ws, family, model_args, task, batch_size=3)
+    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    docs = rec_docs(ws["rec"], family)
+    assert [s["doc_id"] for s in samples] == list(range(len(docs))) and len(docs) == 8
+
+    visual = refcoco.doc_to_visual if family == "llava" else refcoco.doc_to_visual_qwen
+    text = {
+        "llava": refcoco.doc_to_text_llava,
+        "qwen2_vl": refcoco.doc_to_text_qwen2_vl,
+        "qwen2_5_vl": refcoco.doc_to_text_qwen2_5_vl,
+    }[family]
+    expected = direct_answers(ws[family], [(visual(d)[0], text(d)) for d in docs], reference)
+    for sample, (answer, _) in zip(samples, expected, strict=True):
+        if family == "llava":
+            answer = answer.split("ASSISTANT:")[0]  # the task's stop string
+        assert sample["resps"][0][0] == answer
+
+    # the score lmms-eval reports is the task's metric on these answers
+    process = getattr(refcoco, f"process_results_{family}")
+    hits = [
+        sample_scores(d["bbox"], process(d, [s["resps"][0][0].strip()])["refcoco_IoU"]["pred"])["ACC@0.5"]
+        for d, s in zip(docs, samples, strict=True)
+    ]
+    assert out["results"][task]["refcoco_ACC@0.5,none"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_cost_is_logged_per_sample_from_the_trace(ws):
+    """Schedule, tokens per layer, avg_T, TFLOPs and KV bytes as executed, checked against the budget module."""
+    task = "refcoco_bbox_rec_llava_val"
+    out = evaluate(ws, "llava", "method=pdrop,reroute=false,layers=[2,5],keep=[100,20]", task, limit=2)
+    shape = ModelShape.from_config(ws["llava"] / "config.json")
+    for sample in out["samples"][task]:
+        cost = sample["token_counts"][0]["vlm_reroute"]
+        assert cost["method"] == "PDrop"
+        assert (cost["layers"], cost["kept"]) == ([2, 5], [100, 20])
+        assert cost["visual_tokens"] == 576
+        assert cost["tokens_per_layer"] == [576, 576, 100, 100, 100, 20, 20, 20]
+        assert cost["avg_visual_tokens"] == pytest.approx((2 * 576 + 3 * 100 + 3 * 20) / 8)
+        budget = compute_budget(
+            shape.__class__(**{**shape.__dict__, "dtype_bytes": 4}),
+            576,
+            cost["text_tokens"],
+            [2, 5],
+            [100, 20],
+        )
+        assert cost["tflops"] == pytest.approx(budget.flops_fastv / 1e12)
+        assert cost["kv_bytes"] == budget.kv_bytes
+        assert cost["prefill_ms"] > 0 and cost["peak_memory_bytes"] > 0
+        assert sample["token_counts"][0]["input_tokens"] == cost["text_tokens"] + 576
+
+
+def test_vanilla_through_the_plugin_equals_plain_generate_on_pope(ws):
+    out = evaluate(ws, "qwen2_5_vl", "method=none", "tiny_pope", batch_size=2)
+    samples = sorted(out["samples"]["tiny_pope"], key=lambda s: s["doc_id"])
+    import datasets
+    from lmms_eval.tasks.pope import utils as pope
+
+    docs = list(datasets.load_from_disk(str(ws["vqa"]))["test"])
+    post = {"pre_prompt": "", "post_prompt": "\nAnswer the question using a single word or phrase."}
+    expected = direct_answers(
+        ws["qwen2_5_vl"],
+        [(pope.pope_doc_to_visual(d)[0], pope.pope_doc_to_text(d, post)) for d in docs],
+        lambda m, i: None,
+    )
+    for sample, (answer, inputs) in zip(samples, expected, strict=True):
+        assert sample["resps"][0][0] == answer
+        cost = sample["token_counts"][0]["vlm_reroute"]
+        n_visual = int(inputs["mm_token_type_ids"].sum())
+        assert cost["method"] == "vanilla" and cost["layers"] == []
+        assert cost["tokens_per_layer"] == [n_visual] * 8
+    accuracy = sum(
+        float(s["resps"][0][0].strip().lower() == d["answer"]) for s, d in zip(samples, docs, strict=True)
+    )
+    assert out["results"]["tiny_pope"]["pope_accuracy,none"] == pytest.approx(accuracy / len(docs))
+
+
+def _cli(ws, tmp_path, launcher: list[str], model_args: str, task: str) -> tuple[dict, list[dict], str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [
+            *launcher,
+            "lmms_eval",
+            "--model",
+            "vlm_reroute",
+            "--model_args",
+            f"pretrained={model_args}",
+            "--tasks",
+            task,
+            "--include_path",
+            str(ws["tasks"]),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "2",
+            "--output_path",
+            str(tmp_path),
+            "--log_samples",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    # lmms-eval exits 0 even when the model crashes: the files are the evidence
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = list(tmp_path.rglob("*_results.json"))
+    samples = list(tmp_path.rglob(f"*_samples_{task}.jsonl"))
+    assert len(results) == 1 and len(samples) == 1, (run.stdout[-2000:], run.stderr[-3000:])
+    lines = [json.loads(line) for line in samples[0].read_text().splitlines() if line.strip()]
+    return json.loads(results[0].read_text()), lines, run.stdout + run.stderr
+
+
+def test_python_m_lmms_eval_cli(ws, tmp_path):
+    task = "refcoco_bbox_rec_llava_val"
+    args = f"{ws['llava']},method=pdrop,reroute=true,tier=100,max_new_tokens=4"
+    results, samples, _ = _cli(ws, tmp_path, [sys.executable, "-m"], args, task)
+    assert "refcoco_ACC@0.5,none" in results["results"][task]
+    assert len(samples) == 8
+    for s in samples:
+        cost = s["token_counts"][0]["vlm_reroute"]
+        assert cost["method"] == "PDrop + Reroute" and len(cost["layers"]) == 4
+        assert abs(cost["avg_visual_tokens"] - 100) <= 0.5
+
+
+def test_accelerate_two_processes_shard_and_merge(ws, tmp_path):
+    """Data parallel on CPU: two ranks answer disjoint halves; lmms-eval merges the samples and scores."""
+    # on CPU, torchrun via --multi_gpu: accelerate falls back to a gloo (MULTI_CPU) group without GPUs
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "-m",
+    ]
+    args = f"{ws['qwen2_vl']},method=fastv,reroute=false,tier=20,max_new_tokens=4"
+    results, samples, log = _cli(ws, tmp_path, launcher, args, "tiny_pope")
+    assert sorted(s["doc_id"] for s in samples) == [0, 1, 2, 3]
+    assert {s["token_counts"][0]["vlm_reroute"]["rank"] for s in samples} == {0, 1}
+    accuracy = sum(float(s["pope_accuracy"]["score"]) for s in samples) / 4
+    assert results["results"]["tiny_pope"]["pope_accuracy,none"] == pytest.approx(accuracy)
