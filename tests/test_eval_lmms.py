@@ -17,10 +17,9 @@ pytest.importorskip("lmms_eval", reason="needs the eval extra: pip install -e '.
 from eval_helpers import MAX_NEW_TOKENS, direct_answers, rec_docs, workspace  # noqa: E402
 
 from vlm_reroute.budget import ModelShape, compute_budget  # noqa: E402
-from vlm_reroute.budget.solver import solve_schedule  # noqa: E402
 from vlm_reroute.eval.metrics import sample_scores  # noqa: E402
 from vlm_reroute.eval.tasks import refcoco  # noqa: E402
-from vlm_reroute.methods import FastV, PDrop  # noqa: E402
+from vlm_reroute.methods import FastV, PDrop, method_from_spec  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +44,13 @@ def evaluate(ws, family_or_ckpt: str, model_args: str, task: str, batch_size: in
     )
 
 
-def _image_tokens(model, inputs) -> int:
-    return int((inputs["input_ids"] == model.config.image_token_id).sum())
-
-
 # family -> (model_args, reference method for (model, inputs), batch size). The schedules differ per
 # family to cover an int FastV schedule, a tier solved per prompt and fractional keep with mixed sizes.
 CASES = {
     "llava": ("method=fastv,layers=[2],keep=[64]", lambda m, i: FastV(layer=2, keep=64)),
     "qwen2_vl": (
         "method=pdrop,reroute=true,tier=24",
-        lambda m, i: solve_schedule(
-            ModelShape.from_config(m.config), _image_tokens(m, i), "pdrop", True, target_avg_t=24
-        ).to_method(),
+        lambda m, i: method_from_spec("pdrop", reroute=True, tier=24),
     ),
     "qwen2_5_vl": (
         "method=pdrop,reroute=true,layers=[2,4,6],keep=[0.5,0.5,0.25]",

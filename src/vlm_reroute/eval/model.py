@@ -10,8 +10,7 @@ Two classes share one implementation: :class:`VlmReroute` (chat, the default: lm
 document's messages) and :class:`VlmRerouteSimple` (``--force_simple``; it also answers
 ``loglikelihood`` requests, which lmms-eval 0.7 issues only to simple models). Batches are left-padded;
 a sample gets the same answer alone or batched, because the method decides per sample and tier
-budgets are solved per image size (samples whose first images differ in token count never share a
-batch when a budget must be solved).
+budgets are solved per image (``vlm_reroute.methods.method_from_spec``).
 
 Each answer carries its cost (:mod:`.cost`) in its ``token_counts`` (written by ``--log_samples``), and
 ``cost_log=path.jsonl`` appends one line per sample.
@@ -19,6 +18,7 @@ Each answer carries its cost (:mod:`.cost`) in its ``token_counts`` (written by 
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import re
@@ -109,6 +109,7 @@ class VlmRerouteSimple(lmms):
         reroute: bool | str = False,
         tier: float | str | None = None,
         ratio: float | str | None = None,
+        flops_fraction: float | str | None = None,
         layers: str | None = None,
         keep: str | None = None,
         dtype: str = "auto",
@@ -125,12 +126,9 @@ class VlmRerouteSimple(lmms):
         super().__init__()
         unknown = sorted(k for k in kwargs if k not in _LMMS_EXTRA)
         if unknown:
-            raise ValueError(
-                f"vlm_reroute: unknown model_args {unknown}; allowed are pretrained, method, reroute, tier, "
-                "ratio, layers, keep, dtype, attn_implementation, device, device_map, batch_size, max_pixels, "
-                "min_pixels, max_new_tokens, cost_log"
-            )
-        self.spec = MethodSpec.from_args(method, reroute, tier, ratio, layers, keep)
+            allowed = [p for p in inspect.signature(VlmRerouteSimple.__init__).parameters][1:-1]
+            raise ValueError(f"vlm_reroute: unknown model_args {unknown}; allowed are {', '.join(allowed)}")
+        self.spec = MethodSpec.from_args(method, reroute, tier, ratio, flops_fraction, layers, keep)
         try:
             self.batch_size_per_gpu = int(batch_size)
         except ValueError:
@@ -145,7 +143,9 @@ class VlmRerouteSimple(lmms):
         self.pretrained = pretrained
         self.inputs = InputBuilder.from_pretrained(pretrained, self._model, min_pixels, max_pixels)
         self.shape = model_shape(self._model)
-        self._methods: dict[int, Any] = {}
+        self._method = self.spec.build()
+        if self._method is not None:
+            self._method.check_depth(self.shape.num_layers)
         self.costs: list[dict[str, Any]] = []
         self.cost_log = self._rank_path(cost_log)
         self._timer = PrefillTimer(self._model)
@@ -199,40 +199,16 @@ class VlmRerouteSimple(lmms):
     def set_method(self, spec: MethodSpec) -> None:
         """Switch the method without reloading the model (the grid runner's cells share one model)."""
         self.spec = spec
-        self._methods.clear()
+        self._method = spec.build()
 
     # ------------------------------------------------------------------ methods
-    def _first_image_tokens(self, conversation: Conversation) -> int:
-        """Visual tokens of the conversation's first image (what budgets are solved for); 0 without images."""
-        images = conversation_images(conversation)
-        if not images:
-            return 0
-        config = self._model.config
-        if "Qwen" not in type(self._model).__name__:
-            return int(config.image_seq_length)
-        processor = self.inputs.image_processor or self.inputs.processor.image_processor
-        width, height = images[0].size
-        return processor.get_number_of_image_patches(height, width) // processor.merge_size**2
-
-    def _needs_solving(self) -> bool:
-        return self.spec.method != "none" and self.spec.keep is None
-
-    def _method_for(self, n_visual: int) -> Any:
-        from ._factory import build_method
-
-        if self.spec.method == "none" or n_visual == 0:
-            return None
-        key = n_visual if self._needs_solving() else -1
-        if key not in self._methods:
-            self._methods[key] = build_method(self.spec, self.shape, n_visual)
-        return self._methods[key]
-
     @contextmanager
-    def _applied(self, method: Any) -> Iterator[Any]:
-        if method is None:
+    def _applied(self) -> Iterator[Any]:
+        """The method applied to the model (its trace), or nothing for vanilla (``None``)."""
+        if self._method is None:
             yield None
         else:
-            with method(self._model) as trace:
+            with self._method(self._model) as trace:
                 yield trace
 
     # ------------------------------------------------------------------ generation
@@ -259,13 +235,9 @@ class VlmRerouteSimple(lmms):
         return out, until
 
     def _run(self, requests: list[_Request]) -> list[GenerationResult]:
-        """Answer requests in batches of the same generation settings (and image size, when solving)."""
+        """Answer requests in batches of the same generation settings."""
 
-        def group(r: _Request) -> tuple:
-            size = self._first_image_tokens(r.conversation) if self._needs_solving() else 0
-            return (json.dumps(r.gen_kwargs, sort_keys=True, default=str), size)
-
-        keys = {r.index: group(r) for r in requests}
+        keys = {r.index: json.dumps(r.gen_kwargs, sort_keys=True, default=str) for r in requests}
         ordered = sorted(requests, key=lambda r: (keys[r.index], r.index))
         batches: list[list[_Request]] = []
         for _, members in itertools.groupby(ordered, key=lambda r: keys[r.index]):
@@ -297,10 +269,9 @@ class VlmRerouteSimple(lmms):
         gen, until = self._generation_kwargs(batch[0].gen_kwargs)
         inputs = self.inputs([r.conversation for r in batch])
         inputs = {k: v.to(self._device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        method = self._method_for(self._first_image_tokens(batch[0].conversation))
         start = time.perf_counter()
         with torch.no_grad(), peak_memory(self._model) as peak, self._timer() as timer:
-            with self._applied(method) as trace:
+            with self._applied() as trace:
                 output = self._model.generate(**inputs, **gen)
         seconds = time.perf_counter() - start
         width = inputs["input_ids"].shape[1]
@@ -385,7 +356,6 @@ class VlmRerouteSimple(lmms):
         target = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         if target.numel() == 0:
             return 0.0, True
-        method = self._method_for(self._first_image_tokens(conversation))
         gen, _ = self._generation_kwargs({"max_new_tokens": int(target.numel())})
         gen.update(
             max_new_tokens=int(target.numel()),
@@ -397,7 +367,7 @@ class VlmRerouteSimple(lmms):
             return_dict_in_generate=True,
         )
         gen.pop("eos_token_id", None)
-        with torch.no_grad(), self._applied(method):
+        with torch.no_grad(), self._applied():
             output = self._model.generate(**inputs, **gen)
         logits = torch.stack(output.logits, dim=1)[0].float()  # (T, vocab), before the forcing processor
         logprobs = torch.log_softmax(logits, dim=-1)

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("none", "fastv", "pdrop")
-_DISPLAY = {"none": "vanilla", "fastv": "FastV", "pdrop": "PDrop"}
+VANILLA = "none"
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -76,92 +75,117 @@ def parse_list(value: Any, what: str, integer: bool) -> tuple[int | float, ...] 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method and its budget: ``tier`` (avg_T), ``ratio`` (avg_T as a fraction of the visual tokens),
-    or an explicit schedule ``layers`` + ``keep`` (counts, or fractions of each image's tokens).
+    """A method name and its budget: ``tier`` (avg_T), ``ratio`` (avg_T as a fraction of each image's
+    visual tokens), ``flops_fraction``, or an explicit schedule ``layers`` + ``keep`` (counts, or
+    fractions of each image's tokens). A budget is solved per prompt for its image sizes.
 
-    ``method="none"`` is vanilla: no method is applied, the same code path otherwise.
+    ``method="none"`` is vanilla: no method is applied, the same code path otherwise. Other names are
+    those of :func:`vlm_reroute.methods.method_names` (checked by building the method, torch-free);
+    with neither a budget nor a schedule the method's own defaults apply.
     """
 
-    method: str = "none"
+    method: str = VANILLA
     reroute: bool = False
     tier: float | None = None
     ratio: float | None = None
+    flops_fraction: float | None = None
     layers: tuple[int, ...] | None = None
     keep: tuple[int | float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}: allowed are {', '.join(METHODS)}")
-        if self.method == "none":
-            if self.reroute or any(v is not None for v in (self.tier, self.ratio, self.layers, self.keep)):
-                raise ValueError("method=none (vanilla) takes no reroute, tier, ratio, layers or keep")
+        if self.method == VANILLA:
+            extra = [
+                k
+                for k in ("tier", "ratio", "flops_fraction", "layers", "keep")
+                if getattr(self, k) is not None
+            ]
+            if self.reroute or extra:
+                raise ValueError(
+                    f"method=none (vanilla) takes no {', '.join(extra) or 'reroute'}; name a method "
+                    f"({', '.join(_method_names())}) to reduce tokens"
+                )
             return
-        if self.tier is not None and self.ratio is not None:
-            raise ValueError(f"tier={self.tier} and ratio={self.ratio}: give one of them, not both")
-        budget = self.tier is not None or self.ratio is not None
-        if budget and self.keep is not None:
-            raise ValueError(
-                "keep= is an explicit schedule; give either keep= (with layers=) or tier=/ratio="
-            )
-        if not budget and self.keep is None:
-            raise ValueError(
-                f"method={self.method}: give a budget, tier= (avg_T, e.g. 64) or ratio= (e.g. 0.111), "
-                "or an explicit schedule layers=[...],keep=[...]"
-            )
-        if self.keep is not None and self.layers is None:
-            raise ValueError(f"keep={list(self.keep)} needs layers= (one decision layer per keep entry)")
-        if self.keep is not None and len(self.keep) != len(self.layers):
-            raise ValueError(f"layers={list(self.layers)} and keep={list(self.keep)} differ in length")
-        if self.tier is not None and self.tier <= 0:
-            raise ValueError(f"tier={self.tier}: avg_T must be > 0")
-        if self.ratio is not None and not 0 < self.ratio <= 1:
-            raise ValueError(f"ratio={self.ratio}: must be in (0, 1]")
+        if self.method not in _method_names():
+            raise ValueError(f"method={self.method!r}: allowed are none, {', '.join(_method_names())}")
+        self.build()  # the factory's own checks (one budget, keep with layers, ranges)
 
     @classmethod
     def from_args(
         cls,
-        method: Any = "none",
+        method: Any = VANILLA,
         reroute: Any = False,
         tier: Any = None,
         ratio: Any = None,
+        flops_fraction: Any = None,
         layers: Any = None,
         keep: Any = None,
     ) -> MethodSpec:
         """Build from lmms-eval-style values (strings, numbers, bools)."""
-        name = str(method).strip().lower().replace("vanilla", "none") if method is not None else "none"
+        name = VANILLA if method is None else str(method).strip().lower()
         return cls(
-            method=name,
+            method=VANILLA if name == "vanilla" else name,
             reroute=parse_bool(reroute, "reroute"),
             tier=parse_number(tier, "tier"),
             ratio=parse_number(ratio, "ratio"),
+            flops_fraction=parse_number(flops_fraction, "flops_fraction"),
             layers=parse_list(layers, "layers", integer=True),  # type: ignore[arg-type]
             keep=parse_list(keep, "keep", integer=False),
+        )
+
+    def build(self) -> Any:
+        """The method (``vlm_reroute.methods.method_from_spec``), or ``None`` for vanilla."""
+        if self.method == VANILLA:
+            return None
+        from ..methods.registry import method_from_spec
+
+        return method_from_spec(
+            self.method,
+            reroute=self.reroute,
+            tier=self.tier,
+            ratio=self.ratio,
+            flops_fraction=self.flops_fraction,
+            layers=self.layers,
+            keep=self.keep,
         )
 
     @property
     def name(self) -> str:
         """``vanilla``, ``FastV``, ``PDrop + Reroute``..."""
-        return _DISPLAY[self.method] + (" + Reroute" if self.reroute else "")
+        if self.method == VANILLA:
+            return "vanilla"
+        from ..methods.registry import method_class
+
+        cls, reroute = method_class(self.method, self.reroute)
+        return cls.label(reroute)
 
     @property
     def label(self) -> str:
-        if self.method == "none":
+        if self.method == VANILLA:
             return "vanilla"
-        if self.tier is not None:
-            return f"{self.name} @ avg_T {self.tier:g}"
-        if self.ratio is not None:
-            return f"{self.name} @ ratio {self.ratio:g}"
-        return f"{self.name} layers={list(self.layers)} keep={list(self.keep)}"
+        for key, text in (("tier", "avg_T"), ("ratio", "ratio"), ("flops_fraction", "FLOPs fraction")):
+            if getattr(self, key) is not None:
+                return f"{self.name} @ {text} {getattr(self, key):g}"
+        if self.keep is not None:
+            return f"{self.name} layers={list(self.layers)} keep={list(self.keep)}"
+        return f"{self.name} (defaults)"
 
     def model_args(self) -> str:
         """The ``--model_args`` fragment that reproduces this spec."""
         parts = [f"method={self.method}"]
-        if self.method != "none":
+        if self.method != VANILLA:
             parts.append(f"reroute={str(self.reroute).lower()}")
-        for key in ("tier", "ratio"):
+        for key in ("tier", "ratio", "flops_fraction"):
             if getattr(self, key) is not None:
                 parts.append(f"{key}={getattr(self, key):g}")
         for key in ("layers", "keep"):
             if getattr(self, key) is not None:
-                parts.append(f"{key}=[{','.join(f'{v:g}' for v in getattr(self, key))}]")
+                parts.append(
+                    f"{key}=[{','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in getattr(self, key))}]"
+                )
         return ",".join(parts)
+
+
+def _method_names() -> tuple[str, ...]:
+    from ..methods.registry import method_names
+
+    return method_names()
