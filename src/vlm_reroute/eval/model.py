@@ -149,6 +149,7 @@ class VlmRerouteSimple(lmms):
         self.costs: list[dict[str, Any]] = []
         self.cost_log = self._rank_path(cost_log)
         self._timer = PrefillTimer(self._model)
+        self.reusable = False  # True: survive lmms-eval's clean() to run several evaluations
 
     # ------------------------------------------------------------------ lmms-eval plumbing
     def _setup_device(self, device: str | None, device_map: str | None) -> None:
@@ -195,6 +196,11 @@ class VlmRerouteSimple(lmms):
     @property
     def world_size(self) -> int:
         return self._world_size
+
+    def clean(self) -> None:
+        """lmms-eval frees the model after each evaluation; a :attr:`reusable` model stays loaded."""
+        if not self.reusable:
+            super().clean()
 
     def set_method(self, spec: MethodSpec) -> None:
         """Switch the method without reloading the model (the grid runner's cells share one model)."""

@@ -1,0 +1,212 @@
+"""The evaluation grid behind ``vlm-reroute eval``: methods × reroute on/off × tiers × tasks through lmms-eval.
+
+One model is loaded once and every cell re-applies a method to it (``VlmReroute.set_method``), so a cell
+costs only its answers. Each finished cell is appended to ``results.json`` at once, so an interrupted
+run resumes where it stopped (finished cells are skipped); ``grid.json`` records the settings a folder
+belongs to and refuses to mix runs. Each cell also keeps lmms-eval's scores and the per-sample answers
+and costs under ``cells/``.
+
+``results.json`` holds one object per cell with exactly: ``task``, ``method``, ``reroute``, ``tier``,
+``metric``, ``value``, ``avg_visual_tokens``, ``tflops``, ``kv_bytes``, ``prefill_ms``, ``n``
+(costs are means over the cell's samples, see :mod:`.cost`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .spec import VANILLA, MethodSpec
+
+FIELDS = (
+    "task",
+    "method",
+    "reroute",
+    "tier",
+    "metric",
+    "value",
+    "avg_visual_tokens",
+    "tflops",
+    "kv_bytes",
+    "prefill_ms",
+    "n",
+)
+# primary metric per task (prefix match, longest first); other tasks: their first reported metric
+PRIMARY_METRICS = {
+    "refcoco": "refcoco_ACC@0.5",
+    "pope": "pope_accuracy",
+    "gqa": "exact_match",
+    "mme": "mme_perception_score",
+    "mmbench": "gpt_eval_score",
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell; ``method="vanilla"`` (no reroute, no tier) is the baseline of its task."""
+
+    task: str
+    method: str
+    reroute: bool
+    tier: float | None
+
+    @property
+    def key(self) -> tuple:
+        return (self.task, self.method, self.reroute, self.tier)
+
+    @property
+    def slug(self) -> str:
+        tier = "-" if self.tier is None else f"{self.tier:g}"
+        mode = "reroute" if self.reroute else "prune"
+        return f"{self.task}__{self.method}__{mode}__{tier}".replace("/", "_")
+
+    def spec(self) -> MethodSpec:
+        if self.method == "vanilla":
+            return MethodSpec(VANILLA)
+        return MethodSpec(self.method, reroute=self.reroute, tier=self.tier)
+
+
+def plan(
+    tasks: Sequence[str], methods: Sequence[str], reroute: Sequence[bool], tiers: Sequence[float]
+) -> list[Cell]:
+    """Vanilla for each task, then every method × reroute mode × tier, task by task."""
+    if not tasks:
+        raise ValueError("give at least one task")
+    cells = []
+    for task in tasks:
+        cells.append(Cell(task, "vanilla", False, None))
+        for method in methods:
+            for mode in reroute:
+                for tier in tiers:
+                    cell = Cell(task, method, mode, float(tier))
+                    cell.spec()  # fail early on a bad method name or tier
+                    cells.append(cell)
+    return cells
+
+
+def primary_metric(task: str, results: dict[str, Any]) -> tuple[str, float]:
+    """The headline metric of ``task`` in lmms-eval's results for it (``{"metric,filter": value}``)."""
+    values = {k.split(",")[0]: v for k, v in results.items() if "," in k and "stderr" not in k}
+    values = {k: v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    for prefix in sorted(PRIMARY_METRICS, key=len, reverse=True):
+        if task.startswith(prefix) and PRIMARY_METRICS[prefix] in values:
+            return PRIMARY_METRICS[prefix], float(values[PRIMARY_METRICS[prefix]])
+    if not values:
+        raise ValueError(f"lmms-eval reported no numeric metric for {task}: {sorted(results)}")
+    name = next(iter(values))
+    return name, float(values[name])
+
+
+def load_results(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    path = out / "grid.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        if before != settings:
+            changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+            raise ValueError(
+                f"{out} holds results of a run with other settings ({', '.join(changed)}); "
+                "resume with the same settings or choose another output folder"
+            )
+    else:
+        _write_json(path, settings)
+
+
+def run_grid(
+    cells: Iterable[Cell],
+    out: str | Path,
+    model_factory: Callable[[], Any],
+    settings: dict[str, Any],
+    limit: int | float | None = None,
+    include_path: Sequence[str | Path] = (),
+    progress: Callable[[Cell, int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every cell not yet in ``out/results.json``; return all rows (finished before and now).
+
+    ``model_factory()`` builds the lmms-eval model (a :class:`~vlm_reroute.eval.model.VlmReroute`),
+    called once and only if a cell is left to run. ``settings`` (JSON-able: checkpoint, limit, model
+    arguments) identify the run; a folder holding another run's results is refused.
+    """
+    out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    _check_settings(out, {**settings, "limit": limit})
+    results_path = out / "results.json"
+    rows = load_results(results_path)
+    done = {(r["task"], r["method"], r["reroute"], r["tier"]) for r in rows}
+    pending = [c for c in cells if c.key not in done]
+    if not pending:
+        return rows
+
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    model = model_factory()
+    model.reusable = True
+    manager = TaskManager(include_path=[str(p) for p in include_path] or None, include_defaults=True)
+    for i, cell in enumerate(pending):
+        if progress is not None:
+            progress(cell, i, len(pending))
+        model.set_method(cell.spec())
+        output = simple_evaluate(
+            model=model, tasks=[cell.task], limit=limit, log_samples=True, task_manager=manager
+        )
+        if output is None:  # a non-zero rank under data parallelism: rank 0 writes
+            continue
+        row = cell_row(cell, output)
+        samples = output["samples"][cell.task]
+        _write_json(
+            out / "cells" / f"{cell.slug}.json",
+            {
+                "cell": asdict(cell),
+                "results": output["results"][cell.task],
+                "samples": [{"doc_id": s["doc_id"], "resps": s["resps"], "cost": _cost(s)} for s in samples],
+            },
+        )
+        rows.append(row)
+        _write_json(results_path, rows)
+    return rows
+
+
+def _cost(sample: dict[str, Any]) -> dict[str, Any] | None:
+    counts = sample.get("token_counts") or [None]
+    return (counts[0] or {}).get("vlm_reroute")
+
+
+def cell_row(cell: Cell, output: dict[str, Any]) -> dict[str, Any]:
+    """One ``results.json`` object from lmms-eval's output for the cell."""
+    from .cost import summarise
+
+    metric, value = primary_metric(cell.task, output["results"][cell.task])
+    samples = output["samples"][cell.task]
+    costs = [c for c in (_cost(s) for s in samples) if c is not None]
+    if len(costs) != len(samples):
+        raise ValueError(f"{cell.slug}: {len(samples) - len(costs)} samples carry no cost record")
+    summary = summarise(costs)
+    row = {
+        "task": cell.task,
+        "method": cell.method,
+        "reroute": cell.reroute,
+        "tier": cell.tier,
+        "metric": metric,
+        "value": value,
+        "avg_visual_tokens": summary["avg_visual_tokens"],
+        "tflops": summary["tflops"],
+        "kv_bytes": summary["kv_bytes"],
+        "prefill_ms": summary["prefill_ms"],
+        "n": len(samples),
+    }
+    assert tuple(row) == FIELDS
+    return row

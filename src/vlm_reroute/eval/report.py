@@ -1,0 +1,166 @@
+"""The paper-style table (Markdown and CSV) and the accuracy-vs-avg_T chart of a grid's ``results.json``.
+
+Rows are method and tier (vanilla first), columns are tasks: the absolute score (in % when the metric
+is a fraction) and its retention, the score as a percentage of vanilla's on the same task. The last
+columns are the measured avg_T and TFLOPs averaged over the row's tasks.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_DISPLAY = {"vanilla": "vanilla", "fastv": "FastV", "pdrop": "PDrop", "random": "Random"}
+
+
+def _name(method: str, reroute: bool) -> str:
+    return _DISPLAY.get(method, method) + (" + Reroute" if reroute else "")
+
+
+def _rows(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[tuple], dict]:
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    keys = list(dict.fromkeys((r["method"], r["reroute"], r["tier"]) for r in results))
+    keys.sort(key=lambda k: (k[0] != "vanilla", -(k[2] or 0), k[0], k[1]))
+    cell = {(r["task"], r["method"], r["reroute"], r["tier"]): r for r in results}
+    return tasks, keys, cell
+
+
+def _fraction_tasks(results: Sequence[dict[str, Any]]) -> set[str]:
+    by_task: dict[str, list[float]] = {}
+    for r in results:
+        by_task.setdefault(r["task"], []).append(r["value"])
+    return {t for t, v in by_task.items() if all(0.0 <= x <= 1.0 for x in v)}
+
+
+def table_rows(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows (numbers, ``None`` where a cell is missing) of the table."""
+    tasks, keys, cell = _rows(results)
+    percent = _fraction_tasks(results)
+    header = ["method", "tier"]
+    for task in tasks:
+        header += [f"{task} ({cell_metric(results, task)})", f"{task} retention %"]
+    header += ["avg_T", "TFLOPs"]
+    rows = []
+    for method, reroute, tier in keys:
+        row: list[Any] = [_name(method, reroute), tier]
+        measured = []
+        for task in tasks:
+            r = cell.get((task, method, reroute, tier))
+            base = next((v for k, v in cell.items() if k[0] == task and k[1] == "vanilla"), None)
+            if r is None:
+                row += [None, None]
+                continue
+            scale = 100.0 if task in percent else 1.0
+            retention = 100.0 * r["value"] / base["value"] if base and base["value"] else None
+            row += [r["value"] * scale, retention]
+            measured.append(r)
+        row.append(sum(r["avg_visual_tokens"] for r in measured) / len(measured) if measured else None)
+        row.append(sum(r["tflops"] for r in measured) / len(measured) if measured else None)
+        rows.append(row)
+    return header, rows
+
+
+def cell_metric(results: Sequence[dict[str, Any]], task: str) -> str:
+    return next(r["metric"] for r in results if r["task"] == task)
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def markdown(results: Sequence[dict[str, Any]], title: str = "") -> str:
+    header, rows = table_rows(results)
+    tasks = header[2:-2:2]
+    head = ["method", "tier", *(t.split(" (")[0] for t in tasks), "avg_T", "TFLOPs"]
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        scores = [
+            f"{_fmt(row[2 + 2 * i])} ({_fmt(row[3 + 2 * i])}%)" if row[2 + 2 * i] is not None else "–"
+            for i in range(len(tasks))
+        ]
+        tier = "–" if row[1] is None else f"{row[1]:g}"
+        lines.append("| " + " | ".join([row[0], tier, *scores, _fmt(row[-2]), _fmt(row[-1], 4)]) + " |")
+    metrics = ", ".join(f"{t.split(' (')[0]}: {t.split(' (')[1][:-1]}" for t in tasks)
+    lines += [
+        "",
+        f"Scores ({metrics}) in % when the metric is a fraction, with retention (% of vanilla) in "
+        "brackets; avg_T (visual tokens per decoder layer) and TFLOPs (FastV's convention, text + visual "
+        "tokens) as executed, averaged over the row's tasks.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(results: Sequence[dict[str, Any]]) -> str:
+    header, rows = table_rows(results)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    return buffer.getvalue()
+
+
+def chart(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Score against measured avg_T, one panel per task: a line per method, solid reroute, dashed prune,
+    vanilla as a grey star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, _, _ = _rows(results)
+    percent = _fraction_tasks(results)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    methods = sorted({r["method"] for r in results} - {"vanilla"})
+    colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for ax, task in zip(axes[0], tasks, strict=True):
+        scale = 100.0 if task in percent else 1.0
+        mine = [r for r in results if r["task"] == task]
+        for method in methods:
+            for reroute in (False, True):
+                points = sorted(
+                    (r["avg_visual_tokens"], r["value"] * scale)
+                    for r in mine
+                    if r["method"] == method and r["reroute"] == reroute
+                )
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    ax.plot(
+                        xs,
+                        ys,
+                        "o-" if reroute else "s--",
+                        color=colours[method],
+                        label=_name(method, reroute),
+                    )
+        for r in mine:
+            if r["method"] == "vanilla":
+                ax.plot(
+                    [r["avg_visual_tokens"]], [r["value"] * scale], "*", color="grey", ms=12, label="vanilla"
+                )
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("avg_T (visual tokens per layer, measured)")
+        ax.set_ylabel(f"{cell_metric(results, task)}{' (%)' if task in percent else ''}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_reports(results: Sequence[dict[str, Any]], out: str | Path, title: str = "") -> dict[str, Path]:
+    """``table.md``, ``table.csv`` and ``chart.png`` in ``out``."""
+    out = Path(out)
+    paths = {"markdown": out / "table.md", "csv": out / "table.csv", "chart": out / "chart.png"}
+    paths["markdown"].write_text(markdown(results, title))
+    paths["csv"].write_text(csv_text(results))
+    chart(results, paths["chart"])
+    return paths
