@@ -1,4 +1,4 @@
-"""Shared pieces of the lmms-eval tests: tiny checkpoints, datasets and tasks built once, a direct reference."""
+"""Shared pieces of the lmms-eval tests: tiny checkpoints, datasets and tasks, a direct reference."""
 
 from __future__ import annotations
 

@@ -90,7 +90,7 @@ def test_batched_plugin_answers_equal_direct_routed_generate(ws, family):
 
 
 def test_cost_is_logged_per_sample_from_the_trace(ws):
-    """Schedule, tokens per layer, avg_T, TFLOPs and KV bytes as executed, checked against the budget module."""
+    """Schedule, tokens per layer, avg_T, TFLOPs and KV bytes as executed, checked with the budget module."""
     task = "refcoco_bbox_rec_llava_val"
     out = evaluate(ws, "llava", "method=pdrop,reroute=false,layers=[2,5],keep=[100,20]", task, limit=2)
     shape = ModelShape.from_config(ws["llava"] / "config.json")
@@ -205,3 +205,68 @@ def test_accelerate_two_processes_shard_and_merge(ws, tmp_path):
     assert {s["token_counts"][0]["vlm_reroute"]["rank"] for s in samples} == {0, 1}
     accuracy = sum(float(s["pope_accuracy"]["score"]) for s in samples) / 4
     assert results["results"]["tiny_pope"]["pope_accuracy,none"] == pytest.approx(accuracy)
+
+
+def _loglik_reference(model, inputs, target, method) -> tuple[float, bool]:
+    """Prefill the prompt (routed), then feed the continuation one token at a time through the cache."""
+    from contextlib import nullcontext
+
+    import torch
+
+    total, greedy = 0.0, True
+    with torch.no_grad(), method(model) if method is not None else nullcontext():
+        out = model(**inputs, use_cache=True)
+        mask = inputs["attention_mask"]
+        for token in target:
+            logprobs = torch.log_softmax(out.logits[0, -1].float(), -1)
+            total += float(logprobs[token])
+            greedy &= int(logprobs.argmax()) == int(token)
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            out = model(
+                input_ids=torch.tensor([[int(token)]]),
+                past_key_values=out.past_key_values,
+                attention_mask=mask,
+                use_cache=True,
+            )
+    return total, greedy
+
+
+@pytest.mark.parametrize("spec", ["method=none", "method=pdrop,reroute=true,layers=[2,5],keep=[48,24]"])
+def test_loglikelihood_of_the_simple_model(ws, spec):
+    """``--force_simple`` loglikelihood: log P(continuation | routed prompt), checked step by step."""
+    import datasets
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    cls = get_model("vlm_reroute", force_simple=True)
+    lm = cls.create_from_arg_string(f"pretrained={ws['llava']},{spec}", {"device": "cpu"})
+    doc = next(iter(datasets.load_from_disk(str(ws["vqa"]))["test"]))
+    lm.task_dict = {"t": {"test": [doc]}}
+    visual = lambda d: [d["image"].convert("RGB")]  # noqa: E731
+    continuations = [" yes", "Q4"]
+    requests = [
+        Instance(
+            "loglikelihood",
+            (doc["question"], c, visual, 0, "t", "test"),
+            0,
+            {"task": "t", "doc_id": 0, "repeats": 1},
+        )
+        for c in continuations
+    ]
+    scores = lm.loglikelihood(requests)
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": visual(doc)[0]},
+                {"type": "text", "text": doc["question"]},
+            ],
+        }
+    ]
+    inputs = lm.inputs([conversation])
+    method = lm.spec.build()
+    for (logprob, greedy), continuation in zip(scores, continuations, strict=True):
+        target = lm.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        expected, expected_greedy = _loglik_reference(lm.model, inputs, target, method)
+        assert logprob == pytest.approx(expected, abs=1e-4) and logprob < 0
+        assert greedy == expected_greedy

@@ -1,4 +1,4 @@
-"""Cost of each answered sample: the schedule as executed, avg_T, theoretical TFLOPs and KV bytes, time, memory.
+"""Cost of each answered sample: schedule as executed, avg_T, theoretical TFLOPs and KV bytes, time, memory.
 
 Token counts come from the method's trace of the prefill (per sample), so they are what ran, not what
 was asked. FLOPs and KV bytes use the budget module's conventions (``vlm_reroute.budget``):

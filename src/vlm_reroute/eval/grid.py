@@ -1,4 +1,4 @@
-"""The evaluation grid behind ``vlm-reroute eval``: methods × reroute on/off × tiers × tasks through lmms-eval.
+"""The grid behind ``vlm-reroute eval``: methods × reroute on/off × tiers × tasks through lmms-eval.
 
 One model is loaded once and every cell re-applies a method to it (``VlmReroute.set_method``), so a cell
 costs only its answers. Each finished cell is appended to ``results.json`` at once, so an interrupted
@@ -155,7 +155,9 @@ def run_grid(
 
     model = model_factory()
     model.reusable = True
-    manager = TaskManager(include_path=[str(p) for p in include_path] or None, include_defaults=True)
+    manager = TaskManager(include_path=[str(p) for p in include_path] or None, include_defaults=False)
+    if not {c.task for c in pending} <= set(manager.all_tasks):  # lmms-eval's own tasks are needed
+        manager = TaskManager(include_path=[str(p) for p in include_path] or None, include_defaults=True)
     for i, cell in enumerate(pending):
         if progress is not None:
             progress(cell, i, len(pending))

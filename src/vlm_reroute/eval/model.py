@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from ..adapters import SUPPORTED_MODELS
 from .cost import PrefillTimer, model_shape, peak_memory, sample_costs, summarise
-from .inputs import Conversation, InputBuilder, conversation_images
+from .inputs import Conversation, InputBuilder
 from .spec import MethodSpec
 
 _DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -276,9 +276,13 @@ class VlmRerouteSimple(lmms):
         inputs = self.inputs([r.conversation for r in batch])
         inputs = {k: v.to(self._device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         start = time.perf_counter()
-        with torch.no_grad(), peak_memory(self._model) as peak, self._timer() as timer:
-            with self._applied() as trace:
-                output = self._model.generate(**inputs, **gen)
+        with (
+            torch.no_grad(),
+            peak_memory(self._model) as peak,
+            self._timer() as timer,
+            self._applied() as trace,
+        ):
+            output = self._model.generate(**inputs, **gen)
         seconds = time.perf_counter() - start
         width = inputs["input_ids"].shape[1]
         new_tokens = output[:, width:]

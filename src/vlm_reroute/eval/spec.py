@@ -179,9 +179,8 @@ class MethodSpec:
                 parts.append(f"{key}={getattr(self, key):g}")
         for key in ("layers", "keep"):
             if getattr(self, key) is not None:
-                parts.append(
-                    f"{key}=[{','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in getattr(self, key))}]"
-                )
+                values = (f"{v:g}" if isinstance(v, float) else str(v) for v in getattr(self, key))
+                parts.append(f"{key}=[{','.join(values)}]")
         return ",".join(parts)
 
 

@@ -125,7 +125,8 @@ def write_vqa_task(folder: str | Path, dataset_path: str | Path, name: str = "ti
     folder.mkdir(parents=True, exist_ok=True)
     utils = "lmms_eval.tasks.pope.utils"
     metrics = "".join(
-        f"  - metric: pope_{m}\n    aggregation: !function {utils}.pope_aggregate_{m}\n    higher_is_better: true\n"
+        f"  - metric: pope_{m}\n    aggregation: !function {utils}.pope_aggregate_{m}\n"
+        "    higher_is_better: true\n"
         for m in ("accuracy", "precision", "recall", "f1_score", "yes_ratio")
     )
     (folder / f"{name}.yaml").write_text(

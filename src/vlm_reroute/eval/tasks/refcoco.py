@@ -38,7 +38,7 @@ QWEN2_VL_PROMPT = (
 
 
 def qwen_input_size(width: int, height: int, max_pixels: int = QWEN_MAX_PIXELS) -> tuple[int, int]:
-    """``(width, height)`` of the image a Qwen2-VL / Qwen2.5-VL processor makes of a ``width × height`` one."""
+    """``(width, height)`` that Qwen2-VL / Qwen2.5-VL processors make of a ``width × height`` one."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         smart_resize,
     )  # no torchvision needed

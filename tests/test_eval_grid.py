@@ -1,0 +1,124 @@
+"""``vlm-reroute eval``: the grid through lmms-eval on a tiny model, resuming, and the table and chart."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from vlm_reroute.eval.grid import FIELDS, Cell, plan, primary_metric
+from vlm_reroute.eval.report import csv_text, markdown, table_rows
+
+RESULTS = [
+    {"task": "pope", "method": "vanilla", "reroute": False, "tier": None, "metric": "pope_accuracy",
+     "value": 0.80, "avg_visual_tokens": 576.0, "tflops": 3.8, "kv_bytes": 300, "prefill_ms":90.0, "n": 10},
+    {"task": "pope", "method": "pdrop", "reroute": False, "tier": 64.0, "metric": "pope_accuracy",
+     "value": 0.60, "avg_visual_tokens": 64.2, "tflops": 1.1, "kv_bytes": 100, "prefill_ms":40.0, "n": 10},
+    {"task": "pope", "method": "pdrop", "reroute": True, "tier": 64.0, "metric": "pope_accuracy",
+     "value": 0.72, "avg_visual_tokens": 63.8, "tflops": 1.1, "kv_bytes": 100, "prefill_ms":42.0, "n": 10},
+    {"task": "mme", "method": "vanilla", "reroute": False, "tier": None, "metric": "mme_perception_score",
+     "value": 1500.0, "avg_visual_tokens": 576.0, "tflops": 3.9, "kv_bytes": 310, "prefill_ms":95.0, "n": 10},
+    {"task": "mme", "method": "pdrop", "reroute": True, "tier": 64.0, "metric": "mme_perception_score",
+     "value": 1200.0, "avg_visual_tokens": 64.2, "tflops": 1.2, "kv_bytes": 110, "prefill_ms":45.0, "n": 10},
+]  # fmt: skip
+
+
+def test_plan_has_vanilla_then_every_combination():
+    cells = plan(["pope", "gqa"], ["fastv", "pdrop"], (False, True), [192, 64])
+    assert len(cells) == 2 * (1 + 2 * 2 * 2)
+    assert cells[0] == Cell("pope", "vanilla", False, None)
+    assert Cell("gqa", "pdrop", True, 64.0) in cells
+    with pytest.raises(ValueError, match="allowed are none, fastv"):
+        plan(["pope"], ["fastvv"], (False,), [64])
+
+
+def test_primary_metric_prefers_the_paper_metric():
+    results = {
+        "alias": "x",
+        "pope_precision,none": 0.5,
+        "pope_accuracy,none": 0.75,
+        "pope_accuracy_stderr,none": 0.1,
+    }
+    assert primary_metric("pope_adv", results) == ("pope_accuracy", 0.75)
+    assert primary_metric("custom", {"score,none": 3.0}) == ("score", 3.0)
+
+
+def test_table_scores_and_retention():
+    header, rows = table_rows(RESULTS)
+    by = {(r[0], r[1]): r for r in rows}
+    assert rows[0][0] == "vanilla"
+    # pope is a fraction (shown in %), mme is not
+    assert by[("PDrop", 64.0)][2:4] == pytest.approx([60.0, 75.0])
+    assert by[("PDrop + Reroute", 64.0)][2:6] == pytest.approx([72.0, 90.0, 1200.0, 80.0])
+    assert by[("PDrop", 64.0)][4:6] == [None, None]  # no mme cell for PDrop prune
+    assert by[("vanilla", None)][-2] == pytest.approx(576.0)
+    text = markdown(RESULTS)
+    assert "| PDrop + Reroute | 64 | 72.0 (90.0%) | 1200.0 (80.0%) | 64.0 | 1.1500 |" in text
+    parsed = list(csv.reader(io.StringIO(csv_text(RESULTS))))
+    assert parsed[0][:4] == header[:4] and len(parsed) == 1 + len(rows)
+
+
+# ---------------------------------------------------------------------------------------- end to end
+pytest.importorskip("lmms_eval", reason="needs the eval extra: pip install -e '.[eval]'")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    from eval_helpers import workspace
+
+    return workspace(tmp_path_factory.mktemp("grid"))
+
+
+def _eval(ws, out, *extra):
+    from vlm_reroute.cli import app
+
+    args = ["eval", "--model", str(ws["qwen2_vl"]), "--tasks", "tiny_pope", "--out", str(out),
+            "--include-path", str(ws["tasks"]), "--methods", "pdrop", "--device", "cpu",
+            "--batch-size", "2", "--max-new-tokens", "4", "--limit", "2", *extra]  # fmt: skip
+    return CliRunner().invoke(app, args)
+
+
+def test_grid_runs_resumes_and_reports(ws, tmp_path, monkeypatch):
+    out = tmp_path / "grid"
+    first = _eval(ws, out, "--tiers", "20")
+    assert first.exit_code == 0, first.output
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["reroute"], r["tier"]) for r in rows] == [
+        ("vanilla", False, None),
+        ("pdrop", False, 20.0),
+        ("pdrop", True, 20.0),
+    ]
+    for row in rows:
+        assert tuple(row) == FIELDS
+        assert row["task"] == "tiny_pope" and row["metric"] == "pope_accuracy" and row["n"] == 2
+        assert row["tflops"] > 0 and row["kv_bytes"] > 0 and row["prefill_ms"] > 0
+    vanilla, prune, reroute = rows
+    assert abs(prune["avg_visual_tokens"] - 20) <= 0.5 and abs(reroute["avg_visual_tokens"] - 20) <= 0.5
+    assert vanilla["avg_visual_tokens"] > 40 and vanilla["kv_bytes"] > prune["kv_bytes"]
+    cell = json.loads((out / "cells" / "tiny_pope__pdrop__reroute__20.json").read_text())
+    assert len(cell["samples"]) == 2 and cell["samples"][0]["cost"]["method"] == "PDrop + Reroute"
+    assert "| PDrop + Reroute | 20 |" in (out / "table.md").read_text()
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # resuming: finished cells are skipped (no model is even built), new cells run
+    from vlm_reroute.eval import model as plugin
+
+    built = []
+    original = plugin.VlmReroute.__init__
+    monkeypatch.setattr(
+        plugin.VlmReroute, "__init__", lambda self, **kw: built.append(kw) or original(self, **kw)
+    )
+    again = _eval(ws, out, "--tiers", "20")
+    assert again.exit_code == 0 and built == []
+    more = _eval(ws, out, "--tiers", "20,30", "--reroute", "on")
+    assert more.exit_code == 0, more.output
+    assert len(built) == 1
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["reroute"], r["tier"]) for r in rows[3:]] == [(True, 30.0)]
+
+    # another run's settings are refused, with one line
+    clash = _eval(ws, out, "--tiers", "20", "--max-new-tokens", "5")
+    assert clash.exit_code == 1 and "other settings (max_new_tokens)" in clash.output
