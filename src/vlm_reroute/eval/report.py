@@ -156,11 +156,58 @@ def chart(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
+def agreement(cells_dir: str | Path) -> dict[tuple, float]:
+    """Per cell, the fraction of answers identical to vanilla's on the same documents (from ``cells/``).
+
+    Output fidelity: meaningful even when the scores are not (tiny random models score 0 everywhere).
+    """
+    import json
+
+    cells = [json.loads(p.read_text()) for p in sorted(Path(cells_dir).glob("*.json"))]
+    vanilla = {
+        c["cell"]["task"]: {s["doc_id"]: s["resps"] for s in c["samples"]}
+        for c in cells
+        if c["cell"]["method"] == "vanilla"
+    }
+    out = {}
+    for c in cells:
+        base = vanilla.get(c["cell"]["task"])
+        if not base or c["cell"]["method"] == "vanilla":
+            continue
+        same = [s["resps"] == base[s["doc_id"]] for s in c["samples"] if s["doc_id"] in base]
+        if same:
+            key = tuple(c["cell"][k] for k in ("task", "method", "reroute", "tier"))
+            out[key] = sum(same) / len(same)
+    return out
+
+
+def agreement_markdown(results: Sequence[dict[str, Any]], shares: dict[tuple, float]) -> str:
+    tasks, keys, _ = _rows(results)
+    lines = ["| method | tier | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
+    for method, reroute, tier in keys:
+        if method == "vanilla":
+            continue
+        values = [shares.get((t, method, reroute, tier)) for t in tasks]
+        cells = [_fmt(None if v is None else 100 * v) for v in values]
+        lines.append(
+            f"| {_name(method, reroute)} | {'–' if tier is None else f'{tier:g}'} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def write_reports(results: Sequence[dict[str, Any]], out: str | Path, title: str = "") -> dict[str, Path]:
-    """``table.md``, ``table.csv`` and ``chart.png`` in ``out``."""
+    """``table.md`` (scores, then answers identical to vanilla), ``table.csv``, ``chart.png`` in ``out``."""
     out = Path(out)
     paths = {"markdown": out / "table.md", "csv": out / "table.csv", "chart": out / "chart.png"}
-    paths["markdown"].write_text(markdown(results, title))
+    text = markdown(results, title)
+    shares = agreement(out / "cells")
+    if shares:
+        text += "\nAnswers identical to vanilla's (%, same documents):\n\n" + agreement_markdown(
+            results, shares
+        )
+    paths["markdown"].write_text(text)
     paths["csv"].write_text(csv_text(results))
     chart(results, paths["chart"])
     return paths
