@@ -72,10 +72,10 @@ def ws(tmp_path_factory):
     return workspace(tmp_path_factory.mktemp("grid"))
 
 
-def _eval(ws, out, *extra):
+def _eval(ws, out, *extra, tasks="tiny_pope"):
     from vlm_reroute.cli import app
 
-    args = ["eval", "--model", str(ws["qwen2_vl"]), "--tasks", "tiny_pope", "--out", str(out),
+    args = ["eval", "--model", str(ws["qwen2_vl"]), "--tasks", tasks, "--out", str(out),
             "--include-path", str(ws["tasks"]), "--methods", "pdrop", "--device", "cpu",
             "--batch-size", "2", "--max-new-tokens", "4", "--limit", "2", *extra]  # fmt: skip
     return CliRunner().invoke(app, args)
@@ -113,11 +113,19 @@ def test_grid_runs_resumes_and_reports(ws, tmp_path, monkeypatch):
     )
     again = _eval(ws, out, "--tiers", "20")
     assert again.exit_code == 0 and built == []
-    more = _eval(ws, out, "--tiers", "20,30", "--reroute", "on")
+    # the test's task folder (local data) wins over the shipped RefCOCO tasks of the same name
+    tasks = "tiny_pope,refcoco_bbox_rec_qwen2_vl_val"
+    more = _eval(ws, out, "--tiers", "20,30", "--reroute", "on", tasks=tasks)
     assert more.exit_code == 0, more.output
     assert len(built) == 1
     rows = json.loads((out / "results.json").read_text())
-    assert [(r["reroute"], r["tier"]) for r in rows[3:]] == [(True, 30.0)]
+    assert [(r["task"][:4], r["method"], r["tier"]) for r in rows[3:]] == [
+        ("tiny", "pdrop", 30.0),
+        ("refc", "vanilla", None),
+        ("refc", "pdrop", 20.0),
+        ("refc", "pdrop", 30.0),
+    ]
+    assert "Answers identical to vanilla's" in (out / "table.md").read_text()
 
     # another run's settings are refused, with one line
     clash = _eval(ws, out, "--tiers", "20", "--max-new-tokens", "5")

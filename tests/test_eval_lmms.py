@@ -270,3 +270,23 @@ def test_loglikelihood_of_the_simple_model(ws, spec):
         expected, expected_greedy = _loglik_reference(lm.model, inputs, target, method)
         assert logprob == pytest.approx(expected, abs=1e-4) and logprob < 0
         assert greedy == expected_greedy
+
+
+def test_registry_resolves_the_entry_point_and_checks_model_args(ws):
+    from lmms_eval.models import get_model
+
+    from vlm_reroute.eval.model import VlmReroute, VlmRerouteSimple
+
+    assert get_model("vlm_reroute") is VlmReroute and VlmReroute.is_simple is False
+    assert get_model("vlm_reroute", force_simple=True) is VlmRerouteSimple
+    with pytest.raises(ValueError, match=r"unknown model_args \['layer'\]; allowed are pretrained, method"):
+        VlmReroute.create_from_arg_string(f"pretrained={ws['llava']},method=fastv,layer=[2],keep=[8]")
+    with pytest.raises(ValueError, match="allowed are none, fastv, pdrop"):
+        VlmReroute.create_from_arg_string(f"pretrained={ws['llava']},method=fastvv,tier=64")
+    with pytest.raises(ValueError, match="min_pixels/max_pixels apply to Qwen2-VL / Qwen2.5-VL only"):
+        VlmReroute.create_from_arg_string(f"pretrained={ws['llava']},max_pixels=1000", {"device": "cpu"})
+    lm = VlmReroute.create_from_arg_string(
+        f"pretrained={ws['qwen2_5_vl']},method=pdrop,reroute=true,layers=[2,4,6],keep=[0.5,0.5,0.25]",
+        {"device": "cpu", "batch_size": 2, "max_batch_size": None},
+    )
+    assert (lm.spec.layers, lm.spec.keep, lm.batch_size) == ((2, 4, 6), (0.5, 0.5, 0.25), 2)

@@ -57,7 +57,9 @@ def eval_command(
     data: Annotated[
         list[str] | None, typer.Option(help="dataset location for the shipped RefCOCO tasks, NAME=PATH_OR_ID")
     ] = None,
-    include_path: Annotated[list[Path] | None, typer.Option(help="extra lmms-eval task folders")] = None,
+    include_path: Annotated[
+        list[Path] | None, typer.Option(help="extra lmms-eval task folders (win over shipped tasks)")
+    ] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
     attn: Annotated[str, typer.Option(help="sdpa, eager or flash_attention_2")] = "sdpa",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available)")] = None,
@@ -116,7 +118,7 @@ def eval_command(
             factory,
             settings,
             limit=limit,
-            include_path=[task_dir, *(include_path or [])],
+            include_path=[*(include_path or []), task_dir],  # lmms-eval: the first folder wins a name
             progress=progress,
         )
     except ValueError as exc:

@@ -146,3 +146,24 @@ def write_vqa_task(folder: str | Path, dataset_path: str | Path, name: str = "ti
         "metadata:\n  - version: 0.0\n"
     )
     return folder / f"{name}.yaml"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vlm_reroute.testing.datasets OUT``: tiny REC and VQA datasets and a task folder in OUT."""
+    import argparse
+
+    from ..eval.tasks import write_task_dir
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--rec", type=int, default=4, help="REC images (two expressions each)")
+    parser.add_argument("--vqa", type=int, default=8, help="yes/no questions")
+    args = parser.parse_args(argv)
+    rec = save_rec_dataset(args.out / "rec", n=args.rec)
+    tasks = write_task_dir(args.out / "tasks", {"refcoco": str(rec.resolve())})
+    write_vqa_task(tasks, save_vqa_dataset(args.out / "vqa", n=args.vqa))
+    print(f"tasks: {tasks} (refcoco_bbox_rec_<family>_val on {rec}, tiny_pope)")
+
+
+if __name__ == "__main__":
+    main()
