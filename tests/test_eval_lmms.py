@@ -297,7 +297,15 @@ def test_registry_resolves_the_entry_point_and_checks_model_args(ws):
     with pytest.raises(ValueError, match="min_pixels/max_pixels apply to Qwen2-VL / Qwen2.5-VL only"):
         VlmReroute.create_from_arg_string(f"pretrained={ws['llava']},max_pixels=1000", {"device": "cpu"})
     lm = VlmReroute.create_from_arg_string(
-        f"pretrained={ws['qwen2_5_vl']},method=pdrop,reroute=true,layers=[2,4,6],keep=[0.5,0.5,0.25]",
+        f"pretrained={ws['qwen2_5_vl']},method=pdrop,reroute=true,layers=[2,4,6],keep=[0.5,0.5,0.25],"
+        "max_pixels=100000",
         {"device": "cpu", "batch_size": 2, "max_batch_size": None},
     )
     assert (lm.spec.layers, lm.spec.keep, lm.batch_size) == ((2, 4, 6), (0.5, 0.5, 0.25), 2)
+    # max_pixels reaches the image processor: a 640 x 480 image shrinks to Qwen's smart_resize size
+    from PIL import Image
+
+    image = Image.new("RGB", (640, 480))
+    inputs = lm.inputs([[{"role": "user", "content": [{"type": "image", "image": image}]}]])
+    width, height = refcoco.qwen_input_size(640, 480, max_pixels=100000)
+    assert int(inputs["mm_token_type_ids"].sum()) == width * height // 28**2 < 391
