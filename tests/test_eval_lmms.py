@@ -201,15 +201,13 @@ def test_python_m_lmms_eval_cli(ws, tmp_path):
 def test_accelerate_two_processes_shard_and_merge(ws, tmp_path):
     """Data parallel on CPU: two ranks answer disjoint halves; lmms-eval merges the samples and scores."""
     # on CPU, torchrun via --multi_gpu: accelerate falls back to a gloo (MULTI_CPU) group without GPUs
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "-m",
-    ]
+    import socket
+
+    with socket.socket() as s:  # a free port, so parallel test workers never collide
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--main_process_port", port, "-m"]
     args = f"{ws['qwen2_vl']},method=fastv,reroute=false,tier=20,max_new_tokens=4"
     results, samples, log = _cli(ws, tmp_path, launcher, args, "tiny_pope")
     assert sorted(s["doc_id"] for s in samples) == [0, 1, 2, 3]

@@ -31,6 +31,9 @@ def conversation_images(conversation: Conversation) -> list[Image.Image]:
 
 def _template_view(conversation: Conversation) -> Conversation:
     """The conversation without image payloads (chat templates need only the ``type``)."""
+    kinds = {c.get("type") for m in conversation for c in m["content"]} - {"text", "image"}
+    if kinds:
+        raise ValueError(f"vlm_reroute answers text and image prompts; this one holds {sorted(kinds)}")
     return [
         {
             "role": m["role"],
