@@ -52,6 +52,13 @@ class ModelAdapter(ABC):
         """Bool ``(B, N)``: positions that hold image features."""
         return input_ids == self.image_token_id
 
+    def visual_mask_from_types(self, model_kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """Bool ``(B, N)`` image positions from ``mm_token_type_ids`` (1 on image tokens, as the
+        processors return it), or None when the call has none: how a call with ``inputs_embeds``
+        and no ``input_ids`` is located."""
+        types = model_kwargs.get("mm_token_type_ids")
+        return types == 1 if types is not None else None
+
     @abstractmethod
     def image_ids(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> torch.Tensor:
         """Long ``(B, N)``: global image index (counted over the batch in sample order) per visual

@@ -1,8 +1,22 @@
-"""Reading what a KV cache actually holds."""
+"""Reading what a KV cache holds, and the routed cache: a DynamicCache that knows its stage layouts.
+
+After a routed prefill, layer ``j``'s cache holds only the tokens of ``j``'s stage, so its layers
+have different lengths, and decoding needs each stage's key mask (padding and batch fillers of
+the compact layout). The prefill turns the cache it filled into a :class:`RoutedCache` that
+carries those masks. Only the routed model, inside the block that filled it, can continue it: any
+other use (after the block, in another block, by a direct decoder call) raises a clear error
+instead of attending over misaligned keys. Beam reordering and batch selection keep the masks'
+rows in step with the cache's.
+"""
 
 from __future__ import annotations
 
-from transformers.cache_utils import Cache
+import weakref
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
 
 
 def kv_lengths(cache: Cache) -> list[int]:
@@ -18,3 +32,106 @@ def kv_bytes(cache: Cache) -> int:
             if tensor is not None:
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What decoding a routed cache needs: per stage, its first layer and the bool ``(B, L)`` key
+    mask of the prompt's compact layout; ``prompt_length`` in full-sequence positions."""
+
+    method: str
+    key_masks: tuple[tuple[int, torch.Tensor], ...]
+    prompt_length: int
+
+    def rows(self, index: torch.Tensor) -> Routing:
+        return replace(self, key_masks=tuple((first, mask[index]) for first, mask in self.key_masks))
+
+
+class Owner(Protocol):
+    """The executor that filled a routed cache (see ``RoutingExecutor.serves``)."""
+
+    def serves(self, cache: Cache) -> bool: ...
+
+
+class RoutedCache(DynamicCache):
+    """A :class:`DynamicCache` filled by a routed prefill (made by :func:`claim`, never built)."""
+
+    _vlm_owner: weakref.ref
+    _vlm_routing: Routing | None  # None while its prefill runs, or if that prefill raised
+    _vlm_method: str
+
+    @property
+    def routing(self) -> Routing | None:
+        return self._vlm_routing
+
+    def owned_by(self, owner: Owner) -> bool:
+        return self._vlm_owner() is owner
+
+    def refusal(self) -> str:
+        """Why this cache cannot be continued here."""
+        lengths = kv_lengths(self)
+        if self._vlm_routing is None:
+            return (
+                f"this KV cache belongs to a routed prefill of {self._vlm_method} that raised: its layers "
+                f"are partly filled ({lengths} tokens); start again from a new cache"
+            )
+        return (
+            f"this KV cache was filled by a routed prefill of {self._vlm_method} whose block has ended "
+            f"(or is not this one): its layers hold different numbers of tokens ({lengths}), so only the "
+            "routed model inside that same `with` block can continue it; continue generating inside the "
+            "block, or run a new prefill"
+        )
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        owner = self._vlm_owner()
+        if owner is None or not owner.serves(self):
+            raise RuntimeError(self.refusal())
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        routing = self._vlm_routing
+        if routing is not None and tokens_to_remove < 0:
+            generated = self.get_seq_length() - routing.prompt_length
+            if -tokens_to_remove > generated:
+                raise ValueError(
+                    f"crop({tokens_to_remove}) would cut into the routed prompt: this cache holds "
+                    f"{generated} tokens after its {routing.prompt_length}-token prompt, and the routing "
+                    "decisions cover the whole prompt"
+                )
+        super().crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self._vlm_routing is not None:
+            batch = self._vlm_routing.key_masks[0][1].shape[0]
+            self._select_rows(torch.arange(batch).repeat_interleave(repeats))
+
+    def reset(self) -> None:
+        """Empty again: an ordinary DynamicCache, free for any prefill."""
+        super().reset()
+        self.__class__ = DynamicCache
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        if self._vlm_routing is not None:
+            device = self._vlm_routing.key_masks[0][1].device
+            self._vlm_routing = self._vlm_routing.rows(index.to(device))
+
+
+def claim(cache: Cache, owner: Owner, method: str) -> RoutedCache:
+    """Turn the (empty) DynamicCache a routed prefill is about to fill into a RoutedCache."""
+    if not isinstance(cache, RoutedCache):
+        cache.__class__ = RoutedCache
+    cache._vlm_owner = weakref.ref(owner)
+    cache._vlm_routing = None
+    cache._vlm_method = method
+    return cache  # type: ignore[return-value]

@@ -1,6 +1,8 @@
 """The routing executor: prune and reroute, written once and shared by every method.
 
-It hooks the model (never patches classes) and keeps the state of one prefill:
+It hooks the model (never patches classes). Each forward is classified (``calls.py``: prefill,
+decode or vanilla) and keeps its own state in a per-thread :class:`~.calls.Call`; a prefill's
+state (``prefill.py``) holds:
 
 * a full-length buffer ``(B, N + 1, D)`` holding every token's latest hidden state (the extra
   slot absorbs the writes of batch fillers); deferred tokens keep their carried state there;
@@ -10,26 +12,34 @@ At a decision layer the previous stage is scattered into the buffer, the candida
 and the top k per image selected, and the new kept set is gathered once; every layer of the
 stage then runs on it with gathered RoPE (original positions, gaps included) and a stage mask.
 The last layer's output is scattered back so the model head sees the usual full sequence. A
-layer's KV cache therefore holds exactly the tokens that went through it; while decoding, each
-stage attends over its own cache with a mask of the right length.
+layer's KV cache therefore holds exactly the tokens that went through it; the prefill turns the
+cache into a :class:`~.cache.RoutedCache` holding the stage layouts, and decode steps
+(``decode.py``) attend, per stage, over its own cache with a mask of the right length. The trace
+is replaced only when a prefill completes.
 """
 
 from __future__ import annotations
 
-import weakref
+import sys
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 
 from ..adapters.base import ModelAdapter
 from ..scoring.base import Scorer, ScoringContext
-from .layout import ImageLayout
+from .cache import Routing, claim
+from .calls import Call, CallState, classify
+from .compiled import SKIPPED_HOOKS
+from .decode import decode_mask
+from .generation import GenerateGuard
 from .masks import stage_mask
+from .prefill import Prefill
 from .selection import compact_index, top_k_per_image
 from .trace import Decision, Trace
 
@@ -56,51 +66,12 @@ class Plan:
         ]
 
 
-@dataclass
-class _Prefill:
-    """State of one routed prefill (rebuilt for every prompt with images)."""
-
-    input_ids: torch.Tensor  # (B, N)
-    visual: torch.Tensor  # (B, N) bool
-    image_ids: torch.Tensor  # (B, N) long, -1 off images
-    layouts: list[list[ImageLayout]]
-    counts: list[torch.Tensor]  # per stage: (n_images,) keep counts
-    valid: torch.Tensor  # (B, N + 1) bool: not padding (the extra slot is False)
-    last: torch.Tensor  # (B,) index of each sample's last non-padding token
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # full (cos, sin), (B, N, head_dim)
-    position_ids: torch.Tensor | None = None
-    cache: Cache | None = None
-    buffer: torch.Tensor | None = None
-    index: torch.Tensor | None = None  # current compact layout, None before the first decision
-    present: torch.Tensor | None = None  # visual tokens selected at the last decision
-    stage_kwargs: dict[str, Any] = field(default_factory=dict)
-    key_masks: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first layer, (B, L))
-    pending: dict[int, torch.Tensor] = field(default_factory=dict)  # decision layer -> scores
-
-    @property
-    def n(self) -> int:
-        return self.visual.shape[1]
-
-    @property
-    def batch_index(self) -> torch.Tensor:
-        return torch.arange(self.visual.shape[0], device=self.visual.device)
-
-    def rows(self) -> torch.Tensor:
-        """``(B, 1)`` batch index for advanced indexing with a ``(B, L)`` layout."""
-        return self.batch_index[:, None]
-
-
-def _mask2d(kwargs: dict) -> torch.Tensor | None:
-    mask = kwargs.get("attention_mask")
-    if mask is not None and mask.ndim != 2:
-        raise ValueError(
-            f"attention_mask of shape {tuple(mask.shape)}: routing needs a 2-D (batch, length) mask"
-        )
-    return mask
-
-
 class RoutingExecutor:
-    """Installs the hooks of one applied method and runs its plan on every forward."""
+    """Installs the hooks of one applied method and runs its plan on every forward.
+
+    The executor holds only what every call shares (model, plan, trace); each call's state lives
+    in its :class:`~.calls.Call`, per thread, so concurrent calls on one model are independent.
+    """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, plan: Plan, trace: Trace) -> None:
         self.model, self.adapter, self.plan, self.trace = model, adapter, plan, trace
@@ -110,13 +81,10 @@ class RoutingExecutor:
         )
         self.first_decision = plan.layers[0]
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.mode: str | None = None  # "prefill", "decode" or None (vanilla)
-        self.state: _Prefill | None = None  # the prefill being run, or the one being decoded
-        # every cache a routed prefill filled in this block, with the layouts its decoding needs
-        self.routed: weakref.WeakKeyDictionary[Cache, _Prefill] = weakref.WeakKeyDictionary()
-        self.decode_mask2d: torch.Tensor | None = None
-        self.decode_masks: dict[int, Any] = {}
-        self.inside_call = False
+        self.calls = CallState()
+        self.active = False
+        self._commit_lock = threading.Lock()
+        self._generate: GenerateGuard | None = None
 
     # ---- installation -------------------------------------------------------------------
     def install(self) -> None:
@@ -128,115 +96,101 @@ class RoutingExecutor:
         for i, layer in enumerate(layers):
             reg(layer.register_forward_pre_hook(partial(self._before_layer, i), with_kwargs=True))
         reg(layers[len(layers) - 1].register_forward_hook(self._after_last_layer))
+        self._generate = GenerateGuard(self)
+        self._generate.install()
+        self.active = True
 
     def remove(self) -> None:
+        self.active = False
+        if self._generate is not None:
+            self._generate.remove()
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        self.routed.clear()
-        self.state, self.mode = None, None
+
+    def serves(self, cache: Cache) -> bool:
+        """True when the call running on this thread fills or continues ``cache``."""
+        call = self.calls.call
+        return self.active and call is not None and call.cache is cache
 
     # ---- model-level hooks: what kind of call is this? -----------------------------------
+    @torch.compiler.disable
     def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.inside_call = True
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        past = kwargs.get("past_key_values")
-        past_len = past.get_seq_length() if isinstance(past, Cache) else 0
-        self.mode, self.decode_masks, self.state = None, {}, None
-        if isinstance(past, Cache) and past in self.routed and past_len > 0:
-            if kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs"):
-                raise ValueError(
-                    "new images on top of a routed KV cache are not supported: run the whole prompt "
-                    "with its images in one prefill"
-                )
-            self.mode, self.decode_mask2d, self.state = "decode", _mask2d(kwargs), self.routed[past]
+        if not self.active:  # a stale hook kept by code compiled in an earlier block
             return
-        if input_ids is None:
-            if kwargs.get("pixel_values") is not None:
-                raise ValueError(
-                    "routing needs input_ids to find the image tokens; got inputs_embeds with pixel_values"
-                )
-            return
-        visual = self.adapter.visual_mask(input_ids)
-        if not bool(visual.any()):
-            return  # a text-only prompt runs the untouched model
-        if past_len > 0:
-            raise ValueError(
-                f"a prompt with images on a cache that already holds {past_len} tokens: routing "
-                "starts from an empty cache (one prefill per prompt)"
-            )
-        if past is not None and type(past) is not DynamicCache:
-            raise ValueError(
-                f"past_key_values of type {type(past).__name__}: routing supports DynamicCache "
-                "(the default), whose layers may hold different lengths"
-            )
-        missing = (~visual.any(dim=1)).nonzero().flatten().tolist()
-        if missing:
-            raise ValueError(
-                f"samples {missing} of the batch have no image tokens: every sample of a routed batch "
-                "needs at least one image (run text-only prompts in their own batch)"
-            )
-        self.state = self._new_prefill(input_ids, visual, kwargs)
-        self.mode = "prefill"
+        call = self.calls.call = Call()
+        classify(self, call, args, kwargs)
 
-    def _new_prefill(self, input_ids: torch.Tensor, visual: torch.Tensor, kwargs: dict) -> _Prefill:
-        image_ids = self.adapter.image_ids(input_ids, kwargs)
-        layouts = self.adapter.image_layouts(image_ids, kwargs)
-        sizes = torch.bincount(image_ids[visual])
-        counts = self.plan.counts(sizes)
-        mask = _mask2d(kwargs)
-        valid = mask.bool() if mask is not None else torch.ones_like(visual)
-        positions = torch.arange(visual.shape[1], device=visual.device)
-        last = (valid.long() * (positions + 1)).argmax(dim=1)
-        valid = nn.functional.pad(valid, (0, 1), value=False)
-        return _Prefill(
-            input_ids=input_ids,
-            visual=visual,
-            image_ids=image_ids,
-            layouts=layouts,
-            counts=counts,
-            valid=valid,
-            last=last,
-        )
-
+    @torch.compiler.disable
     def _after_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self.inside_call = False
-        st = self.state
-        if self.mode == "prefill" and st is not None and output is not None:  # None: the call raised
-            # keep only what decoding needs: the stages' key masks
-            st.buffer = st.rope = st.position_ids = st.index = None
-            st.pending, st.stage_kwargs = {}, {}
-            if st.cache is not None:
-                self.routed[st.cache] = st
+        call, self.calls.call = self.calls.call, None
+        if call is None or call.mode is None:
+            return
+        if output is None:  # the call raised (always_call hooks run with no output)
+            error = sys.exc_info()[1]
+            if call.mode == "prefill" and error is not None:
+                error.add_note(
+                    "vlm-reroute: this routed prefill did not complete; the trace still shows the previous "
+                    "complete prefill"
+                )
+            return
+        if call.layers_run != len(self.adapter.layers):
+            raise RuntimeError(
+                SKIPPED_HOOKS.format(
+                    model=type(self.model).__name__,
+                    mode=call.mode,
+                    ran=call.layers_run,
+                    layers=len(self.adapter.layers),
+                )
+            )
+        if call.mode == "prefill":
+            self._commit(call)
+
+    def _commit(self, call: Call) -> None:
+        """A complete prefill: the cache learns its stage layouts, the trace shows its decisions."""
+        st = call.prefill
+        if call.cache is not None:
+            call.cache._vlm_routing = Routing(self.plan.method, st.prompt_key_masks(), st.prompt_length)
+        generation = self.calls.generation
+        if generation is not None and generation.decided is None:
+            generation.decided = st.selections
+        if st.reuse is not None:
+            return  # a re-run with decisions already recorded
+        with self._commit_lock:
+            self.trace.decisions = st.decisions
+            self.trace.visual_tokens = st.visual.sum(dim=1).tolist()
+            self.trace.layouts = st.layouts
             self.trace.prefills += 1
-        self.mode, self.decode_masks, self.state = None, {}, None
 
     def _before_decoder(self, module: nn.Module, args: tuple) -> None:
-        if not self.inside_call:
+        if self.active and self.calls.call is None:
             raise RuntimeError(
                 f"inside a vlm-reroute block, call the model the method was applied to "
                 f"({type(self.model).__name__}), not its decoder: the decoder alone cannot be routed"
             )
 
     # ---- layer hooks ------------------------------------------------------------------------
+    @torch.compiler.disable
     def _before_layer(self, i: int, layer: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        if self.mode is None:
+        call = self.calls.call
+        if call is None or call.mode is None:
             return None
+        call.layers_run += 1
         hidden = args[0] if args else kwargs["hidden_states"]
-        if self.mode == "decode":
+        if call.mode == "decode":
             if i < self.first_decision:
                 return None
-            kwargs["attention_mask"] = self._decode_mask(i, hidden)
+            kwargs["attention_mask"] = decode_mask(self.adapter.text_config, call, i, hidden)
             return args, kwargs
-        st = self.state
+        st = call.prefill
         if i == 0:
-            self._capture(st, hidden, kwargs)
+            self._capture(call, hidden, kwargs)
         if i in self.decision_of:
-            hidden = self._decide(i, layer, hidden)
-        if i in self.score_ahead:
+            hidden = self._decide(st, i, layer, hidden)
+        if i in self.score_ahead and st.reuse is None:
             decision = self.score_ahead[i]
             candidates = self._candidates(st)
-            st.pending[decision] = self._score(i, decision, layer, self._full_view(hidden), candidates)
+            st.pending[decision] = self._score(st, i, decision, layer, _full_view(st, hidden), candidates)
         if st.index is None:
             return None
         kwargs.update(st.stage_kwargs)
@@ -245,73 +199,92 @@ class RoutingExecutor:
         kwargs["hidden_states"] = hidden
         return args, kwargs
 
+    @torch.compiler.disable
     def _after_last_layer(self, layer: nn.Module, args: tuple, output: Any) -> Any:
-        if self.mode != "prefill" or self.state is None or self.state.index is None:
+        call = self.calls.call
+        if call is None or call.mode != "prefill" or call.prefill.index is None:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        full = self._full_view(hidden)[:, : self.state.n]
+        full = _full_view(call.prefill, hidden)[:, : call.prefill.n]
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
     # ---- prefill mechanics ----------------------------------------------------------------
-    def _capture(self, st: _Prefill, hidden: torch.Tensor, kwargs: dict) -> None:
+    def _capture(self, call: Call, hidden: torch.Tensor, kwargs: dict) -> None:
+        st = call.prefill
         batch, n = hidden.shape[:2]
         cos, sin = kwargs["position_embeddings"]
         st.rope = (cos.expand(batch, n, -1), sin.expand(batch, n, -1))
         pos = kwargs.get("position_ids")
         st.position_ids = pos.expand(batch, n) if isinstance(pos, torch.Tensor) and pos.ndim == 2 else None
-        st.cache = kwargs.get("past_key_values")
+        cache = kwargs.get("past_key_values")
+        st.cache = call.cache = claim(cache, self, self.plan.method) if cache is not None else None
 
-    def _full_view(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Write the current hidden states into the full buffer and return it ``(B, N + 1, D)``."""
-        st = self.state
-        if st.buffer is None:
-            st.buffer = hidden.new_zeros(hidden.shape[0], st.n + 1, hidden.shape[2])
-        if st.index is None:
-            st.buffer[:, : st.n] = hidden
-        else:
-            st.buffer[st.rows(), st.index] = hidden
-            st.buffer[:, st.n] = 0  # the filler slot: keep it finite
-        return st.buffer
-
-    def _candidates(self, st: _Prefill) -> torch.Tensor:
+    def _candidates(self, st: Prefill) -> torch.Tensor:
         """Reroute: every visual token competes; prune: only those kept at the last decision."""
         if self.plan.reroute or st.present is None:
             return st.visual
         return st.present
 
     def _score(
-        self, i: int, decision: int, layer: nn.Module, full: torch.Tensor, candidates: torch.Tensor
+        self,
+        st: Prefill,
+        i: int,
+        decision: int,
+        layer: nn.Module,
+        full: torch.Tensor,
+        candidates: torch.Tensor,
     ) -> torch.Tensor:
-        """Scores ``(B, N)`` from the method's scorer at layer ``i`` for the decision at ``decision``."""
-        st = self.state
+        """Scores ``(B, N)`` from the method's scorer at layer ``i`` for the decision at ``decision``.
+
+        The scorer sees the prompt only (positions ``< prompt_length``): tokens after it (drafts,
+        generated tokens) neither query nor serve as keys, so the decision is the prompt's own.
+        """
+        p = st.prompt_length
+        keys = st.valid[:, :p] & (~st.visual[:, :p] | candidates[:, :p])
         ctx = ScoringContext(
             adapter=self.adapter,
             layer=layer,
             layer_idx=i,
             decision=decision,
-            hidden=full,
-            keys=st.valid[:, : st.n] & (~st.visual | candidates),
-            candidates=candidates,
-            visual=st.visual,
-            image_ids=st.image_ids,
-            valid=st.valid,
+            hidden=full if p == st.n else full[:, : p + 1],
+            keys=keys,
+            candidates=candidates[:, :p],
+            visual=st.visual[:, :p],
+            image_ids=st.image_ids[:, :p],
+            valid=st.valid if p == st.n else nn.functional.pad(st.valid[:, :p], (0, 1), value=False),
             last=st.last,
-            rope=st.rope,
-            input_ids=st.input_ids,
+            rope=(st.rope[0][:, :p], st.rope[1][:, :p]),
+            input_ids=st.tokens[:, :p],
             layouts=st.layouts,
         )
-        return self.plan.scorer.score(ctx)
+        scores = self.plan.scorer.score(ctx)
+        return nn.functional.pad(scores, (0, st.n - p)) if p < st.n else scores
 
-    def _decide(self, i: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        st = self.state
+    def _select(
+        self, st: Prefill, stage: int, scores: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """Top k per image; the scoring query (the prompt's last token) is never routed away: when it
+        is visual it takes one of its image's slots at every decision."""
+        rows = st.rows()[:, 0]
+        query_visual = st.visual[rows, st.last]
+        if bool(query_visual.any()):
+            scores = scores.float().clone()
+            scores[rows[query_visual], st.last[query_visual]] = float("inf")
+        return top_k_per_image(scores, candidates, st.image_ids, st.counts[stage])
+
+    def _decide(self, st: Prefill, i: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         stage = self.decision_of[i]
-        full = self._full_view(hidden)
-        candidates = self._candidates(st)
-        scores = st.pending.pop(i, None)
-        if scores is None:
-            scores = self._score(i, i, layer, full, candidates)
-        selected = top_k_per_image(scores, candidates, st.image_ids, st.counts[stage])
-        self._record(i, stage, scores, selected)
+        full = _full_view(st, hidden)
+        if st.reuse is not None:
+            selected = nn.functional.pad(st.reuse[stage], (0, st.extra), value=False)
+        else:
+            candidates = self._candidates(st)
+            scores = st.pending.pop(i, None)
+            if scores is None:
+                scores = self._score(st, i, i, layer, full, candidates)
+            selected = self._select(st, stage, scores, candidates)
+            st.decisions.append(self._decision(st, i, scores, selected))
+        st.selections.append(selected[:, : st.prompt_length])
         st.present = selected
         index, filled = compact_index(~st.visual | selected, filler=st.n)
         st.index = index
@@ -329,45 +302,28 @@ class RoutingExecutor:
             st.stage_kwargs["position_ids"] = st.position_ids[rows, rope_index]
         return full[rows, index]
 
-    def _record(self, i: int, stage: int, scores: torch.Tensor, selected: torch.Tensor) -> None:
-        st = self.state
-        if stage == 0:
-            self.trace.decisions = []
-            self.trace.visual_tokens = st.visual.sum(dim=1).tolist()
-            self.trace.layouts = st.layouts
-        previous = st.present
+    @staticmethod
+    def _decision(st: Prefill, i: int, scores: torch.Tensor, selected: torch.Tensor) -> Decision:
         # one device-to-host copy per decision, then split per sample
         rank = (st.visual.cumsum(dim=1) - 1)[selected].cpu()
         picked = list(rank.split(selected.sum(dim=1).tolist()))
-        score_rows = list(scores[st.visual].detach().float().cpu().split(st.visual.sum(dim=1).tolist()))
+        per_sample = st.visual.sum(dim=1).tolist()
+        score_rows = list(scores[st.visual].detach().float().cpu().split(per_sample))
+        previous = st.present
         if previous is None:
             reentered = [0] * selected.shape[0]
         else:
             reentered = (selected & ~previous).sum(dim=1).tolist()
-        self.trace.decisions.append(
-            Decision(layer=i, selected=picked, scores=score_rows, reentered=reentered)
-        )
+        return Decision(layer=i, selected=picked, scores=score_rows, reentered=reentered)
 
-    # ---- decoding -------------------------------------------------------------------------------
-    def _decode_mask(self, i: int, hidden: torch.Tensor) -> Any:
-        """The mask of layer ``i``'s stage for this decode step: its cache plus the new tokens."""
-        st = self.state
-        stage = max(s for s, (first, _) in enumerate(st.key_masks) if first <= i)
-        if stage not in self.decode_masks:
-            first, key_mask = st.key_masks[stage]
-            query = hidden.shape[1]
-            kv_length = st.cache.get_seq_length(first) + query
-            tail = kv_length - key_mask.shape[1]
-            if self.decode_mask2d is not None:
-                new = self.decode_mask2d[:, -tail:].to(device=key_mask.device, dtype=torch.bool)
-            else:
-                new = key_mask.new_ones(key_mask.shape[0], tail)
-            self.decode_masks[stage] = stage_mask(
-                self.adapter.text_config,
-                torch.cat([key_mask, new], dim=1),
-                query,
-                st.cache,
-                first,
-                hidden.dtype,
-            )
-        return self.decode_masks[stage]
+
+def _full_view(st: Prefill, hidden: torch.Tensor) -> torch.Tensor:
+    """Write the current hidden states into the full buffer and return it ``(B, N + 1, D)``."""
+    if st.buffer is None:
+        st.buffer = hidden.new_zeros(hidden.shape[0], st.n + 1, hidden.shape[2])
+    if st.index is None:
+        st.buffer[:, : st.n] = hidden
+    else:
+        st.buffer[st.rows(), st.index] = hidden
+        st.buffer[:, st.n] = 0  # the filler slot: keep it finite
+    return st.buffer

@@ -33,7 +33,9 @@ class Decision:
 @dataclass
 class Trace:
     """Filled by a method's context manager; ``decisions`` and ``layouts`` (per sample, per image)
-    cover the most recent prefill."""
+    cover the most recent complete prefill (one that raised leaves them as they were; with several
+    threads, the one that completed last). ``prefills`` counts the prefills that made decisions
+    (a ``use_cache=False`` generate makes them once)."""
 
     method: str
     decisions: list[Decision] = field(default_factory=list)

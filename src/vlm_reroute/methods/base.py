@@ -169,24 +169,34 @@ class TokenReduction:
 
     @contextmanager
     def __call__(self, model: nn.Module) -> Iterator[Trace]:
-        """Route ``model`` inside the block; always remove every hook on exit."""
+        """Route ``model`` inside the block; always remove every hook on exit.
+
+        The settings are checked again here, so none forced past the freeze reaches the executor.
+        ``torch.compile(model)`` is unwrapped (the hooks go on the model it wraps); a model
+        compiled in place is refused (see ``engine/compiled.py``).
+        """
         from ..adapters import adapter_for
         from ..budget.shapes import ModelShape
+        from ..engine.compiled import refuse_compiled_in_place, unwrap
         from ..engine.executor import Plan, RoutingExecutor
         from ..engine.trace import Trace
 
+        model = unwrap(model)
+        refuse_compiled_in_place(model)
+        method = dataclasses.replace(self)  # checked again: no setting forced past the freeze gets through
         adapter = adapter_for(model)
         num_layers = len(adapter.layers)
-        layers = self.check_depth(num_layers)
-        shape = ModelShape.from_config(model.config) if self.schedule() is None else None
+        layers = method.check_depth(num_layers)
+        shape = ModelShape.from_config(model.config) if method.schedule() is None else None
         if model in _ACTIVE:
             raise RuntimeError(f"{type(model).__name__} already has a vlm-reroute method applied; nest none")
-        trace = Trace(method=repr(self))
+        trace = Trace(method=repr(method))
         plan = Plan(
+            method=method.name,
             layers=layers,
-            reroute=self.reroute,
-            keep_counts=self.keep_counts(num_layers, shape),
-            scorer=self.make_scorer(),
+            reroute=method.reroute,
+            keep_counts=method.keep_counts(num_layers, shape),
+            scorer=method.make_scorer(),
         )
         executor = RoutingExecutor(model, adapter, plan, trace)
         _ACTIVE.add(model)

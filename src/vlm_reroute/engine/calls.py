@@ -1,0 +1,134 @@
+"""What kind of call a forward of the routed model is, and the state it keeps.
+
+Every forward is one of: a routed **prefill** (a prompt with images on an empty cache), a
+**decode** step on a routed cache of this block, or a **vanilla** call (text only). The state of a
+call lives in its :class:`Call`, held per thread (:class:`CallState`), never on the executor, so
+threads sharing one routed model do not see each other's decisions or caches. A ``generate()`` in
+progress on the thread is a :class:`Generation`: where its prompt ends and the decisions its first
+prefill made.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+
+from .cache import RoutedCache
+from .prefill import Prefill, mask2d, start_prefill
+
+if TYPE_CHECKING:
+    from .executor import RoutingExecutor
+
+
+@dataclass
+class Generation:
+    """A ``generate()`` call in progress: the prompt's length and, once its first routed prefill has
+    decided, the decisions (per stage, ``(B, prompt_length)`` bool) that later prefills of the same
+    call reuse (``use_cache=False`` re-runs the whole sequence at every step)."""
+
+    prompt_length: int
+    decided: list[torch.Tensor] | None = None
+
+
+@dataclass
+class Call:
+    """One forward of the routed model."""
+
+    mode: str | None = None  # "prefill", "decode" or None (vanilla)
+    prefill: Prefill | None = None
+    cache: RoutedCache | None = None  # the routed cache this call fills or continues
+    mask2d: torch.Tensor | None = None  # decode: the 2-D attention mask of the call
+    decode_masks: dict[int, Any] = field(default_factory=dict)  # decode: stage -> mask
+    layers_run: int = 0  # layer hooks that ran (code compiled before the block skips them)
+
+
+class CallState(threading.local):
+    """Per thread: the call in progress and the ``generate()`` it belongs to."""
+
+    def __init__(self) -> None:
+        self.call: Call | None = None
+        self.generation: Generation | None = None
+
+
+def locate_visual(
+    executor: RoutingExecutor, args: tuple, kwargs: dict
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(tokens, visual)`` of a call, None when there is neither ``input_ids`` nor ``inputs_embeds``.
+
+    From ``input_ids``; with ``inputs_embeds`` alone, from ``mm_token_type_ids`` when given (the
+    tokens are then a stand-in: the image token id on image positions, -1 elsewhere). Embeddings
+    that carry no such locator are refused: merged image features cannot be told from text.
+    """
+    adapter = executor.adapter
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if input_ids is not None:
+        return input_ids, adapter.visual_mask(input_ids)
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        return None
+    visual = adapter.visual_mask_from_types(kwargs)
+    if visual is None:
+        with_pixels = " (with pixel_values)" if kwargs.get("pixel_values") is not None else ""
+        raise ValueError(
+            f"inputs_embeds without input_ids{with_pixels}: vlm-reroute cannot locate the image tokens, "
+            "and routing needs input_ids (or mm_token_type_ids, 1 on image tokens) to find them; pass "
+            "input_ids, or call the model outside the block for text-only embeddings"
+        )
+    tokens = torch.where(visual, adapter.image_token_id, -1)
+    return tokens, visual
+
+
+def classify(executor: RoutingExecutor, call: Call, args: tuple, kwargs: dict) -> None:
+    """Fill ``call`` with its mode and state, or raise if routing cannot be exact."""
+    past = kwargs.get("past_key_values")
+    past_len = past.get_seq_length() if isinstance(past, Cache) else 0
+    if isinstance(past, RoutedCache) and past_len > 0:
+        if not past.owned_by(executor) or past.routing is None:
+            raise RuntimeError(past.refusal())
+        if kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs"):
+            raise ValueError(
+                "new images on top of a routed KV cache are not supported: run the whole prompt "
+                "with its images in one prefill"
+            )
+        call.mode, call.cache, call.mask2d = "decode", past, mask2d(kwargs)
+        return
+    located = locate_visual(executor, args, kwargs)
+    if located is None:
+        if kwargs.get("pixel_values") is not None:
+            raise ValueError("routing needs input_ids to find the image tokens")
+        return
+    tokens, visual = located
+    generation = executor.calls.generation
+    prompt_length = (
+        min(generation.prompt_length, visual.shape[1]) if generation is not None else visual.shape[1]
+    )
+    if prompt_length < visual.shape[1]:
+        visual = visual.clone()
+        visual[:, prompt_length:] = False  # a draft equal to the image token id is text
+    if not bool(visual.any()):
+        return  # a text-only prompt runs the untouched model
+    if past_len > 0:
+        raise ValueError(
+            f"a prompt with images on a cache that already holds {past_len} tokens: routing "
+            "starts from an empty cache (one prefill per prompt)"
+        )
+    if past is not None and type(past) not in (DynamicCache, RoutedCache):
+        raise ValueError(
+            f"past_key_values of type {type(past).__name__}: routing supports DynamicCache "
+            "(the default), whose layers may hold different lengths"
+        )
+    missing = (~visual.any(dim=1)).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(
+            f"samples {missing} of the batch have no image tokens: every sample of a routed batch "
+            "needs at least one image (run text-only prompts in their own batch)"
+        )
+    reuse = generation.decided if generation is not None else None
+    call.prefill = start_prefill(
+        executor.adapter, executor.plan.counts, tokens, visual, kwargs, prompt_length, reuse
+    )
+    call.mode = "prefill"
