@@ -97,11 +97,11 @@ def inject_repacked_positions(monkeypatch) -> None:
 
     decide = RoutingExecutor._decide
 
-    def repacked(self, i, layer, hidden):
-        out = decide(self, i, layer, hidden)
-        cos, sin = self.state.rope
+    def repacked(self, st, i, layer, hidden):
+        out = decide(self, st, i, layer, hidden)
+        cos, sin = st.rope
         length = out.shape[1]
-        self.state.stage_kwargs["position_embeddings"] = (cos[:, :length], sin[:, :length])
+        st.stage_kwargs["position_embeddings"] = (cos[:, :length], sin[:, :length])
         return out
 
     monkeypatch.setattr(RoutingExecutor, "_decide", repacked)

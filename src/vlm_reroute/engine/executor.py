@@ -49,9 +49,10 @@ class Plan:
     """A method as the executor runs it: decision layers, per-image keep counts, the scorer.
 
     ``keep_counts(n)`` gives the count of every stage for an image of ``n`` visual tokens (a fixed
-    schedule resolved, or a budget target solved for that size).
+    schedule resolved, or a budget target solved for that size). ``method`` names it in messages.
     """
 
+    method: str
     layers: tuple[int, ...]
     reroute: bool
     keep_counts: Callable[[int], tuple[int, ...]]
