@@ -63,6 +63,8 @@ def test_compiling_inside_the_block_routes(small, backend):
         assert all(torch.equal(a, d.selected[0]) for a, d in zip(decided, trace.decisions, strict=True))
     assert kv_lengths(out.past_key_values) == kv_lengths(routed.past_key_values) == [25, 17, 13]
     torch.testing.assert_close(out.logits, routed.logits, rtol=1e-5, atol=1e-5)
+    if backend != "eager":
+        return  # the compiler backend does not matter after the block: one check is enough
     after = compiled(**inputs)  # the block is over: vanilla again
     assert kv_lengths(after.past_key_values) == [25, 25, 25]
     torch.testing.assert_close(after.logits, vanilla, rtol=1e-5, atol=1e-5)

@@ -163,6 +163,7 @@ class RoutingExecutor:
             self.trace.layouts = st.layouts
             self.trace.prefills += 1
 
+    @torch.compiler.disable
     def _before_decoder(self, module: nn.Module, args: tuple) -> None:
         if self.active and self.calls.call is None:
             raise RuntimeError(
