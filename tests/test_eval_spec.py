@@ -107,7 +107,7 @@ def _doc(width: int, height: int, bbox_xywh: list[float]) -> dict:
 
 
 def test_preprocess_normalises_and_explodes_like_lmms_eval():
-    from datasets import Dataset
+    Dataset = pytest.importorskip("datasets", reason="the eval extra (pip install -e '.[eval]')").Dataset
 
     dataset = Dataset.from_list([{**_doc(640, 480, [64, 48, 320, 240]), "question_id": "q1"}])
     rows = list(refcoco.preprocess_qwen(dataset))
