@@ -16,6 +16,7 @@ Similarity features are running float32 sums of block outputs, never a stack of 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,6 +81,70 @@ def cls_attention(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return probs[..., 1:].sum(dim=1)
 
 
+class ClipSignalHooks:
+    """Hooks on a CLIP vision ``tower`` that read Nüwa's signals while the tower runs (``nuwa.md`` §1.1).
+
+    ``feature_layer`` indexes the tower's hidden states like ``LlavaConfig.vision_feature_layer``
+    (``hs[0]`` embeddings, ``hs[k]`` output of block ``k``): its patch part is the aggregation
+    feature and its block's [CLS] row the salience. ``similarity_layers`` (hidden-state indices,
+    default :func:`clip_similarity_layers`) are averaged for similarity. The state of the last run
+    is kept per thread and read with :meth:`take`.
+    """
+
+    def __init__(
+        self, tower: nn.Module, feature_layer: int = -2, similarity_layers: Sequence[int] | None = None
+    ) -> None:
+        self.layers = _encoder_layers(tower)
+        depth = len(self.layers)
+        is_int = isinstance(feature_layer, int) and not isinstance(feature_layer, bool)
+        if not is_int or feature_layer == 0 or not -depth <= feature_layer <= depth:
+            raise ValueError(
+                f"feature_layer={feature_layer!r}: one hidden-state index of a {depth}-block tower, in "
+                f"[-{depth}, -1] or [1, {depth}] (hs[0] is the embedding output, which has no attention)"
+            )
+        self.feature_index = feature_layer % (depth + 1)
+        sim = list(clip_similarity_layers(depth) if similarity_layers is None else similarity_layers)
+        if not sim or any(not 1 <= i <= depth for i in sim):
+            raise ValueError(f"similarity_layers={sim}: hidden-state indices in [1, {depth}] (block outputs)")
+        self.sim = sim
+        self.local = threading.local()
+
+    def install(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Register the hooks; the caller removes the returned handles."""
+        layers, store = self.layers, self.local
+
+        def start(_module, _args):
+            store.sum, store.features = None, None
+
+        def read_salience(_module, args):
+            store.salience = cls_attention(layers[self.feature_index - 1], args[0])
+
+        def read_output(index: int):
+            def hook(_module, _args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                if index == self.feature_index:
+                    store.features = hidden[:, 1:]
+                if index in self.sim:
+                    weighted = hidden.float() * self.sim.count(index)
+                    store.sum = weighted if store.sum is None else store.sum + weighted
+
+            return hook
+
+        handles = [layers[0].register_forward_pre_hook(start)]
+        handles.append(layers[self.feature_index - 1].register_forward_pre_hook(read_salience))
+        read = sorted({self.feature_index, *self.sim})
+        handles += [layers[i - 1].register_forward_hook(read_output(i)) for i in read]
+        return handles
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(salience (B, N), similarity (B, N, Ds), features (B, N, D))`` of the last run on this
+        thread: float32, float32 and the tower's feature-layer patches untouched."""
+        store = self.local
+        if getattr(store, "sum", None) is None or getattr(store, "salience", None) is None:
+            raise RuntimeError("the CLIP tower has not run since the Nüwa signal hooks were installed")
+        return store.salience, (store.sum / len(self.sim))[:, 1:], store.features
+
+
 def clip_signals(
     tower: nn.Module,
     pixel_values: torch.Tensor,
@@ -88,61 +153,35 @@ def clip_signals(
 ) -> VisionSignals:
     """Run a CLIP vision ``tower`` once and read Nüwa's three signals for LLaVA-1.5 (``nuwa.md`` §1.1).
 
-    ``feature_layer`` indexes the tower's hidden states like ``LlavaConfig.vision_feature_layer``
-    (``hs[0]`` embeddings, ``hs[k]`` output of block ``k``): its patch part is the aggregation
-    feature and its block's [CLS] row the salience. ``similarity_layers`` (hidden-state indices,
-    default :func:`clip_similarity_layers`) are averaged for similarity.
+    Arguments as :class:`ClipSignalHooks`.
     """
-    layers = _encoder_layers(tower)
-    depth = len(layers)
-    is_int = isinstance(feature_layer, int) and not isinstance(feature_layer, bool)
-    if not is_int or feature_layer == 0 or not -depth <= feature_layer <= depth:
-        raise ValueError(
-            f"feature_layer={feature_layer!r}: one hidden-state index of a {depth}-block tower, in "
-            f"[-{depth}, -1] or [1, {depth}] (hs[0] is the embedding output, which has no attention)"
-        )
-    feature_index = feature_layer % (depth + 1)
-    sim = list(clip_similarity_layers(depth) if similarity_layers is None else similarity_layers)
-    if not sim or any(not 1 <= i <= depth for i in sim):
-        raise ValueError(f"similarity_layers={sim}: hidden-state indices in [1, {depth}] (block outputs)")
-    store: dict[str, torch.Tensor] = {}
-
-    def read_salience(_module, args):
-        store["salience"] = cls_attention(layers[feature_index - 1], args[0])
-
-    def read_output(index: int):
-        def hook(_module, _args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            if index == feature_index:
-                store["features"] = hidden[:, 1:]
-            if index in sim:
-                store["sum"] = hidden.float() * sim.count(index) + store.get("sum", 0)
-
-        return hook
-
-    handles = [layers[feature_index - 1].register_forward_pre_hook(read_salience)]
-    handles += [layers[i - 1].register_forward_hook(read_output(i)) for i in sorted({feature_index, *sim})]
+    hooks = ClipSignalHooks(tower, feature_layer, similarity_layers)
+    handles = hooks.install()
     try:
         with torch.no_grad():
             tower(pixel_values.to(dtype=tower.dtype))
     finally:
         for handle in handles:
             handle.remove()
-    batch, patches = store["salience"].shape
-    side = math.isqrt(patches)
-    if side * side != patches:
-        raise ValueError(f"{patches} patches per image: Nüwa's CLIP path expects a square patch grid")
-    similarity = (store["sum"] / len(sim))[:, 1:]
+    salience, similarity, features = hooks.take()
+    batch, patches = salience.shape
     return VisionSignals(
-        features=list(store["features"]),
+        features=list(features),
         similarity=list(similarity),
-        salience=list(store["salience"].view(batch, side, -1)),
+        salience=list(salience.view(batch, *square_grid(patches))),
     )
 
 
-def llava_signals(model: nn.Module, pixel_values: torch.Tensor, **kwargs) -> VisionSignals:
-    """:func:`clip_signals` for a ``LlavaForConditionalGeneration`` with its configured feature layer."""
-    cfg = model.config
+def square_grid(patches: int) -> tuple[int, int]:
+    """The side × side grid of ``patches`` tokens (CLIP's patch grid is square)."""
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ValueError(f"{patches} patches per image: Nüwa's CLIP path expects a square patch grid")
+    return side, side
+
+
+def check_llava_config(cfg) -> None:
+    """Refuse LLaVA settings Nüwa's CLIP path cannot read (no [CLS] row, several feature layers)."""
     if cfg.vision_feature_select_strategy != "default":
         raise ValueError(
             f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: Nüwa needs the [CLS] "
@@ -153,7 +192,12 @@ def llava_signals(model: nn.Module, pixel_values: torch.Tensor, **kwargs) -> Vis
             f"vision_feature_layer={cfg.vision_feature_layer!r}: Nüwa reads one feature layer; "
             "several concatenated layers are not supported"
         )
-    kwargs.setdefault("feature_layer", cfg.vision_feature_layer)
+
+
+def llava_signals(model: nn.Module, pixel_values: torch.Tensor, **kwargs) -> VisionSignals:
+    """:func:`clip_signals` for a ``LlavaForConditionalGeneration`` with its configured feature layer."""
+    check_llava_config(model.config)
+    kwargs.setdefault("feature_layer", model.config.vision_feature_layer)
     return clip_signals(model.model.vision_tower, pixel_values, **kwargs)
 
 
@@ -188,6 +232,81 @@ def received_attention(
     return received.mean(dim=0)
 
 
+class QwenSignalHooks:
+    """Hooks on a Qwen2.5-VL tower ``visual`` that read Nüwa's signals while it runs (``nuwa.md`` §3.1).
+
+    Salience: :func:`received_attention` of the last block. Similarity: the running mean of the
+    outputs of ``similarity_blocks`` (default :func:`qwen_similarity_blocks`). :meth:`take` turns the
+    last run on this thread into per-image signals.
+    """
+
+    def __init__(
+        self, visual: nn.Module, similarity_blocks: Sequence[int] | None = None, max_elements: int = 1 << 25
+    ) -> None:
+        self.visual = visual
+        depth = len(visual.blocks)
+        sim = list(qwen_similarity_blocks(depth) if similarity_blocks is None else similarity_blocks)
+        if not sim or any(not 0 <= i < depth for i in sim):
+            raise ValueError(f"similarity_blocks={sim}: block indices in [0, {depth - 1}]")
+        self.sim, self.max_elements = sim, max_elements
+        self.local = threading.local()
+
+    def install(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Register the hooks; the caller removes the returned handles."""
+        blocks, store = self.visual.blocks, self.local
+
+        def start(_module, _args):
+            store.sum = None
+
+        def read_salience(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            store.received = received_attention(
+                module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"], self.max_elements
+            )
+
+        def read_output(index: int):
+            def hook(_module, _args, output):
+                weighted = output.float() * self.sim.count(index)
+                store.sum = weighted if store.sum is None else store.sum + weighted
+
+            return hook
+
+        handles = [blocks[0].register_forward_pre_hook(start)]
+        handles.append(blocks[-1].register_forward_pre_hook(read_salience, with_kwargs=True))
+        handles += [blocks[i].register_forward_hook(read_output(i)) for i in sorted(set(self.sim))]
+        return handles
+
+    def take(self, grid_thw: torch.Tensor, features: torch.Tensor, official: bool = False) -> VisionSignals:
+        """Per-image signals of the last run on this thread; ``features`` is the tower's merged output
+        (``pooler_output``, raster order). ``official=True`` leaves similarity in window order."""
+        store, visual = self.local, self.visual
+        if getattr(store, "sum", None) is None:
+            raise RuntimeError("the Qwen2.5-VL vision tower has not run since the Nüwa hooks were installed")
+        with torch.no_grad():
+            merged_sim = visual.merger((store.sum / len(self.sim)).to(visual.dtype))
+        merge = visual.spatial_merge_size
+        window_index, _ = get_vision_window_index(
+            grid_thw, spatial_merge_size=merge, window_size=visual.window_size, patch_size=visual.patch_size
+        )
+        to_raster = torch.argsort(window_index.to(grid_thw.device))
+        unit = store.received.view(-1, merge * merge).mean(dim=-1)
+        sizes = (grid_thw[:, 1] * grid_thw[:, 2] // (merge * merge)).tolist()
+        salience = unit[to_raster].split(sizes)
+        similarity = (merged_sim if official else merged_sim[to_raster]).float().split(sizes)
+        grids = (grid_thw[:, 1:] // merge).tolist()
+        return VisionSignals(
+            features=list(features.split(sizes)),
+            similarity=list(similarity),
+            salience=[s.view(h, w) for s, (h, w) in zip(salience, grids, strict=True)],
+        )
+
+
+def check_image_grids(grid_thw: torch.Tensor) -> None:
+    """Nüwa handles still images: one temporal step per image."""
+    if grid_thw.ndim != 2 or bool((grid_thw[:, 0] != 1).any()):
+        raise ValueError(f"grid_thw={grid_thw.tolist()}: Nüwa handles images, (1, h, w) per image")
+
+
 def qwen_vision_signals(
     visual: nn.Module,
     pixel_values: torch.Tensor,
@@ -205,51 +324,16 @@ def qwen_vision_signals(
     (its bug: the similarity then belongs to other grid cells). Features: the merged embeddings the
     language model would receive.
     """
-    blocks = visual.blocks
-    depth = len(blocks)
-    sim = list(qwen_similarity_blocks(depth) if similarity_blocks is None else similarity_blocks)
-    if not sim or any(not 0 <= i < depth for i in sim):
-        raise ValueError(f"similarity_blocks={sim}: block indices in [0, {depth - 1}]")
-    if grid_thw.ndim != 2 or bool((grid_thw[:, 0] != 1).any()):
-        raise ValueError(f"grid_thw={grid_thw.tolist()}: Nüwa handles images, (1, h, w) per image")
-    store: dict[str, torch.Tensor] = {}
-
-    def read_salience(_module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        store["received"] = received_attention(
-            _module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"], max_elements
-        )
-
-    def read_output(index: int):
-        def hook(_module, _args, output):
-            store["sum"] = output.float() * sim.count(index) + store.get("sum", 0)
-
-        return hook
-
-    handles = [blocks[-1].register_forward_pre_hook(read_salience, with_kwargs=True)]
-    handles += [blocks[i].register_forward_hook(read_output(i)) for i in sorted(set(sim))]
+    hooks = QwenSignalHooks(visual, similarity_blocks, max_elements)
+    check_image_grids(grid_thw)
+    handles = hooks.install()
     try:
         with torch.no_grad():
             out = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw)
-            merged_sim = visual.merger((store["sum"] / len(sim)).to(visual.dtype))
     finally:
         for handle in handles:
             handle.remove()
-    merge = visual.spatial_merge_size
-    window_index, _ = get_vision_window_index(
-        grid_thw, spatial_merge_size=merge, window_size=visual.window_size, patch_size=visual.patch_size
-    )
-    to_raster = torch.argsort(window_index.to(grid_thw.device))
-    unit = store["received"].view(-1, merge * merge).mean(dim=-1)
-    sizes = (grid_thw[:, 1] * grid_thw[:, 2] // (merge * merge)).tolist()
-    salience = unit[to_raster].split(sizes)
-    similarity = (merged_sim if official else merged_sim[to_raster]).float().split(sizes)
-    grids = (grid_thw[:, 1:] // merge).tolist()
-    return VisionSignals(
-        features=list(out.pooler_output.split(sizes)),
-        similarity=list(similarity),
-        salience=[s.view(h, w) for s, (h, w) in zip(salience, grids, strict=True)],
-    )
+    return hooks.take(grid_thw, out.pooler_output, official)
 
 
 def qwen_signals(
