@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "FastV": "methods",
+    "Nuwa": "methods",
     "PDrop": "methods",
     "Random": "methods",
     "TokenReduction": "methods",
@@ -40,6 +41,7 @@ __all__ = [
     "FastV",
     "ImageLayout",
     "LastTokenAttention",
+    "Nuwa",
     "PDrop",
     "Random",
     "RandomScores",
@@ -64,7 +66,7 @@ if TYPE_CHECKING:
     from .engine.cache import kv_bytes, kv_lengths
     from .engine.layout import ImageLayout
     from .engine.trace import Decision, Trace
-    from .methods import FastV, PDrop, Random, TokenReduction, method_from_spec, method_names
+    from .methods import FastV, Nuwa, PDrop, Random, TokenReduction, method_from_spec, method_names
     from .pipelines import Pipeline, pipeline
     from .scoring.attention import LastTokenAttention
     from .scoring.random import RandomScores

@@ -8,6 +8,9 @@ Conventions (see ``docs/budgets.md``):
   kept **per image** in each stage). Layers before the first decision carry all ``n_visual`` tokens;
   decision layer ``layers[i]`` and the layers up to ``layers[i + 1] - 1`` carry ``keep[i]``.
   Prune and reroute have identical per-layer counts; ``reroute`` only changes the scoring overhead.
+  A decision at layer 0 is an *entry*: the tokens that enter the language model at all (a method
+  that reduces before it, Nüwa's stage 1); it costs no scoring in the decoder (its vision-side cost
+  is in :mod:`vlm_reroute.budget.stage1`), and the decisions after it choose among those tokens.
 * FLOPs are counted as **multiply-accumulates** (a matmul ``a×b · b×c`` counts ``a·b·c``), like the
   FastV and PyramidDrop papers; strict FLOPs are twice these numbers. Decoder layers only: no
   embeddings, norms, rotary, LM head or vision encoder. Attention counts the full ``n²`` score
@@ -69,9 +72,9 @@ def validate_schedule(
         raise ValueError(f"n_visual={n_visual} must be ≥ 0 (visual tokens per image)")
     if not layers and not keep:
         return (), ()
-    schedule = Schedule.of(layers, keep, reroute, owner="schedule")
+    schedule = Schedule.from_budget_form(layers, keep, reroute, owner="schedule")
     schedule.check_depth(num_layers)
-    return schedule.layers, schedule.counts(n_visual)
+    return schedule.budget_form(n_visual)
 
 
 def visual_tokens_per_layer(
@@ -278,8 +281,11 @@ def compute_budget(
             )
         )
     scoring = 0
-    for i in range(len(layers)):
-        pool = n_visual if (reroute or i == 0) else keep[i - 1]
+    entry = 1 if layers and layers[0] == 0 else 0  # layer 0: an entry, scored on the vision side
+    for i in range(entry, len(layers)):
+        pool = keep[0] if entry else n_visual  # what a reroute decision chooses from
+        if not reroute and i > entry:
+            pool = keep[i - 1]
         scoring += _scoring_flops(shape, n_text + num_images * pool)
     vanilla_n = n_text + num_images * n_visual
     nl = shape.num_layers

@@ -8,11 +8,17 @@ checks schedules here, with one set of rules and one set of messages:
   from, and the ``"previous"`` scoring convention needs a layer ``l-1``);
 * one keep entry per decision: an int ≥ 1 (visual tokens kept per image) or a float in (0, 1]
   (fraction of each image's tokens, resolved as ``max(1, int(n · f))``);
-* under prune (``reroute=False``) the counts must not increase: a removed token cannot come back.
+* under prune (``reroute=False``) the counts must not increase: a removed token cannot come back;
+* an optional ``entry``: the visual tokens per image that enter the language model at all, for a
+  method that reduces before it (Nüwa's stage 1). The layers before the first decision then carry
+  the entry count; a ratio keep is then a fraction of the entering tokens, and a ratio entry is
+  ``min(n, ceil(n · f))`` (the Nüwa release's rule for K₁, ``nuwa.md`` §3.1). In budget arithmetic
+  (``layers``/``keep`` lists) the entry is written as a decision at layer 0.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -60,9 +66,17 @@ class Schedule:
     keep: tuple[Keep, ...]
     reroute: bool = False
     owner: str = field(default="Schedule", compare=False)
+    entry: Keep | None = None
 
     def __post_init__(self) -> None:
         layers, keep = tuple(self.layers), tuple(self.keep)
+        if self.entry is not None:
+            check_keep_value(self.owner, self.entry)
+            if isinstance(self.entry, int) and any(isinstance(k, int) and k > self.entry for k in keep):
+                raise ValueError(
+                    f"{self.owner}(entry={self.entry!r}, keep={list(keep)!r}): a stage cannot keep more "
+                    "tokens than enter the language model"
+                )
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "keep", keep)
         owner = self.owner
@@ -106,13 +120,23 @@ class Schedule:
                     f"decoder has {num_layers} layers, so decision layers must be in 1..{num_layers - 1}"
                 )
 
+    def entry_count(self, n_visual: int) -> int:
+        """Visual tokens of one image of ``n_visual`` tokens that enter the language model."""
+        if self.entry is None:
+            return n_visual
+        if isinstance(self.entry, float):
+            return min(n_visual, math.ceil(n_visual * self.entry))
+        return resolve_keep(self.owner, self.entry, n_visual)
+
     def counts(self, n_visual: int) -> tuple[int, ...]:
         """Keep counts of every stage for one image of ``n_visual`` tokens.
 
         Under prune the resolved counts must not increase (int and ratio entries can only be
-        compared once the image size is known).
+        compared once the image size is known). With an entry, counts are taken of the tokens that
+        enter and must not exceed them.
         """
-        counts = tuple(resolve_keep(self.owner, k, n_visual) for k in self.keep)
+        entering = self.entry_count(n_visual)
+        counts = tuple(resolve_keep(self.owner, k, entering) for k in self.keep)
         if not self.reroute and any(b > a for a, b in pairwise(counts)):
             raise ValueError(
                 f"{self.owner}(keep={list(self.keep)!r}) with reroute=False: for an image of {n_visual} "
@@ -120,10 +144,17 @@ class Schedule:
             )
         return counts
 
+    def budget_form(self, n_visual: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(layers, counts)`` as budget arithmetic takes them: the entry, if any, as layer 0."""
+        counts = self.counts(n_visual)
+        if self.entry is None:
+            return self.layers, counts
+        return (0, *self.layers), (self.entry_count(n_visual), *counts)
+
     def tokens_per_layer(self, num_layers: int, n_visual: int) -> list[int]:
         """Visual tokens of one image entering each of the ``num_layers`` layers."""
         self.check_depth(num_layers)
-        per_layer = [n_visual] * num_layers
+        per_layer = [self.entry_count(n_visual)] * num_layers
         bounds = [*self.layers, num_layers]
         for i, k in enumerate(self.counts(n_visual)):
             per_layer[bounds[i] : bounds[i + 1]] = [k] * (bounds[i + 1] - bounds[i])
@@ -134,6 +165,28 @@ class Schedule:
         return sum(self.tokens_per_layer(num_layers, n_visual)) / num_layers
 
     @classmethod
-    def of(cls, layers: Sequence[int], keep: Sequence[Keep], reroute: bool = False, owner: str = "Schedule"):
+    def of(
+        cls,
+        layers: Sequence[int],
+        keep: Sequence[Keep],
+        reroute: bool = False,
+        owner: str = "Schedule",
+        entry: Keep | None = None,
+    ):
         """Build from any sequences (lists from a user, tuples from the solver)."""
-        return cls(tuple(layers), tuple(keep), reroute, owner)
+        return cls(tuple(layers), tuple(keep), reroute, owner, entry)
+
+    @classmethod
+    def from_budget_form(
+        cls, layers: Sequence[int], keep: Sequence[Keep], reroute: bool = False, owner: str = "Schedule"
+    ):
+        """The schedule of budget-arithmetic ``layers``/``keep``, where a layer 0 is the entry."""
+        layers, keep = tuple(layers), tuple(keep)
+        if layers and layers[0] == 0:
+            if len(keep) != len(layers):
+                raise ValueError(
+                    f"{owner}(layers={list(layers)!r}, keep={list(keep)!r}): one keep entry per layer is "
+                    f"needed ({len(layers)} layers, {len(keep)} keep entries)"
+                )
+            return cls(layers[1:], keep[1:], reroute, owner, keep[0])
+        return cls(layers, keep, reroute, owner)

@@ -7,6 +7,9 @@ count ``a``) and its default decision layers; the solver reads them from the met
 * PDrop prune: constant retention ``ρ = a / n`` per decision, keep ``[a, aρ, aρ², ...]``;
   this is the rule behind the published PDrop baseline's 192 and 128 tiers.
 * PDrop + Reroute: keep ``[a, a, a/2, a/4, ...]`` (``a / 2^(i-1)`` from the third decision on).
+* Nüwa (and + Reroute): ``a`` is K₁, the anchors entering the language model (the schedule's
+  entry, written as layer 0 in solved schedules); every decision keeps ``a / 7`` (the release's
+  K₂ = K₁ / 7: 112 → 16, 224 → 32, 336 → 48).
 
 Rule values are rounded half up and clamped to ``1..n``. ``a`` is searched over the integers
 ``1..n``; if the closest ``a`` misses an avg_T target by more than 0.5 token, individual stage counts
@@ -100,11 +103,16 @@ class SolvedSchedule:
 
     @property
     def schedule(self) -> Schedule:
-        return Schedule(self.layers, self.keep, self.reroute, owner=self.name)
+        return Schedule.from_budget_form(self.layers, self.keep, self.reroute, owner=self.name)
 
     def to_method(self, **settings) -> TokenReduction:
         """The method that runs this schedule (its registered class, e.g. ``FastV`` or ``PDrop``)."""
         return method_class(self.method)[0].from_schedule(self.schedule, **settings)
+
+    @property
+    def entry(self) -> int | None:
+        """Visual tokens entering the language model (layer 0 of ``layers``), or None: all."""
+        return self.keep[0] if self.layers and self.layers[0] == 0 else None
 
     def budget(self, shape: ModelShape, n_text: int = 0, num_images: int = 1) -> Budget:
         """The full :class:`~vlm_reroute.budget.Budget` of this schedule on ``shape``."""
@@ -220,10 +228,12 @@ class _Problem:
         self.num_layers, self.n_visual, self.n_text = nl, n_visual, n_text
         layers = self.cls.default_layers(nl, self.reroute) if layers is None else tuple(layers)
         Schedule.of(layers, [1] * len(layers), True, owner=self.cls.label(self.reroute)).check_depth(nl)
+        # a method that reduces before the language model: its first count enters layer 0
+        self.starts = (0, *layers) if self.cls.stage_zero else layers
         self.layers = layers
-        self.rule = _rule(self.cls, self.reroute, n_visual, len(layers))
-        self.lengths = [b - a for a, b in zip(layers, [*layers[1:], nl], strict=True)]
-        self.fixed = layers[0] * n_visual  # layer-tokens before the first decision
+        self.rule = _rule(self.cls, self.reroute, n_visual, len(self.starts))
+        self.lengths = [b - a for a, b in zip(self.starts, [*self.starts[1:], nl], strict=True)]
+        self.fixed = self.starts[0] * n_visual  # layer-tokens before the first count applies
         self.label = f"{self.cls.label(self.reroute)} (layers {list(layers)}, n_visual={n_visual})"
 
     def avg(self, keep: Sequence[int]) -> float:
@@ -235,7 +245,7 @@ class _Problem:
     def flops_ratio(self, keep: Sequence[int]) -> float:
         shape, n_text = self._flops_shape(), self.n_text
         vanilla = self.num_layers * layer_flops(shape, n_text + self.n_visual, "pdrop")
-        counts = visual_tokens_per_layer(self.num_layers, self.n_visual, self.layers, keep)
+        counts = visual_tokens_per_layer(self.num_layers, self.n_visual, self.starts, keep)
         return sum(layer_flops(shape, n_text + v, "pdrop") for v in counts) / vanilla
 
     def flops_range(self) -> tuple[float, float]:
@@ -263,7 +273,7 @@ class _Problem:
         return SolvedSchedule(
             self.cls.key,
             self.reroute,
-            self.layers,
+            self.starts,
             tuple(keep),
             self.avg(keep),
             self.num_layers,

@@ -16,6 +16,10 @@ layer's KV cache therefore holds exactly the tokens that went through it; the pr
 cache into a :class:`~.cache.RoutedCache` holding the stage layouts, and decode steps
 (``decode.py``) attend, per stage, over its own cache with a mask of the right length. The trace
 is replaced only when a prefill completes.
+
+A plan with a vision-side stage (Nüwa's stage 1, ``vision.py``) applies it at layer 0 as an
+irreversible stage 0: only text and the tokens it kept exist from there on, later decisions choose
+among those, and the cache reports the full sequence length to ``transformers``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from .masks import stage_mask
 from .prefill import Prefill
 from .selection import compact_index, top_k_per_image
 from .trace import Decision, Trace
+from .vision import Reports, VisionStage, forget_logical_length, report_logical_length, stage_zero
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class Plan:
 
     ``keep_counts(n)`` gives the count of every stage for an image of ``n`` visual tokens (a fixed
     schedule resolved, or a budget target solved for that size). ``method`` names it in messages.
+    With a ``vision`` stage each image's counts come from its report at layer 0, and the decisions
+    choose among the tokens it kept.
     """
 
     method: str
@@ -57,9 +64,12 @@ class Plan:
     reroute: bool
     keep_counts: Callable[[int], tuple[int, ...]]
     scorer: Scorer
+    vision: VisionStage | None = None
 
     def counts(self, sizes: torch.Tensor) -> list[torch.Tensor]:
         """Per stage: ``(n_images,)`` keep counts for images of ``sizes`` tokens."""
+        if self.vision is not None:  # placeholders: the vision stage reports them at layer 0
+            return [torch.zeros_like(sizes) for _ in self.layers]
         per_image = [self.keep_counts(int(n)) for n in sizes.tolist()]
         return [
             torch.tensor([c[i] for c in per_image], dtype=torch.long, device=sizes.device)
@@ -80,7 +90,8 @@ class RoutingExecutor:
         self.score_ahead = (
             {layer - 1: layer for layer in plan.layers} if plan.scorer.score_from == "previous" else {}
         )
-        self.first_decision = plan.layers[0]
+        self.first_decision = 0 if plan.vision is not None else plan.layers[0]
+        self.reports = Reports() if plan.vision is not None else None
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.calls = CallState()
         self.active = False
@@ -97,6 +108,8 @@ class RoutingExecutor:
         for i, layer in enumerate(layers):
             reg(layer.register_forward_pre_hook(partial(self._before_layer, i), with_kwargs=True))
         reg(layers[len(layers) - 1].register_forward_hook(self._after_last_layer))
+        if self.plan.vision is not None:
+            self.handles += self.plan.vision.install(self.model, self.reports.add)
         self._generate = GenerateGuard(self)
         self._generate.install()
         self.active = True
@@ -108,6 +121,8 @@ class RoutingExecutor:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        if self.reports is not None:
+            self.reports.clear()
 
     def serves(self, cache: Cache) -> bool:
         """True when the call running on this thread fills or continues ``cache``."""
@@ -152,6 +167,8 @@ class RoutingExecutor:
         st = call.prefill
         if call.cache is not None:
             call.cache._vlm_routing = Routing(self.plan.method, st.prompt_key_masks(), st.prompt_length)
+            if st.pool is not None:  # stage 0 shortened every layer: report the full length
+                report_logical_length(call.cache, st.n - st.key_masks[0][1].shape[1])
         generation = self.calls.generation
         if generation is not None and generation.decided is None:
             generation.decided = st.selections
@@ -159,6 +176,7 @@ class RoutingExecutor:
             return  # a re-run with decisions already recorded
         with self._commit_lock:
             self.trace.decisions = st.decisions
+            self.trace.stage1 = st.stage1
             self.trace.visual_tokens = st.visual.sum(dim=1).tolist()
             self.trace.layouts = st.layouts
             self.trace.prefills += 1
@@ -187,6 +205,8 @@ class RoutingExecutor:
         st = call.prefill
         if i == 0:
             self._capture(call, hidden, kwargs)
+            if self.plan.vision is not None:
+                hidden = self._enter(st, hidden)
         if i in self.decision_of:
             hidden = self._decide(st, i, layer, hidden)
         if i in self.score_ahead and st.reuse is None:
@@ -219,12 +239,15 @@ class RoutingExecutor:
         pos = kwargs.get("position_ids")
         st.position_ids = pos.expand(batch, n) if isinstance(pos, torch.Tensor) and pos.ndim == 2 else None
         cache = kwargs.get("past_key_values")
+        if cache is not None:
+            forget_logical_length(cache)  # a cache reused after reset() starts from its real length
         st.cache = call.cache = claim(cache, self, self.plan.method) if cache is not None else None
 
     def _candidates(self, st: Prefill) -> torch.Tensor:
-        """Reroute: every visual token competes; prune: only those kept at the last decision."""
+        """Reroute: every visual token competes (every one a vision stage let in); prune: only
+        those kept at the last decision."""
         if self.plan.reroute or st.present is None:
-            return st.visual
+            return st.visual if st.pool is None else st.pool
         return st.present
 
     def _score(
@@ -287,6 +310,20 @@ class RoutingExecutor:
             selected = self._select(st, stage, scores, candidates)
             st.decisions.append(self._decision(st, i, scores, selected))
         st.selections.append(selected[:, : st.prompt_length])
+        return self._gather(st, i, full, selected, hidden.dtype)
+
+    def _enter(self, st: Prefill, hidden: torch.Tensor) -> torch.Tensor:
+        """Stage 0: from layer 0 on only text and the tokens the vision stage kept go through."""
+        entry = stage_zero(self.reports, hidden, st.visual, st.image_ids, st.layouts, len(self.plan.layers))
+        st.counts, st.stage1 = entry.counts, entry.records
+        st.decisions.append(self._decision(st, 0, entry.scores, entry.kept))
+        st.pool = entry.kept
+        return self._gather(st, 0, _full_view(st, hidden), entry.kept, hidden.dtype)
+
+    def _gather(
+        self, st: Prefill, i: int, full: torch.Tensor, selected: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The compact layout of text + ``selected`` from layer ``i`` on, and its hidden states."""
         st.present = selected
         index, filled = compact_index(~st.visual | selected, filler=st.n)
         st.index = index
@@ -296,7 +333,7 @@ class RoutingExecutor:
         cos, sin = st.rope
         st.stage_kwargs = {
             "attention_mask": stage_mask(
-                self.adapter.text_config, key_mask, index.shape[1], st.cache, i, hidden.dtype
+                self.adapter.text_config, key_mask, index.shape[1], st.cache, i, dtype
             ),
             "position_embeddings": (cos[rows, rope_index], sin[rows, rope_index]),
         }

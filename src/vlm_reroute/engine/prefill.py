@@ -42,6 +42,8 @@ class Prefill:
     buffer: torch.Tensor | None = None
     index: torch.Tensor | None = None  # current compact layout, None before the first decision
     present: torch.Tensor | None = None  # visual tokens selected at the last decision
+    pool: torch.Tensor | None = None  # visual tokens a vision stage let in (None: all of them)
+    stage1: list[list[Any]] = field(default_factory=list)  # the vision stage's records (trace)
     stage_kwargs: dict[str, Any] = field(default_factory=dict)
     key_masks: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first layer, (B, L))
     pending: dict[int, torch.Tensor] = field(default_factory=dict)  # decision layer -> scores

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,9 @@ class Trace:
     decisions: list[Decision] = field(default_factory=list)
     visual_tokens: list[int] = field(default_factory=list)
     layouts: list[list[ImageLayout]] = field(default_factory=list)
+    #: per sample, per image: what a vision-side stage decided (Nüwa's stage 1; empty otherwise).
+    #: Such a stage is also ``decisions[0]``, at layer 0: the tokens that entered the language model.
+    stage1: list[list[Any]] = field(default_factory=list)
     prefills: int = 0
 
     def tokens_per_layer(self, num_layers: int, sample: int = 0) -> list[int]:

@@ -6,6 +6,7 @@ A new method is one file here: a dataclass subclassing :class:`TokenReduction`, 
 
 from .base import TokenReduction
 from .fastv import FastV
+from .nuwa import Nuwa
 from .pdrop import PDrop
 from .random import Random
 from .registry import METHODS, method_class, method_from_spec, method_names, register
@@ -13,6 +14,7 @@ from .registry import METHODS, method_class, method_from_spec, method_names, reg
 __all__ = [
     "METHODS",
     "FastV",
+    "Nuwa",
     "PDrop",
     "Random",
     "TokenReduction",

@@ -25,7 +25,9 @@ from ..budget.target import BudgetTarget
 if TYPE_CHECKING:
     from torch import nn
 
+    from ..adapters.base import ModelAdapter
     from ..engine.trace import Trace
+    from ..engine.vision import VisionStage
     from ..scoring.base import Scorer
 
 SCORE_FROM = ("current", "previous")
@@ -78,6 +80,9 @@ class TokenReduction:
     prune_decisions: ClassVar[int | None] = None
     #: False for methods that reuse another's schedule rule (budget tables would repeat its rows)
     tabulated: ClassVar[bool] = True
+    #: True for methods that reduce before the language model (Nüwa's stage 1): the first count of
+    #: the solver's rule is the ``entry`` of the schedule, the visual tokens entering layer 0
+    stage_zero: ClassVar[bool] = False
 
     # ---- rules for the solver (torch-free) --------------------------------------------------
     @classmethod
@@ -112,6 +117,14 @@ class TokenReduction:
     def make_scorer(self) -> Scorer:
         """The scorer that ranks candidates at each decision (a method owns its scorer)."""
         raise NotImplementedError
+
+    def bind(self, adapter: ModelAdapter) -> TokenReduction:
+        """This method with the defaults of ``adapter``'s model family filled in (default: itself)."""
+        return self
+
+    def vision_stage(self, adapter: ModelAdapter) -> VisionStage | None:
+        """A stage run while the images are encoded, before the language model (Nüwa), or None."""
+        return None
 
     def replace(self, **changes: Any) -> TokenReduction:
         """A validated copy with ``changes`` (settings are immutable)."""
@@ -185,6 +198,7 @@ class TokenReduction:
         refuse_compiled_in_place(model)
         method = dataclasses.replace(self)  # checked again: no setting forced past the freeze gets through
         adapter = adapter_for(model)
+        method = method.bind(adapter)
         num_layers = len(adapter.layers)
         layers = method.check_depth(num_layers)
         shape = ModelShape.from_config(model.config) if method.schedule() is None else None
@@ -197,6 +211,7 @@ class TokenReduction:
             reroute=method.reroute,
             keep_counts=method.keep_counts(num_layers, shape),
             scorer=method.make_scorer(),
+            vision=method.vision_stage(adapter),
         )
         executor = RoutingExecutor(model, adapter, plan, trace)
         _ACTIVE.add(model)

@@ -33,7 +33,7 @@ def method_names() -> tuple[str, ...]:
 
 
 def _load() -> None:
-    from . import fastv, pdrop, random  # noqa: F401  (registers the shipped methods)
+    from . import fastv, nuwa, pdrop, random  # noqa: F401  (registers the shipped methods)
 
 
 def method_class(name: str, reroute: bool = False) -> tuple[type[TokenReduction], bool]:

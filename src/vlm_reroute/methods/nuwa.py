@@ -1,0 +1,392 @@
+"""Nüwa (Huang et al., ICLR 2026, arXiv 2602.02951): spatial anchors before the language model, one
+attention-ranked cut inside it. ``nuwa.md`` is the spec; ``docs/nuwa.md`` the user's page.
+
+Stage 1 runs while the images are encoded (``nuwa_vision.py``): each 2×2 cell of an image's grid
+proposes its ``n_per_cell`` most salient tokens, the K₁ most salient candidates become anchors (in
+raster order) and the anchors below a salience gate absorb similar, nearby tokens. Only the anchors
+enter the language model, each at its original position. Stage 2 keeps the K₂ anchors that the last
+prompt token(s) attend to most; its decision applies from ``stage2_layer`` on and is scored with the
+attention of the layer before (LLaVA-1.5: from layer 16 of 32, last token, head mean; Qwen2.5-VL:
+from layer 15 of 28, the last three query rows, head max).
+
+With ``reroute=True`` (Reroute, arXiv 2606.12412) stage 1 is unchanged and stage 2 routes among the
+anchors: a decision at the stage-2 layer and re-decisions spread evenly over the remaining depth
+(default four decisions), each keeping K₂, so per-layer counts, avg_T and KV bytes equal Nüwa's.
+
+Settings as released (``nuwa.md`` §5): ``Nuwa(budget=64 | 128 | 192)`` on LLaVA-1.5 is
+K₁ / K₂ / n = 112 / 16 / 1, 224 / 32 / 2, 336 / 48 / 3; ``Nuwa(ratio=0.25 | 0.5 | 0.75)`` on
+Qwen2.5-VL is s₁ / s₂ / n = 0.35 / 0.42 / 3, 0.60 / 0.66 / 3, 0.85 / 0.70 / 4 (K₁ = min(⌈N·s₁⌉, |C|),
+K₂ = max(1, int(anchors · s₂))). ``official=True`` reproduces the release where it differs from the
+spec's fixes (``docs/nuwa.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..budget.schedule import Keep, Schedule, check_keep_value
+from ..budget.target import BudgetTarget
+from .base import TokenReduction, round_half_up, scale_layers
+from .registry import register
+
+if TYPE_CHECKING:
+    from ..adapters.base import ModelAdapter
+    from ..engine.vision import VisionStage
+    from ..scoring.base import Scorer
+
+#: LLaVA-1.5 release: budget (layer-averaged visual tokens at 576) -> (K₁, K₂, n per cell)
+LLAVA_BUDGETS = {64: (112, 16, 1), 128: (224, 32, 2), 192: (336, 48, 3)}
+#: Qwen2.5-VL release: ratio (layer-averaged retention) -> (s₁, s₂ of the anchors, n per cell)
+QWEN_RATIOS = {0.25: (0.35, 0.42, 3), 0.5: (0.60, 0.66, 3), 0.75: (0.85, 0.70, 4)}
+#: where each release's stage 2 applies from: (layer, depth)
+RELEASE_STAGE2 = {"llava": (16, 32), "qwen2_5_vl": (15, 28)}
+REROUTE_DECISIONS = 4  # default stage-2 decisions under reroute (as many as FastV / PDrop + Reroute)
+K2_PER_K1 = 1 / 7  # the LLaVA release's K₂ = K₁ / 7, the solver's rule
+
+
+@dataclass(frozen=True)
+class FamilySettings:
+    """Stage-1 constants of one family as released (``nuwa.md`` §1.4, §3.1, §5)."""
+
+    gate_quantile: float
+    weighting: str
+    tau: float | None  # kernel radius in grid cells; None: 0.8 × the padded grid's diagonal
+
+
+def family_settings(family: str, official: bool) -> FamilySettings:
+    from .nuwa_aggregate import llava_tau
+
+    if family == "llava":
+        return FamilySettings(0.55, "release_llava" if official else "convex", llava_tau(280.0))
+    return FamilySettings(0.1, "release_qwen" if official else "convex", None)
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """Stage 1 of one image: ``k1`` anchors from ``n_per_cell`` candidates per cell, kernel radius
+    ``tau``, and each later decision's ``keep`` (an int count, or a fraction of the anchors).
+    ``skip``: K₁ covers every token, so stage 1 leaves the image as it is."""
+
+    k1: int
+    n_per_cell: int
+    tau: float
+    keep: tuple[Keep, ...]
+    skip: bool = False
+
+    def counts(self, anchors: int) -> tuple[int, ...]:
+        """Keep count of each decision for an image that kept ``anchors`` anchors."""
+        return tuple(min(anchors, k) if isinstance(k, int) else max(1, int(anchors * k)) for k in self.keep)
+
+
+def spread(first: int, num_layers: int, decisions: int) -> tuple[int, ...]:
+    """``decisions`` layers from ``first`` spread evenly over the rest of the depth: ``first +
+    round(i · (L − first) / decisions)`` (32 layers from 16: 16, 20, 24, 28)."""
+    span = num_layers - first
+    return tuple(sorted({first + round_half_up(i * span / decisions) for i in range(decisions)}))
+
+
+@register
+@dataclass(frozen=True)
+class Nuwa(TokenReduction):
+    """Nüwa on LLaVA-1.5 and Qwen2.5-VL (prune, or with ``reroute=True`` routing among the anchors).
+
+    Give one of: ``budget`` (LLaVA-1.5 release: 64, 128, 192), ``ratio`` (Qwen2.5-VL release: 0.25,
+    0.5, 0.75), ``k1`` and ``k2`` (anchors per image: an int, or a fraction ``f`` of the image's
+    tokens taken as ``min(⌈N·f⌉, |C|)``; tokens after stage 2: an int, or a fraction of the anchors),
+    or ``target`` (a :class:`~vlm_reroute.BudgetTarget` solved per image size with K₂ = K₁/7); none:
+    the family's headline setting (budget 64, ratio 0.25). An image whose K₁ covers all its tokens
+    skips stage 1, so ``Nuwa(k1=1.0, k2=1.0)`` is the untouched model.
+
+    ``stage2_layer``: the first layer after the stage-2 cut (default: the release's, scaled to the
+    depth); ``layers``: every stage-2 decision layer instead (reroute: default ``decisions`` = 4
+    spread evenly from the stage-2 layer). ``n_per_cell`` (default: the preset's, else the fewest that
+    give K₁ candidates), ``gate_quantile`` and ``tau`` (kernel radius in grid cells) override the
+    family's stage-1 constants; ``scorer`` the stage-2 scorer.
+    """
+
+    key: ClassVar[str] = "nuwa"
+    display: ClassVar[str] = "Nüwa"
+    published_layers: ClassVar[dict[bool, tuple[int, ...]]] = {False: (16,), True: (16, 20, 24, 28)}
+    prune_decisions: ClassVar[int | None] = 1
+    stage_zero: ClassVar[bool] = True
+
+    budget: int | None = None
+    ratio: float | None = None
+    k1: Keep | None = None
+    k2: Keep | None = None
+    stage2_layer: int | None = None
+    layers: Sequence[int] | None = None
+    decisions: int | None = None
+    reroute: bool = False
+    official: bool = False
+    n_per_cell: int | None = None
+    gate_quantile: float | None = None
+    tau: float | None = None
+    scorer: Scorer | None = None
+    target: BudgetTarget | None = None
+    family: str | None = field(default=None, init=False, compare=False)
+    depth: int | None = field(default=None, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        if not isinstance(self.reroute, bool) or not isinstance(self.official, bool):
+            raise TypeError(f"{owner}(reroute={self.reroute!r}, official={self.official!r}): True or False")
+        self._check_target(self.target)
+        given = {
+            "budget": self.budget is not None,
+            "ratio": self.ratio is not None,
+            "k1/k2": self.k1 is not None or self.k2 is not None,
+            "target": self.target is not None,
+        }
+        if sum(given.values()) > 1:
+            chosen = ", ".join(k for k, v in given.items() if v)
+            raise ValueError(f"{owner}: give one of budget=, ratio=, k1= with k2=, target=; got {chosen}")
+        if self.budget is not None and self.budget not in LLAVA_BUDGETS:
+            raise ValueError(
+                f"{owner}(budget={self.budget!r}): the LLaVA-1.5 release's budgets are 64, 128 and 192 "
+                "(give k1= and k2= for other counts)"
+            )
+        if self.ratio is not None and self.ratio not in QWEN_RATIOS:
+            raise ValueError(
+                f"{owner}(ratio={self.ratio!r}): the Qwen2.5-VL release's ratios are 0.25, 0.5 and 0.75 "
+                "(give k1= and k2= for other counts, or target=BudgetTarget(ratio=...))"
+            )
+        if (self.k1 is None) != (self.k2 is None):
+            raise ValueError(f"{owner}(k1={self.k1!r}, k2={self.k2!r}): give both (anchors; after stage 2)")
+        if self.k1 is not None:
+            check_keep_value(owner, self.k1)
+            check_keep_value(owner, self.k2)
+            if isinstance(self.k1, int) and isinstance(self.k2, int) and self.k2 > self.k1:
+                raise ValueError(f"{owner}(k1={self.k1}, k2={self.k2}): stage 2 keeps at most the anchors")
+        _check_int(owner, "n_per_cell", self.n_per_cell, 1, 4, "a 2×2 cell proposes 1, 2, 3 or 4 candidates")
+        _check_int(owner, "stage2_layer", self.stage2_layer, 1, None, "a decoder layer index ≥ 1")
+        _check_int(owner, "decisions", self.decisions, 1, None, "the number of stage-2 decisions, ≥ 1")
+        if self.gate_quantile is not None and not 0.0 <= self.gate_quantile <= 1.0:
+            raise ValueError(f"{owner}(gate_quantile={self.gate_quantile!r}): a quantile in [0, 1]")
+        if self.tau is not None and not (isinstance(self.tau, int | float) and self.tau > 0):
+            raise ValueError(f"{owner}(tau={self.tau!r}): the kernel radius (grid cells) must be > 0")
+        if not self.reroute and self.decisions not in (None, 1):
+            raise ValueError(f"{owner}(decisions={self.decisions}, reroute=False): Nüwa prunes once")
+        self._check_layers(owner)
+
+    def _check_layers(self, owner: str) -> None:
+        if self.layers is None:
+            return
+        layers = tuple(self.layers)
+        Schedule.of(layers, [1] * len(layers), True, owner=owner)
+        object.__setattr__(self, "layers", layers)
+        if not self.reroute and len(layers) != 1:
+            raise ValueError(
+                f"{owner}(layers={list(layers)!r}, reroute=False): Nüwa prunes once in stage 2; several "
+                "stage-2 decisions are Nüwa + Reroute (reroute=True)"
+            )
+        if self.stage2_layer is not None and self.stage2_layer != layers[0]:
+            raise ValueError(
+                f"{owner}(stage2_layer={self.stage2_layer}, layers={list(layers)!r}): the first stage-2 "
+                "decision is the stage-2 layer; give one of them"
+            )
+        if self.decisions is not None and self.decisions != len(layers):
+            raise ValueError(f"{owner}(decisions={self.decisions}, layers={list(layers)!r}): give one")
+
+    # ---- rules for the solver (torch-free) --------------------------------------------------
+    @classmethod
+    def default_layers(cls, num_layers: int, reroute: bool = False) -> tuple[int, ...]:
+        """Stage 2 from layer 16 of 32 (scaled to the depth); reroute: four decisions from there."""
+        first = scale_layers((16,), num_layers)[0]
+        return spread(first, num_layers, REROUTE_DECISIONS) if reroute else (first,)
+
+    @classmethod
+    def keep_rule(cls, a: int, n_visual: int, num_stages: int, reroute: bool) -> list[float]:
+        """``a`` = K₁ (the entry), then K₁/7 at every stage-2 decision (the release's 112 → 16)."""
+        return [a] + [a * K2_PER_K1] * (num_stages - 1)
+
+    @classmethod
+    def from_schedule(cls, schedule: Schedule, **settings: Any) -> Nuwa:
+        """Entry = K₁ (none: every token enters), one common keep = K₂, layers = the stage-2 decisions."""
+        if len(set(schedule.keep)) != 1:
+            raise ValueError(
+                f"Nüwa keeps the same K₂ at every stage-2 decision; got keep={list(schedule.keep)!r}"
+            )
+        k1 = 1.0 if schedule.entry is None else schedule.entry
+        return cls(k1=k1, k2=schedule.keep[0], layers=schedule.layers, reroute=schedule.reroute, **settings)
+
+    # ---- binding to a model ---------------------------------------------------------------
+    def bind(self, adapter: ModelAdapter) -> Nuwa:
+        """This method for ``adapter``'s model: its family's settings, depth and (LLaVA) grid checked."""
+        from .nuwa_signals import check_llava_config
+        from .nuwa_vision import family_of
+
+        family = family_of(adapter.model)
+        if family == "qwen2_5_vl" and self.budget is not None:
+            raise ValueError(
+                f"Nuwa(budget={self.budget}) is the LLaVA-1.5 release's setting; on Qwen2.5-VL give "
+                "ratio=0.25 / 0.5 / 0.75 (its release's), k1= and k2=, or target="
+            )
+        if family == "llava" and self.ratio is not None:
+            raise ValueError(
+                f"Nuwa(ratio={self.ratio}) is the Qwen2.5-VL release's setting; on LLaVA-1.5 give "
+                "budget=64 / 128 / 192 (its release's), k1= and k2=, or target="
+            )
+        bound = dataclasses.replace(self)
+        object.__setattr__(bound, "family", family)
+        object.__setattr__(bound, "depth", len(adapter.layers))
+        if family == "llava":
+            check_llava_config(adapter.model.config)
+            side = int(adapter.model.config.vision_config.image_size) // int(
+                adapter.model.config.vision_config.patch_size
+            )
+            if self.target is None:
+                bound.plan_image((side, side), None, bound.depth)  # a budget the grid cannot meet fails here
+        return bound
+
+    @property
+    def settings(self) -> FamilySettings:
+        """Stage-1 constants of the bound family (LLaVA's when unbound), with the overrides."""
+        base = family_settings(self.family or "llava", self.official)
+        return dataclasses.replace(
+            base,
+            gate_quantile=base.gate_quantile if self.gate_quantile is None else float(self.gate_quantile),
+            tau=base.tau if self.tau is None else float(self.tau),
+        )
+
+    def _preset(self) -> tuple[Keep, Keep, int | None]:
+        """``(K₁, K₂, n per cell)`` settings before an image is seen (None: fewest that fit)."""
+        if self.budget is not None:
+            return LLAVA_BUDGETS[self.budget]
+        if self.ratio is not None:
+            return QWEN_RATIOS[self.ratio]
+        if self.k1 is not None:
+            return self.k1, self.k2, None
+        if (self.family or "llava") == "llava":
+            return LLAVA_BUDGETS[64]
+        return QWEN_RATIOS[0.25]
+
+    def layers_for(self, num_layers: int) -> tuple[int, ...]:
+        """The stage-2 decision layers on a ``num_layers``-deep decoder."""
+        if self.layers is not None:
+            return tuple(self.layers)
+        if self.stage2_layer is not None:
+            first = self.stage2_layer
+        elif self.target is not None:
+            return self.default_layers(num_layers, self.reroute)
+        else:
+            published = "qwen2_5_vl" if self.ratio is not None or self.family == "qwen2_5_vl" else "llava"
+            layer, depth = RELEASE_STAGE2[published]
+            first = min(max(round_half_up(layer * num_layers / depth), 1), num_layers - 1)
+        if not self.reroute:
+            return (first,)
+        return spread(first, num_layers, self.decisions or REROUTE_DECISIONS)
+
+    def check_depth(self, num_layers: int) -> tuple[int, ...]:
+        layers = self.layers_for(num_layers)
+        for layer in layers:
+            if not 1 <= layer < num_layers:
+                raise ValueError(
+                    f"Nüwa stage-2 layer {layer} (stage2_layer={self.stage2_layer!r}, layers="
+                    f"{None if self.layers is None else list(self.layers)!r}) is out of range: this decoder "
+                    f"has {num_layers} layers, so stage-2 decisions must be in 1..{num_layers - 1}"
+                )
+        return layers
+
+    def schedule(self) -> Schedule | None:
+        """The schedule (entry K₁, K₂ at each stage-2 decision) on the bound depth (else 32), or None
+        with a target."""
+        if self.target is not None:
+            return None
+        k1, k2, _ = self._preset()
+        layers = self.layers_for(self.depth or 32)
+        return Schedule(layers, (k2,) * len(layers), self.reroute, owner=type(self).__name__, entry=k1)
+
+    def plan_image(self, grid: tuple[int, int], shape: Any, num_layers: int) -> ImagePlan:
+        """Stage 1 for an image of ``grid`` tokens (``shape``: the decoder's, for a target)."""
+        from .nuwa_aggregate import qwen_tau
+        from .nuwa_select import candidate_count, padded_grid
+
+        height, width = grid
+        n = height * width
+        layers = self.layers_for(num_layers)
+        preset_n = None
+        if self.target is not None:
+            from ..budget.solver import solve_for_target
+
+            solved = solve_for_target(shape, n, type(self), self.reroute, self.target, layers)
+            k1, keep = solved.keep[0], tuple(solved.keep[1:])
+            clip = True
+        else:
+            k1_setting, k2, preset_n = self._preset()
+            keep = (k2,) * len(layers)
+            clip = isinstance(k1_setting, float)
+            k1 = min(n, math.ceil(n * k1_setting)) if clip else k1_setting
+        if k1 > n:
+            raise ValueError(
+                f"{self!r}: K₁ = {k1} anchors per image, but an image of {height}×{width} = {n} tokens has "
+                "fewer; give a smaller setting (k1=, budget=) or larger images"
+            )
+        if k1 == n:
+            return ImagePlan(k1=n, n_per_cell=4, tau=math.nan, keep=keep, skip=True)
+        ph, pw = padded_grid(height, width)
+        cells = (ph // 2) * (pw // 2)
+        n_per_cell = self.n_per_cell or preset_n or min(4, math.ceil(k1 / cells))
+        limit = candidate_count(height, width, n_per_cell)
+        if k1 > limit:
+            if not clip:
+                raise ValueError(
+                    f"{self!r}: K₁ = {k1} anchors per image, but the 2×2 cells of a {height}×{width} grid "
+                    f"propose at most {limit} candidates with n_per_cell={n_per_cell}; give a smaller budget "
+                    f"or k1 (≤ {limit}), or a larger n_per_cell"
+                )
+            k1 = limit  # the release's min(⌈N·s₁⌉, |C|)
+        tau = self.settings.tau if self.settings.tau is not None else qwen_tau(height, width)
+        return ImagePlan(k1=k1, n_per_cell=n_per_cell, tau=tau, keep=keep)
+
+    def keep_counts(self, num_layers: int, shape: Any):
+        """Stage-2 counts for an image of ``n`` tokens, assuming a square grid (the engine takes each
+        image's counts from its stage 1 instead)."""
+
+        def counts(n_visual: int) -> tuple[int, ...]:
+            plan = self.plan_image(_grid_of(n_visual), shape, num_layers)
+            return plan.counts(plan.k1)
+
+        return counts
+
+    def resolve(self, shape: Any, n_visual: int) -> Schedule:
+        """Integer entry (K₁) and stage-2 counts for one image of ``n_visual`` tokens (a square grid)."""
+        layers = self.check_depth(shape.num_layers)
+        plan = self.plan_image(_grid_of(n_visual), shape, shape.num_layers)
+        return Schedule(layers, plan.counts(plan.k1), self.reroute, owner=self.name, entry=plan.k1)
+
+    def make_scorer(self) -> Scorer:
+        """LLaVA: the last token's attention at the layer before the stage-2 layer, head mean; Qwen:
+        the last three query rows, head max (without a causal mask among them when ``official``)."""
+        from ..scoring.attention import LastTokenAttention
+
+        if self.scorer is not None:
+            return self.scorer
+        if self.family == "qwen2_5_vl":
+            return LastTokenAttention(rows=3, heads="max", score_from="previous", causal=not self.official)
+        return LastTokenAttention(score_from="previous")
+
+    def vision_stage(self, adapter: ModelAdapter) -> VisionStage:
+        from ..budget.shapes import ModelShape
+        from .nuwa_vision import NuwaVision
+
+        shape = ModelShape.from_config(adapter.model.config) if self.target is not None else None
+        depth = len(adapter.layers)
+        return NuwaVision(self, lambda grid: self.plan_image(grid, shape, depth))
+
+
+def _check_int(owner: str, name: str, value: Any, low: int, high: int | None, what: str) -> None:
+    if value is None:
+        return
+    out_of_range = value < low or (high is not None and value > high) if isinstance(value, int) else True
+    if isinstance(value, bool) or out_of_range:
+        raise ValueError(f"{owner}({name}={value!r}): {what}")
+
+
+def _grid_of(n_visual: int) -> tuple[int, int]:
+    side = math.isqrt(n_visual)
+    return (side, side) if side * side == n_visual else (1, n_visual)
