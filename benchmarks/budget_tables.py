@@ -14,6 +14,7 @@ from vlm_reroute.budget import (
     load_shape,
 )
 from vlm_reroute.budget.presets import PRESET_MODELS, TIERS, preset
+from vlm_reroute.budget.published import published_methods
 from vlm_reroute.budget.solver import published_schedule, tabulated_methods
 
 # published-model key -> shipped shape whose depth it was run on
@@ -63,7 +64,7 @@ def published_vs_solved() -> list[str]:
     ]
     for key, model in PUBLISHED_ON.items():
         for tier in TIERS:
-            for method in tabulated_methods():
+            for method in published_methods():
                 for reroute in (False, True):
                     pub = published_schedule(key, tier, method, reroute)
                     sol = preset(model, tier, method, reroute)

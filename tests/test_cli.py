@@ -14,7 +14,7 @@ from cli_support import assert_one_line_error, invoke, saved_checkpoints
 from vlm_reroute import __version__
 from vlm_reroute.budget import compute_budget, load_shape
 
-METHODS = ["vanilla", "FastV", "FastV + Reroute", "PDrop", "PDrop + Reroute"]
+METHODS = ["vanilla", "FastV", "FastV + Reroute", "PDrop", "PDrop + Reroute", "Nüwa", "Nüwa + Reroute"]
 
 
 @pytest.fixture(scope="module")

@@ -281,7 +281,7 @@ def compute_budget(
             )
         )
     scoring = 0
-    entry = 1 if layers and layers[0] == 0 else 0  # layer 0: an entry, scored on the vision side
+    entry = 1 if len(layers) > 1 and layers[0] == 0 else 0  # layer 0: an entry, scored on the vision side
     for i in range(entry, len(layers)):
         pool = keep[0] if entry else n_visual  # what a reroute decision chooses from
         if not reroute and i > entry:

@@ -77,6 +77,11 @@ def _published() -> tuple[PublishedSchedule, ...]:
 PUBLISHED: tuple[PublishedSchedule, ...] = _published()
 
 
+def published_methods() -> tuple[str, ...]:
+    """Registry keys with published schedules (Nüwa's release gives its own settings, ``nuwa.md`` §5)."""
+    return tuple(dict.fromkeys(entry.method for entry in PUBLISHED))
+
+
 def published_schedule(model: str, tier: int, method: str, reroute: bool = False) -> PublishedSchedule:
     """Look up a published schedule (``model``: ``"llava-1.5"`` or ``"qwen2.5-vl-7b"``)."""
     cls, reroute = method_class(method, reroute)

@@ -180,9 +180,10 @@ class Schedule:
     def from_budget_form(
         cls, layers: Sequence[int], keep: Sequence[Keep], reroute: bool = False, owner: str = "Schedule"
     ):
-        """The schedule of budget-arithmetic ``layers``/``keep``, where a layer 0 is the entry."""
+        """The schedule of budget-arithmetic ``layers``/``keep``, where a layer 0 followed by decisions
+        is the entry (a layer 0 alone is refused like any decision at layer 0)."""
         layers, keep = tuple(layers), tuple(keep)
-        if layers and layers[0] == 0:
+        if len(layers) > 1 and layers[0] == 0:
             if len(keep) != len(layers):
                 raise ValueError(
                     f"{owner}(layers={list(layers)!r}, keep={list(keep)!r}): one keep entry per layer is "

@@ -33,7 +33,10 @@ def method_names() -> tuple[str, ...]:
 
 
 def _load() -> None:
-    from . import fastv, nuwa, pdrop, random  # noqa: F401  (registers the shipped methods)
+    from . import fastv, pdrop, random  # noqa: F401  (registers the shipped methods)
+
+    # isort: split
+    from . import nuwa  # noqa: F401  (registered last: budget tables list it after FastV and PDrop)
 
 
 def method_class(name: str, reroute: bool = False) -> tuple[type[TokenReduction], bool]:

@@ -1,0 +1,366 @@
+"""Nüwa in the engine: stage 1 before the language model, stage 2 (prune or reroute) inside it.
+
+Checked against an independent reference (``nuwa_reference.py``: the standalone stage-1 functions
+and a hand-driven decoder on physically shortened sequences), in prefill and in every decode step,
+and against the sanity checks of ``nuwa.md`` §9 that need the language model.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pytest
+import torch
+from conftest import merge_samples, model_for, small_inputs, small_model_for, split_sample
+from nuwa_reference import nuwa_reference, stage1
+
+from vlm_reroute import Nuwa, kv_bytes, kv_lengths
+from vlm_reroute.testing.models import IMAGE_TOKEN, PAD_TOKEN, VISION_END, VISION_START, VOCAB, tiny_model
+
+FAMILIES = ["llava", "qwen2_5_vl"]
+
+
+@cache
+def eager_model(family: str):
+    size = {"image_size": 112} if family == "llava" else {}
+    return tiny_model(family, attn_implementation="eager", **size)
+
+
+def qwen_inputs(model, samples: list[tuple[list[tuple[int, int]], int]], seed: int = 0) -> dict:
+    """Left-padded Qwen2.5-VL inputs: per sample its images' patch grids (h, w) and question length."""
+    gen = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    rows, grids = [], []
+    for images, question in samples:
+        ids = torch.randint(1, VOCAB - 8, (5,), generator=gen).tolist()
+        for h, w in images:
+            ids += [VISION_START] + [IMAGE_TOKEN] * (h * w // 4) + [VISION_END]
+            grids.append([1, h, w])
+        rows.append(ids + torch.randint(1, VOCAB - 8, (question,), generator=gen).tolist())
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD_TOKEN)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r) :] = torch.tensor(r)
+        mask[b, width - len(r) :] = 1
+    thw = torch.tensor(grids)
+    pixels = torch.randn(int(thw.prod(dim=1).sum()), patch_dim, generator=gen)
+    types = (ids == IMAGE_TOKEN).int()
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": pixels,
+        "image_grid_thw": thw,
+        "mm_token_type_ids": types,
+    }
+
+
+def stage2_scorer(family: str, official: bool) -> dict:
+    if family == "llava":
+        return {"rows": 1, "heads": "mean", "causal": True}
+    return {"rows": 3, "heads": "max", "causal": not official}
+
+
+def capture(model, layer: int, what: str):
+    """A pre-hook on decoder ``layer`` (registered after the method's) that keeps ``what`` per call."""
+    seen = []
+
+    def grab(_module, args, kwargs):
+        value = kwargs[what]
+        seen.append(value[0].clone() if isinstance(value, tuple) else value.clone())
+
+    return seen, model.model.language_model.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
+
+
+# ---- the reference, prefill and decode ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("official", [False, True], ids=["fixed", "official"])
+@pytest.mark.parametrize("reroute", [False, True], ids=["prune", "reroute"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_the_reference_in_prefill_and_decode(family, reroute, official):
+    model = small_model_for(family)
+    inputs = small_inputs(model, (20,), seed=3)
+    n = inputs["input_ids"].shape[1]
+    method = Nuwa(k1=24, k2=6, reroute=reroute, official=official)
+    with method(model) as trace:
+        out = model.generate(
+            **inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    record = trace.stage1[0][0]
+    anchors, features, _ = stage1(model, inputs, [24], record.n_per_cell, official=official)
+    assert torch.equal(record.anchors, anchors[0])
+    assert trace.decisions[0].layer == 0 and torch.equal(trace.decisions[0].selected[0], anchors[0])
+    stage2 = trace.decisions[1:]
+    assert [d.layer for d in stage2] == ([4, 5, 6, 7] if reroute else [4])
+    selected = [d.selected[0] for d in stage2]
+    ref, ref_scores = nuwa_reference(
+        model,
+        inputs,
+        features,
+        anchors,
+        [d.layer for d in stage2],
+        selected,
+        reroute,
+        extra_ids=out.sequences[0, n:-1],
+        **stage2_scorer(family, official),
+    )
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits[0], ref[n - 1 + step], rtol=1e-4, atol=1e-4)
+    pool = anchors[0]
+    for decision, scores in zip(stage2, ref_scores, strict=True):
+        torch.testing.assert_close(decision.scores[0][pool], scores[pool], rtol=1e-4, atol=1e-6)
+        best = pool[scores[pool].argsort(descending=True, stable=True)[:6]].sort().values
+        assert torch.equal(decision.selected[0], best)
+        if not reroute:
+            pool = best
+
+
+def test_official_differs_where_the_release_differs():
+    """LLaVA: the aggregated anchors' features (non-convex weights); Qwen: the similarity order of an
+    8×8 grid (four windows) and the scoring rows without a causal mask."""
+    llava = small_model_for("llava")
+    inputs = small_inputs(llava, (20,), seed=3)
+    _, fixed, out_fixed = stage1(llava, inputs, [24], 2)
+    _, official, out_official = stage1(llava, inputs, [24], 2, official=True)
+    low = out_fixed[0].aggregated
+    assert bool(low.any()) and torch.equal(low, out_official[0].aggregated)
+    assert torch.equal(out_fixed[0].features[~low], out_official[0].features[~low])
+    assert not torch.allclose(out_fixed[0].features[low], out_official[0].features[low])
+    qwen = small_model_for("qwen2_5_vl")
+    inputs = small_inputs(qwen, (20,), seed=3)
+    scores = {}
+    for flag in (False, True):
+        with Nuwa(k1=24, k2=6, official=flag)(qwen) as trace:
+            qwen(**inputs)
+        scores[flag] = trace.decisions[1].scores[0]
+    assert not torch.allclose(scores[False], scores[True])
+
+
+# ---- nuwa.md §9 -------------------------------------------------------------------------------
+
+
+def test_llava_budget_64_positions_and_counts():
+    """Budget 64 on a 24×24 grid: 112 anchors enter at their own positions 5 + p (5 text tokens
+    before the image), the first text token after the image keeps 5 + 576, exactly 16 visual tokens
+    after the stage-2 layer, text never dropped; the cos/sin each token gets are the untouched
+    model's at its position."""
+    model = model_for("llava")  # 336 px: 576 tokens, 8 decoder layers: stage 2 from layer 16·8/32 = 4
+    inputs = small_inputs(model, (20,), seed=1)
+    n = inputs["input_ids"].shape[1]
+    text = n - 576
+    full_cos, handle = capture(model, 0, "position_embeddings")
+    model(**inputs)
+    handle.remove()
+    method = Nuwa(budget=64)
+    with method(model) as trace:
+        seen0, h0 = capture(model, 0, "position_ids")
+        cos0, hc = capture(model, 0, "position_embeddings")
+        seen4, h4 = capture(model, 4, "position_ids")
+        out = model(**inputs)
+        h0.remove(), h4.remove(), hc.remove()
+    record = trace.stage1[0][0]
+    assert record.k1 == 112 and record.n_per_cell == 1 and len(record.anchors) == 112
+    cells = (record.anchors // 24 // 2) * 12 + (record.anchors % 24) // 2
+    assert int(torch.bincount(cells).max()) == 1
+    assert int((~record.aggregated).sum()) == 50  # nuwa.md §1.4: 50 high of 112 at quantile 0.55
+    positions = seen0[0][0]
+    vis = positions[5 : 5 + 112]
+    assert torch.equal(positions[:5], torch.arange(5))
+    assert torch.equal(vis, 5 + record.anchors) and bool((vis.diff() > 0).all())
+    assert torch.equal(positions[5 + 112 :], torch.arange(5 + 576, n))  # text after the image
+    kept = trace.decisions[1].selected[0]
+    assert trace.decisions[1].layer == 4 and kept.numel() == 16
+    assert torch.equal(seen4[0][0], torch.cat([torch.arange(5), 5 + kept, torch.arange(5 + 576, n)]))
+    torch.testing.assert_close(cos0[0][0], full_cos[0][0, positions])
+    assert kv_lengths(out.past_key_values) == [text + 112] * 4 + [text + 16] * 4
+    assert trace.tokens_per_layer(8) == [112] * 4 + [16] * 4
+
+
+def odd_qwen():
+    return small_model_for("qwen2_5_vl")
+
+
+def test_qwen_ratio_half_on_a_23_by_17_grid():
+    """nuwa.md §9: ratio 0.5 on a 23×17 merged grid (391 tokens, padded to 24×18) gives
+    K₁ = ⌈0.6·391⌉ = 235 anchors on the real grid; stage 2 keeps int(0.66·235) = 155 from layer
+    15·8/28 → 4; MRoPE cos/sin of every token are the untouched model's."""
+    model = odd_qwen()
+    inputs = qwen_inputs(model, [([(46, 34)], 12)], seed=4)
+    full_cos, handle = capture(model, 0, "position_embeddings")
+    model(**inputs)
+    handle.remove()
+    with Nuwa(ratio=0.5)(model) as trace:
+        cos0, hc = capture(model, 0, "position_embeddings")
+        out = model(**inputs)
+        hc.remove()
+    record = trace.stage1[0][0]
+    assert record.grid == (23, 17) and record.k1 == 235 and record.n_per_cell == 3
+    assert len(record.anchors) == 235 and int(record.anchors.max()) < 391
+    assert [(d.layer, d.kept[0]) for d in trace.decisions] == [(0, 235), (4, 155)]
+    visual = inputs["input_ids"][0] == IMAGE_TOKEN
+    entered = ~visual
+    entered[visual.nonzero().flatten()[record.anchors]] = True
+    torch.testing.assert_close(cos0[0][0], full_cos[0][0, entered])
+    text = int((~visual).sum())
+    assert kv_lengths(out.past_key_values) == [text + 235] * 4 + [text + 155] * 4
+
+
+# ---- batches, images, attention implementations, generate ---------------------------------------
+
+
+def batch_inputs(model, family: str) -> tuple[dict, list[dict]]:
+    """A left-padded batch and its samples alone. Sample 0: two images (Qwen: 8×8 and 5×7 merged);
+    sample 1: one image (Qwen: 6×6), a longer question."""
+    if family == "llava":
+        two = small_inputs(model, (8,), images_per_prompt=2, seed=13)
+        one = small_inputs(model, (30,), seed=14)
+        return merge_samples(model, two, one), [two, one]
+    batch = qwen_inputs(model, [([(16, 16), (10, 14)], 8), ([(12, 12)], 30)], seed=5)
+    return batch, [split_sample(batch, 0), split_sample(batch, 1)]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_equals_one_by_one(family, attn):
+    model = small_model_for(family) if attn == "sdpa" else eager_model(family)
+    inputs, singles = batch_inputs(model, family)
+    method = Nuwa(k1=0.4, k2=0.5)
+    with method(model) as trace:
+        logits = model(**inputs).logits[:, -1]
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    batch_decisions, batch_stage1 = trace.decisions, trace.stage1
+    assert [len(s) for s in batch_stage1] == [2, 1]
+    for b, single in enumerate(singles):
+        with method(model) as trace:
+            alone = model(**single).logits[0, -1]
+            alone_gen = model.generate(**single, max_new_tokens=3, do_sample=False)
+        torch.testing.assert_close(logits[b], alone, rtol=1e-4, atol=1e-4)
+        assert torch.equal(generated[b, -3:], alone_gen[0, -3:])
+        for d_batch, d_alone in zip(batch_decisions, trace.decisions, strict=True):
+            assert torch.equal(d_batch.selected[b], d_alone.selected[0])
+        for r_batch, r_alone in zip(batch_stage1[b], trace.stage1[0], strict=True):
+            assert torch.equal(r_batch.anchors, r_alone.anchors) and r_batch.threshold == r_alone.threshold
+    if family == "qwen2_5_vl":  # images of different sizes: each keeps its own counts
+        assert [r.grid for r in batch_stage1[0]] == [(8, 8), (5, 7)]
+        assert [r.k1 for r in batch_stage1[0]] == [26, 14]  # ⌈0.4·64⌉, ⌈0.4·35⌉
+        kept = [len(r.anchors) for r in batch_stage1[0] + batch_stage1[1]]
+        assert kept[0] == 26 and kept[1] <= 14 and kept[2] == 15  # the 5×7 grid may lose padded anchors
+        assert batch_decisions[1].kept == [13 + kept[1] // 2, 7]  # int(0.5·anchors) per image
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampling_with_top_k_1_is_greedy_and_text_prompts_run_untouched(family):
+    model = small_model_for(family)
+    inputs = small_inputs(model, (20, 9), seed=7)
+    text = {"input_ids": inputs["input_ids"][:, :5], "attention_mask": inputs["attention_mask"][:, :5]}
+    vanilla_text = model.generate(**text, max_new_tokens=2, do_sample=False)
+    with Nuwa(k1=16, k2=4)(model):
+        greedy = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        sampled = model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=1)
+        routed_text = model.generate(**text, max_new_tokens=2, do_sample=False)
+    assert torch.equal(greedy, sampled)
+    assert torch.equal(vanilla_text, routed_text)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_manual_decode_without_positions_continues_the_full_numbering(family):
+    """A decode loop that passes neither position ids nor a mask: the model places each new token
+    from ``cache.get_seq_length()``, which reports prompt + generated tokens while every layer holds
+    fewer; the tokens equal ``generate()``'s."""
+    model = small_model_for(family)
+    inputs = small_inputs(model, (20,), seed=9)
+    n = inputs["input_ids"].shape[1]
+    with Nuwa(k1=16, k2=4)(model):
+        expected = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, n:]
+        out = model(**inputs)
+        cache_ = out.past_key_values
+        tokens = [out.logits[0, -1].argmax()]
+        for step in range(2):
+            assert cache_.get_seq_length() == n + step
+            out = model(input_ids=tokens[-1].view(1, 1), past_key_values=cache_)
+            tokens.append(out.logits[0, -1].argmax())
+    text = n - 64
+    assert kv_lengths(cache_) == [text + 16 + 2] * 4 + [text + 4 + 2] * 4
+    assert torch.equal(torch.stack(tokens), expected)
+
+
+# ---- Nüwa + Reroute ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reroute_readmits_anchors_with_prune_counts_and_kv_bytes(family):
+    model = small_model_for(family)
+    inputs = small_inputs(model, (20, 11), seed=21)
+    caches, traces = {}, {}
+    for reroute in (False, True):
+        with Nuwa(k1=32, k2=6, reroute=reroute)(model) as trace:
+            caches[reroute] = model(**inputs).past_key_values
+        traces[reroute] = trace
+    rr = traces[True].decisions
+    assert [d.layer for d in rr] == [0, 4, 5, 6, 7]
+    assert kv_lengths(caches[True]) == kv_lengths(caches[False])
+    assert kv_bytes(caches[True]) == kv_bytes(caches[False])
+    assert traces[True].tokens_per_layer(8) == traces[False].tokens_per_layer(8) == [32] * 4 + [6] * 4
+    readmitted = 0
+    for b in range(2):
+        anchors = set(rr[0].selected[b].tolist())
+        for before, after in zip(rr[1:], rr[2:], strict=False):
+            back = set(after.selected[b].tolist()) - set(before.selected[b].tolist())
+            assert back <= anchors and after.reentered[b] == len(back)
+            readmitted += len(back)
+    assert readmitted > 0
+
+
+# ---- settings that do not fit the model ---------------------------------------------------------
+
+
+def apply(method, model, inputs=None):
+    with method(model):
+        if inputs is not None:
+            model(**inputs)
+
+
+def test_errors_for_settings_that_do_not_fit():
+    llava, qwen = small_model_for("llava"), small_model_for("qwen2_5_vl")
+    with pytest.raises(ValueError, match=r"K₁ = 112 anchors per image, but an image of 8×8 = 64 tokens"):
+        apply(Nuwa(budget=64), llava)  # refused when applied: LLaVA's grid is fixed
+    with pytest.raises(ValueError, match=r"propose at most 16 candidates with n_per_cell=1"):
+        apply(Nuwa(k1=20, k2=4, n_per_cell=1), llava)
+    with pytest.raises(ValueError, match=r"stage-2 layer 8 .* so stage-2 decisions must be in 1\.\.7"):
+        apply(Nuwa(k1=16, k2=4, stage2_layer=8), llava)
+    with pytest.raises(ValueError, match=r"budget=64\) is the LLaVA-1.5 release's setting"):
+        apply(Nuwa(budget=64), qwen)
+    with pytest.raises(ValueError, match=r"ratio=0.5\) is the Qwen2.5-VL release's setting"):
+        apply(Nuwa(ratio=0.5), llava)
+    with pytest.raises(TypeError, match="Qwen2VLForConditionalGeneration needs its own stage-1 signals"):
+        apply(Nuwa(k1=16, k2=4), small_model_for("qwen2_vl"))
+    inputs = small_inputs(qwen, (20,))
+    with pytest.raises(ValueError, match=r"K₁ = 100 anchors per image, but an image of 8×8 = 64 tokens"):
+        apply(Nuwa(k1=100, k2=4), qwen, inputs)  # Qwen grids vary: refused when the image arrives
+    encoded = qwen.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    precomputed = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    precomputed["mm_encoder_outputs"] = {"image": encoded}
+    with pytest.raises(ValueError, match="image 0 of this prompt was not encoded inside the block"):
+        apply(Nuwa(k1=16, k2=4), qwen, precomputed)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"budget": 100}, r"budgets are 64, 128 and 192"),
+        ({"ratio": 0.3}, r"ratios are 0.25, 0.5 and 0.75"),
+        ({"budget": 64, "k1": 3, "k2": 1}, r"give one of budget=, ratio=, k1= with k2=, target=; got budget"),
+        ({"k1": 16}, r"k1=16, k2=None\): give both"),
+        ({"k1": 4, "k2": 8}, r"stage 2 keeps at most the anchors"),
+        ({"k1": 8, "k2": 4, "layers": [4, 6]}, r"Nüwa prunes once in stage 2"),
+        ({"k1": 8, "k2": 4, "stage2_layer": 3, "layers": [4, 6], "reroute": True}, r"first stage-2 decision"),
+        ({"k1": 8, "k2": 4, "n_per_cell": 5}, r"n_per_cell=5\): a 2×2 cell proposes 1, 2, 3 or 4"),
+        ({"k1": 8, "k2": 4, "gate_quantile": 1.5}, r"gate_quantile=1.5\): a quantile in \[0, 1\]"),
+        ({"k1": 8, "k2": 4, "stage2_layer": 0}, r"stage2_layer=0\): a decoder layer index ≥ 1"),
+    ],
+)
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Nuwa(**kwargs)
