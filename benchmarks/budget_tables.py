@@ -16,6 +16,7 @@ from vlm_reroute.budget import (
 from vlm_reroute.budget.presets import PRESET_MODELS, TIERS, preset
 from vlm_reroute.budget.published import published_methods
 from vlm_reroute.budget.solver import published_schedule, tabulated_methods
+from vlm_reroute.budget.stage1 import stage1_macs
 
 # published-model key -> shipped shape whose depth it was run on
 PUBLISHED_ON = {"llava-1.5": "llava-1.5-7b", "qwen2.5-vl-7b": "qwen2.5-vl-7b"}
@@ -97,12 +98,32 @@ def solved_budgets() -> list[str]:
     return lines
 
 
+def nuwa_stage1() -> list[str]:
+    lines = [
+        "| model | tier | K₁ | low anchors | salience | similarity | aggregation | total | of Nüwa's decoder |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for model, family in (("llava-1.5-7b", "llava"), ("qwen2.5-vl-7b", "qwen2_5_vl")):
+        shape = load_shape(model)
+        for tier in TIERS:
+            sol = preset(model, tier, "nuwa")
+            cost = stage1_macs(shape, family, sol.n_visual, sol.entry)
+            decoder = sol.budget(shape, n_text=0).flops_pdrop
+            g = [f"{x / 1e9:.2f} G" for x in (cost.salience, cost.similarity, cost.aggregation, cost.total)]
+            lines.append(
+                f"| {model} | {tier} | {sol.entry} | {cost.low_anchors} | {' | '.join(g)} "
+                f"| {100 * cost.total / decoder:.1f}% |"
+            )
+    return lines
+
+
 def main() -> None:
     sections = [
         ("Sanity facts", sanity()),
         ("KV cache per token", kv_table()),
         ("Published vs solved schedules (576 visual tokens per image)", published_vs_solved()),
         ("Solved presets and their budgets (n = 576 image tokens, no text; MACs)", solved_budgets()),
+        ("Nüwa's stage 1 on the vision side (one 576-token image; MACs)", nuwa_stage1()),
     ]
     for title, lines in sections:
         print(f"### {title}\n")

@@ -284,8 +284,13 @@ class _Problem:
         lo, hi = self.avg_range()
         return (
             f"target avg_T={target:g} is not reachable for {self.label}: reachable avg_T is "
-            f"{lo:.2f}..{hi:.2f} (layers before the first decision carry all {self.n_visual} tokens)"
+            f"{lo:.2f}..{hi:.2f} ({self._floor_reason()})"
         )
+
+    def _floor_reason(self) -> str:
+        if self.cls.stage_zero:
+            return "the tokens entering the language model carry every layer up to the first decision"
+        return f"layers before the first decision carry all {self.n_visual} tokens"
 
     def flops_message(self, target: float) -> str:
         lo, hi = self.flops_range()
