@@ -100,7 +100,7 @@ def solved_budgets() -> list[str]:
 
 def nuwa_stage1() -> list[str]:
     lines = [
-        "| model | tier | K₁ | low anchors | salience | similarity | aggregation | total | of Nüwa's decoder |",
+        "| model | tier | K₁ | low anchors | salience | similarity | aggregation | total | of decoder |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model, family in (("llava-1.5-7b", "llava"), ("qwen2.5-vl-7b", "qwen2_5_vl")):

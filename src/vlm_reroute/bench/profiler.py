@@ -116,7 +116,7 @@ def _theory(
     keep: list[int] = []
     if method is not None:
         resolved = method.resolve(shape, per_image)
-        layers, keep = list(resolved.layers), list(resolved.keep)
+        layers, keep = map(list, resolved.budget_form(per_image))  # an entry (Nüwa) as layer 0
     reroute = bool(method is not None and method.reroute)
     budget = compute_budget(
         shape, per_image, facts["text_tokens"], layers, keep, reroute, num_images=len(sizes)

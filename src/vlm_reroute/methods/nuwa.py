@@ -128,7 +128,7 @@ class Nuwa(TokenReduction):
     tau: float | None = None
     scorer: Scorer | None = None
     target: BudgetTarget | None = None
-    family: str | None = field(default=None, init=False, compare=False)
+    family: str | None = field(default=None, init=False, compare=False, repr=False)
     depth: int | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
