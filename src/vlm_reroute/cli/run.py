@@ -226,8 +226,9 @@ def _schedule(method: Any, shape: Any, visual_tokens: list[int]) -> dict[str, An
     """Decision layers and, per image, the keep counts the method runs for its token count."""
     if method is None:
         return {"layers": [], "keep": [], "keep_per_image": []}
-    per_image = [list(method.resolve(shape, n).keep) for n in visual_tokens]
-    layers = list(method.check_depth(shape.num_layers))
+    forms = [method.resolve(shape, n).budget_form(n) for n in visual_tokens]  # Nüwa's entry as layer 0
+    layers = list(forms[0][0]) if forms else list(method.check_depth(shape.num_layers))
+    per_image = [list(keep) for _, keep in forms]
     return {"layers": layers, "keep": per_image[0] if per_image else [], "keep_per_image": per_image}
 
 
