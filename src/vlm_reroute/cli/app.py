@@ -130,7 +130,7 @@ Model = Annotated[str, typer.Option("--model", help="Hub id or local model folde
 Images = Annotated[
     list[str] | None, typer.Option("--image", help="image path or http(s) URL; repeat for several images")
 ]
-Method = Annotated[str, typer.Option(help="a registered method: fastv, pdrop, random")]
+Method = Annotated[str, typer.Option(help="a registered method: fastv, pdrop, random, nuwa")]
 Reroute = Annotated[bool, typer.Option("--reroute/--prune", help="recoverable routing, or removal for good")]
 Tier = Annotated[
     float | None, typer.Option(help="budget: mean visual tokens per decoder layer (avg_T), e.g. 64")
