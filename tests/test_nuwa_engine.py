@@ -7,6 +7,7 @@ and against the sanity checks of ``nuwa.md`` §9 that need the language model.
 
 from __future__ import annotations
 
+import threading
 from functools import cache
 
 import pytest
@@ -284,6 +285,33 @@ def test_manual_decode_without_positions_continues_the_full_numbering(family):
     text = n - 64
     assert kv_lengths(cache_) == [text + 16 + 2] * 4 + [text + 4 + 2] * 4
     assert torch.equal(torch.stack(tokens), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_modes_and_threads_give_greedys_tokens(family):
+    """use_cache=False re-runs the prompt with its images every step, prompt lookup sends drafts in the
+    first forward, and two threads encode and decode at once: stage 1's reports are matched to each
+    call's own images, so every mode gives the plain greedy tokens."""
+    model = small_model_for(family)
+    inputs = {i: small_inputs(model, (20,), seed=30 + i) for i in range(2)}
+    method = Nuwa(k1=16, k2=4, reroute=True)
+    with method(model):
+        greedy = {i: model.generate(**inputs[i], max_new_tokens=3, do_sample=False) for i in range(2)}
+        no_cache = model.generate(**inputs[0], max_new_tokens=3, do_sample=False, use_cache=False)
+        lookup = model.generate(**inputs[0], max_new_tokens=3, do_sample=False, prompt_lookup_num_tokens=2)
+        threaded = {}
+
+        def run(i):
+            with torch.no_grad():
+                threaded[i] = model.generate(**inputs[i], max_new_tokens=3, do_sample=False)
+
+        workers = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    assert torch.equal(no_cache, greedy[0]) and torch.equal(lookup, greedy[0])
+    assert all(torch.equal(threaded[i], greedy[i]) for i in range(2))
 
 
 # ---- Nüwa + Reroute ---------------------------------------------------------------------------
