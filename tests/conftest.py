@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlm_reroute.testing.models import FAMILIES, PAD_TOKEN, TextShape, tiny_inputs, tiny_model
+from vlm_reroute.testing.families import FAMILY_CLASSES, NEW_FAMILIES, tiny_family_inputs, tiny_family_model
+from vlm_reroute.testing.models import FAMILIES, IMAGE_TOKEN, PAD_TOKEN, TextShape, tiny_inputs, tiny_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 # one thread per xdist worker (tiny models do not scale across threads), two otherwise
@@ -32,15 +33,49 @@ def model_for(family: str, attn: str = "sdpa", dtype: torch.dtype = torch.float3
 MATRIX_TOKENS = 64  # visual tokens per image in the method x family matrix (8 x 8 grids)
 
 
+# The image each prompt of the newer families holds in the matrix: one size, about 64 tokens (LLaVA-NeXT
+# and OneVision cannot reach 64 exactly: base 4x4 view + unpadded crop grid + one newline per row).
+MATRIX_IMAGES = {
+    "llava_next": (150, 80),  # 16 + 8x4 grid + 8 newlines = 56
+    "llava_onevision": (112, 56),  # 56
+    "internvl": (100, 300),  # 3 tiles + thumbnail, 16 tokens each = 64
+    "idefics3": (100, 300),  # 1x3 tiles + global image, 16 tokens each = 64
+    "smolvlm": (100, 300),
+}
+
+
 @cache
 def small_model_for(family: str):
-    """Cached tiny model whose images are 8 × 8 = 64 visual tokens: the matrix runs many cases."""
+    """Cached tiny model whose images are 8 × 8 = 64 visual tokens (about 64 for the multi-view
+    families): the matrix runs many cases."""
+    if family in NEW_FAMILIES:
+        return tiny_family_model(family)
     return tiny_model(family, image_size=112) if family == "llava" else tiny_model(family)
 
 
+def family_name(model) -> str | None:
+    """The ``vlm_reroute.testing.families`` name of a newer-family model, None for the original three."""
+    name = type(model).__name__
+    return next((f for f, cls in FAMILY_CLASSES.items() if cls == name), None)
+
+
 def small_inputs(model, text_lengths=(20,), seed: int = 0, images_per_prompt: int = 1) -> dict:
-    """Inputs for :func:`small_model_for` models: one 64-token image per prompt by default."""
-    return tiny_inputs(model, text_lengths, images_per_prompt=images_per_prompt, grid=16, seed=seed)
+    """Inputs for :func:`small_model_for` models: one 64-token image per prompt by default (the newer
+    families' processors make one image of :data:`MATRIX_IMAGES` per prompt, ``text_lengths`` characters
+    of question each)."""
+    family = family_name(model)
+    if family is None or family.startswith("qwen3"):
+        return tiny_inputs(model, text_lengths, images_per_prompt=images_per_prompt, grid=16, seed=seed)
+    if images_per_prompt != 1:
+        raise ValueError(f"images_per_prompt={images_per_prompt}: the {family} matrix inputs hold one image")
+    gen = torch.Generator().manual_seed(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    questions = tuple(
+        "".join(letters[i] for i in torch.randint(0, len(letters), (n,), generator=gen).tolist())
+        for n in text_lengths
+    )
+    sizes = ((MATRIX_IMAGES[family],),) * len(text_lengths)
+    return tiny_family_inputs(family, sizes=sizes, questions=questions, seed=seed)
 
 
 @pytest.fixture(params=FAMILIES)
@@ -58,13 +93,17 @@ def _no_grad():
 
 
 def split_sample(inputs: dict, b: int) -> dict:
-    """Sample ``b`` of a left-padded batch, without its padding."""
+    """Sample ``b`` of a left-padded batch, without its padding (every prompt holds the same number of
+    images; per-image tensors are sliced by image, per-prompt ones by prompt)."""
     keep = inputs["attention_mask"][b].bool()
+    batch = inputs["input_ids"].shape[0]
     single = {
         "input_ids": inputs["input_ids"][b][keep][None],
         "attention_mask": inputs["attention_mask"][b][keep][None],
     }
-    if "image_grid_thw" in inputs:
+    if "mm_token_type_ids" in inputs:
+        single["mm_token_type_ids"] = inputs["mm_token_type_ids"][b][keep][None]
+    if "image_grid_thw" in inputs:  # Qwen: pixel rows are patches, image by image
         # images of different sizes: count each sample's images from its runs of image tokens
         visual = inputs["mm_token_type_ids"] == 1
         starts = visual & ~torch.nn.functional.pad(visual[:, :-1], (1, 0), value=False)
@@ -74,10 +113,23 @@ def split_sample(inputs: dict, b: int) -> dict:
         begin = int(patches[:first].sum())
         single["pixel_values"] = inputs["pixel_values"][begin : begin + int(grids.prod(dim=1).sum())]
         single["image_grid_thw"] = grids
-        single["mm_token_type_ids"] = inputs["mm_token_type_ids"][b][keep][None]
-    else:
-        n_img = inputs["pixel_values"].shape[0] // inputs["input_ids"].shape[0]
-        single["pixel_values"] = inputs["pixel_values"][b * n_img : (b + 1) * n_img]
+        return single
+    if "image_sizes" in inputs:  # LLaVA-NeXT / OneVision: one row per image
+        n_img = inputs["image_sizes"].shape[0] // batch
+        for key in ("pixel_values", "image_sizes"):
+            single[key] = inputs[key][b * n_img : (b + 1) * n_img]
+        if "batch_num_images" in inputs:
+            single["batch_num_images"] = inputs["batch_num_images"][b : b + 1]
+        return single
+    if "pixel_attention_mask" in inputs:  # Idefics3 / SmolVLM: one row of tiles per prompt
+        for key in ("pixel_values", "pixel_attention_mask"):
+            single[key] = inputs[key][b : b + 1]
+        return single
+    pixels = inputs["pixel_values"]
+    visual = (inputs["input_ids"] == IMAGE_TOKEN).sum(dim=1).tolist()
+    # LLaVA: one row per image; InternVL: one row per tile, tiles in proportion to image tokens
+    rows = [pixels.shape[0] * v // sum(visual) for v in visual]
+    single["pixel_values"] = pixels[sum(rows[:b]) : sum(rows[: b + 1])]
     return single
 
 

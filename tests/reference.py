@@ -3,25 +3,39 @@
 It drives the decoder layers by hand on explicitly shortened sequences (no hooks, no compact
 buffers, no batch fillers): at each decision it physically builds the list of tokens of the
 stage, computes RoPE from their original position ids, and builds the causal mask itself.
-Scores come from a full attention matrix (the thing the router must never build).
+Scores come from the layer's own attention module run in eager mode on the present tokens (a
+full attention matrix: the thing the router must never build), so family details (q/k norms,
+Qwen3.5's gated queries and partial RoPE) are the model's own.
+
+Family rules the reference states on its own: Qwen3-VL's DeepStack rows are added after layer
+``i < len(levels)`` to the visual tokens present in that layer, each token its own row;
+Qwen3.5's linear-attention layers run on the present tokens in order (no mask: one sample, no
+padding).
 """
 
 from __future__ import annotations
 
 import torch
 
+from vlm_reroute.adapters import adapter_for
+
 
 def _decoder(model):
-    return model.model.language_model
+    return adapter_for(model).decoder
 
 
 def embeddings_and_positions(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Merged input embeddings ``(1, N, D)`` and the model's own position ids."""
+    embeds, pos, _ = decoder_inputs(model, inputs)
+    return embeds, pos
+
+
+def decoder_inputs(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Merged input embeddings, position ids and the other keyword inputs of the decoder."""
     captured = {}
 
     def grab(module, args, kwargs):
-        captured["embeds"] = kwargs["inputs_embeds"]
-        captured["position_ids"] = kwargs.get("position_ids")
+        captured.update(kwargs)
         raise StopIteration
 
     handle = _decoder(model).register_forward_pre_hook(grab, with_kwargs=True)
@@ -31,14 +45,14 @@ def embeddings_and_positions(model, inputs: dict) -> tuple[torch.Tensor, torch.T
         pass
     finally:
         handle.remove()
-    embeds = captured["embeds"]
-    pos = captured["position_ids"]
+    embeds = captured.pop("inputs_embeds")
+    pos = captured.pop("position_ids", None)
     n = embeds.shape[1]
     if pos is None:
         pos = torch.arange(n)[None]
     if pos.ndim == 3 and pos.shape[0] == 4:  # Qwen packs text positions first
         pos = pos[1:]
-    return embeds, pos
+    return embeds, pos, captured
 
 
 def _causal_mask(keep_positions: torch.Tensor, dtype) -> torch.Tensor:
@@ -54,22 +68,23 @@ def _rope(model, hidden, position_ids):
 
 
 def full_matrix_scores(model, layer_idx, hidden, position_ids, present: torch.Tensor) -> torch.Tensor:
-    """Last-row softmax attention over the present tokens, from the full matrix (eager style)."""
+    """Last-row softmax attention over the present tokens, mean over heads, from the layer's own
+    attention module in eager mode (its full attention matrix)."""
     layer = _decoder(model).layers[layer_idx]
     attn = layer.self_attn
     idx = present.nonzero().flatten()
     h = layer.input_layernorm(hidden[:, idx])
-    pos = position_ids[..., idx]
-    cos, sin = _rope(model, h, pos)
-    hd = attn.head_dim
-    q = attn.q_proj(h).view(1, idx.numel(), -1, hd).transpose(1, 2)
-    k = attn.k_proj(h).view(1, idx.numel(), -1, hd).transpose(1, 2)
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
-
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    k = repeat_kv(k, attn.num_key_value_groups)
-    weights = (q @ k.transpose(2, 3)).float() * attn.scaling + _causal_mask(idx, torch.float32)
-    row = weights.softmax(-1).mean(1)[0, -1]
+    cos, sin = _rope(model, h, position_ids[..., idx])
+    config = attn.config
+    saved = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        _, weights = attn(
+            hidden_states=h, position_embeddings=(cos, sin), attention_mask=_causal_mask(idx, h.dtype)
+        )
+    finally:
+        config._attn_implementation = saved
+    row = weights.float().mean(1)[0, -1]
     out = torch.zeros(hidden.shape[1])
     out[idx] = row
     return out
@@ -83,15 +98,17 @@ def routed_reference(
     reroute: bool,
     extra_ids: torch.Tensor | None = None,
     score_from: str = "current",
+    cache=None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits ``(N, V)`` and the scores of each decision, given the decisions
     (``selected``: indices into the visual tokens, one tensor per decision).
 
     ``extra_ids``: tokens appended after the prompt (generated ones); they are text, so they go
     through every layer and see each layer's stage tokens: this is what decoding must compute.
+    ``cache``: an empty cache the layers fill with the tokens they run on.
     """
     decoder = _decoder(model)
-    embeds, pos = embeddings_and_positions(model, inputs)
+    embeds, pos, extra = decoder_inputs(model, inputs)
     ids = inputs["input_ids"][0]
     if extra_ids is not None:
         embeds = torch.cat([embeds, decoder.embed_tokens(extra_ids[None])], dim=1)
@@ -100,6 +117,8 @@ def routed_reference(
         ids = torch.cat([ids, extra_ids])
     visual = ids == model.config.image_token_id
     vis_pos = visual.nonzero().flatten()
+    deepstack = extra.get("deepstack_visual_embeds") or []
+    layer_types = getattr(decoder.config, "layer_types", None) or ["full_attention"] * len(decoder.layers)
     hidden = embeds.clone()
     present = torch.ones(hidden.shape[1], dtype=torch.bool)
     scores = []
@@ -119,6 +138,14 @@ def routed_reference(
         idx = present.nonzero().flatten()
         h = hidden[:, idx]
         cos, sin = _rope(model, h, pos[..., idx])
-        hidden[:, idx] = layer(h, attention_mask=_causal_mask(idx, h.dtype), position_embeddings=(cos, sin))
+        linear = layer_types[j] == "linear_attention"
+        mask = None if linear else _causal_mask(idx, h.dtype)
+        out = layer(h, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=cache)
+        if j < len(deepstack):  # DeepStack: each present visual token gets its own row
+            rank = visual.long().cumsum(0) - 1
+            here = visual[idx]
+            out = out.clone()
+            out[0, here] = out[0, here] + deepstack[j][rank[idx[here]]].to(out)
+        hidden[:, idx] = out
     logits = model.lm_head(decoder.norm(hidden))[0]
     return logits, scores

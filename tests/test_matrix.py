@@ -23,12 +23,15 @@ from vlm_reroute.budget.schedule import Schedule
 from vlm_reroute.budget.solver import solve_schedule
 from vlm_reroute.methods import method_class, method_names
 from vlm_reroute.scoring.attention import LastTokenAttention
+from vlm_reroute.testing.models import IMAGE_TOKEN
 
 # one line per family: name for vlm_reroute.testing's tiny builders -> model class it builds
 FAMILIES = {
     "llava": "LlavaForConditionalGeneration",
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
 }
 # one line per method (registry key)
 METHODS = ["fastv", "pdrop", "random", "nuwa"]
@@ -37,7 +40,7 @@ SUPPORTED = {"nuwa": ("llava", "qwen2_5_vl")}
 # methods whose exactness the generic full-matrix reference cannot express (checked elsewhere)
 OWN_REFERENCE = {"nuwa": "stage 1 rewrites image features; tests/test_nuwa_engine.py has Nüwa's reference"}
 MODES = {"prune": False, "reroute": True}
-DEPTH, TOKENS = 8, MATRIX_TOKENS  # 8 decoder layers, 64 visual tokens per image
+DEPTH, TOKENS = 8, MATRIX_TOKENS  # 8 decoder layers, 64 visual tokens per image (about 64: conftest)
 
 
 def _case(family: str, method: str, mode: str, skip: dict[str, str] | None = None):
@@ -54,13 +57,20 @@ CASES = [_case(f, m, r) for f in FAMILIES for m in METHODS for r in MODES]
 REFERENCE_CASES = [_case(f, m, r, OWN_REFERENCE) for f in FAMILIES for m in METHODS for r in MODES]
 
 
-def build(method: str, mode: str, keep_all: bool = False):
+def build(method: str, mode: str, keep_all: bool = False, tokens: int = TOKENS):
     """The method's default layers and rule, solved for avg_T = a quarter of the tokens (or keep all)."""
     cls, reroute = method_class(method, MODES[mode])
     if keep_all:
         layers = cls.default_layers(DEPTH, reroute)
         return cls.from_schedule(Schedule(layers, (1.0,) * len(layers), reroute))
-    return solve_schedule(DEPTH, TOKENS, method, reroute, target_avg_t=TOKENS / 4).to_method()
+    return solve_schedule(DEPTH, tokens, method, reroute, target_avg_t=tokens / 4).to_method()
+
+
+def tokens_per_image(inputs: dict) -> int:
+    """Visual tokens of each (equal) image of the matrix inputs."""
+    counts = (inputs["input_ids"] == IMAGE_TOKEN).sum(dim=1).unique()
+    assert counts.numel() == 1
+    return int(counts)
 
 
 def test_the_matrix_covers_every_method_and_family():
@@ -75,13 +85,14 @@ def test_the_matrix_covers_every_method_and_family():
 def test_keep_all_is_bit_identical(family, method, mode):
     model = small_model_for(family)
     inputs = small_inputs(model, (20, 13))
+    tokens = tokens_per_image(inputs)
     vanilla = model(**inputs).logits
     vanilla_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     chosen = build(method, mode, keep_all=True)
     with chosen(model) as trace:
         routed = model(**inputs).logits
         routed_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert all(d.kept == [TOKENS, TOKENS] for d in trace.decisions)
+    assert all(d.kept == [tokens, tokens] for d in trace.decisions)
     assert torch.equal(vanilla, routed)
     assert torch.equal(vanilla_gen, routed_gen)
 
@@ -90,7 +101,7 @@ def test_keep_all_is_bit_identical(family, method, mode):
 def test_batch_equals_one_by_one(family, method, mode):
     model = small_model_for(family)
     inputs = small_inputs(model, (20, 6), seed=11)
-    chosen = build(method, mode)
+    chosen = build(method, mode, tokens=tokens_per_image(inputs))
     with chosen(model) as trace:
         batch_logits = model(**inputs).logits[:, -1]
     batch_decisions = trace.decisions
@@ -106,21 +117,22 @@ def test_batch_equals_one_by_one(family, method, mode):
 def test_kv_cache_holds_each_stage(family, method, mode):
     model = small_model_for(family)
     inputs = small_inputs(model, (20,), seed=5)
-    chosen = build(method, mode)
+    tokens = tokens_per_image(inputs)
+    chosen = build(method, mode, tokens=tokens)
     with chosen(model) as trace:
         cache = model(**inputs, use_cache=True).past_key_values
-    n_text = inputs["input_ids"].shape[1] - TOKENS
+    n_text = inputs["input_ids"].shape[1] - tokens
     expected = [n_text + v for v in trace.tokens_per_layer(DEPTH)]
     assert kv_lengths(cache) == expected
-    schedule = chosen.resolve(_shape(model), TOKENS)
-    assert trace.tokens_per_layer(DEPTH) == schedule.tokens_per_layer(DEPTH, TOKENS)
+    schedule = chosen.resolve(_shape(model), tokens)
+    assert trace.tokens_per_layer(DEPTH) == schedule.tokens_per_layer(DEPTH, tokens)
 
 
 @pytest.mark.parametrize(("family", "method", "mode"), REFERENCE_CASES)
 def test_matches_the_full_matrix_reference(family, method, mode):
     model = small_model_for(family)
     inputs = small_inputs(model, (20,), seed=3)
-    chosen = build(method, mode)
+    chosen = build(method, mode, tokens=tokens_per_image(inputs))
     with chosen(model) as trace:
         logits = model(**inputs).logits[0, -1]
     selected = [d.selected[0] for d in trace.decisions]

@@ -6,9 +6,10 @@ from torch import nn
 
 from .base import ModelAdapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter, LlavaNextAdapter)
 SUPPORTED_MODELS: tuple[str, ...] = tuple(name for a in ADAPTERS for name in a.model_classes)
 
 
@@ -26,4 +27,12 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "SUPPORTED_MODELS", "LlavaAdapter", "ModelAdapter", "Qwen2VLAdapter", "adapter_for"]
+__all__ = [
+    "ADAPTERS",
+    "SUPPORTED_MODELS",
+    "LlavaAdapter",
+    "LlavaNextAdapter",
+    "ModelAdapter",
+    "Qwen2VLAdapter",
+    "adapter_for",
+]

@@ -1,0 +1,115 @@
+"""Routing on the newer families with their processors' layouts (tiny models, real classes).
+
+The method x family matrix (``test_matrix.py``) runs one equal image per prompt; here each family
+runs its processor's default batch: left padding, one image in the first prompt, two images of
+other sizes in the second. References are independent of the router: the model's own image
+features for the layouts, each prompt encoded alone by the processor for the batch, and the
+hand-driven reference decoder (``reference.py``) for the generated tokens.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pytest
+import torch
+from reference import routed_reference
+
+from vlm_reroute import PDrop, kv_lengths
+from vlm_reroute.adapters import adapter_for
+from vlm_reroute.testing.families import IMAGE_TOKEN, tiny_family_inputs, tiny_family_model
+from vlm_reroute.testing.family_inputs import _FORMAT_OF, DEFAULT_IMAGES, QUESTIONS
+
+ROUTED = ("llava_next", "llava_onevision")
+LAYERS = {"default": [1, 2, 4, 6]}
+KEEP = [0.5, 0.5, 0.25, 0.125]
+
+
+@cache
+def _model(family: str, attn: str = "sdpa"):
+    return tiny_family_model(family, attn_implementation=attn)
+
+
+@cache
+def _inputs(family: str, sample: int | None = None) -> dict[str, torch.Tensor]:
+    """The default two-prompt batch, or prompt ``sample`` of it encoded alone."""
+    if sample is None:
+        return tiny_family_inputs(family)
+    sizes = DEFAULT_IMAGES[_FORMAT_OF[family]][sample]
+    return tiny_family_inputs(family, sizes=(sizes,), questions=(QUESTIONS[sample],))
+
+
+def _method(family: str) -> PDrop:
+    return PDrop(layers=LAYERS.get(family, LAYERS["default"]), keep=KEEP, reroute=True)
+
+
+def _image_features(model, inputs) -> list[torch.Tensor]:
+    """Per image, the features the model's own vision path places on its image tokens."""
+    captured = []
+    original = model.model.get_image_features
+
+    def spy(*args, **kwargs):
+        captured.append(original(*args, **kwargs))
+        return captured[-1]
+
+    model.model.get_image_features = spy
+    try:
+        model(**inputs)
+    finally:
+        del model.model.get_image_features
+    return list(captured[0].pooler_output)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_llava_next_layout_is_the_models_packing(family):
+    """Per image: as many tokens as the model packs features for, newlines exactly where the
+    model put ``image_newline``, the base view first; the layout read from the features (what
+    ``generate()`` passes) equals the one computed from ``image_sizes``."""
+    model, inputs = _model(family), _inputs(family)
+    adapter = adapter_for(model)
+    features = _image_features(model, inputs)
+    ids = adapter.image_ids(inputs["input_ids"], inputs)
+    assert torch.bincount(ids[ids >= 0]).tolist() == [f.shape[0] for f in features]
+    layouts = [layout for sample in adapter.image_layouts(ids, inputs) for layout in sample]
+    newline = model.model.image_newline
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    for layout, feature in zip(layouts, features, strict=True):
+        rows = (feature == newline).all(dim=-1).nonzero().flatten().tolist()
+        assert list(layout.extras) == rows and rows and rows[0] >= side * side
+        assert (layout.views[0].rows, layout.views[0].cols) == (side, side)
+    encoded = {"image": type("Encoded", (), {"pooler_output": features})()}
+    from_features = adapter.image_layouts(ids, {"mm_encoder_outputs": encoded})
+    assert from_features == adapter.image_layouts(ids, inputs)
+    if family == "llava_onevision":  # the two-image prompt gets base views + one newline each
+        assert [len(layout.views) for layout in layouts] == [2, 1, 1]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ROUTED)
+def test_mixed_batch_equals_one_by_one_and_decodes(family, attn):
+    """Left-padded batch of one and two images of different sizes: each prompt's logits,
+    decisions and KV lengths equal its own run; greedy decoding equals the reference decoder."""
+    model = _model(family, attn)
+    inputs = _inputs(family)
+    method = _method(family)
+    with method(model) as trace:
+        out = model.generate(
+            **inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    batch_decisions = trace.decisions
+    width = inputs["input_ids"].shape[1]
+    for b in range(2):
+        alone = _inputs(family, b)
+        n_visual = int((alone["input_ids"] == IMAGE_TOKEN).sum())
+        with method(model) as trace:
+            cache_alone = model(**alone, use_cache=True).past_key_values
+        selected = [d.selected[0] for d in trace.decisions]
+        for d_batch, chosen in zip(batch_decisions, selected, strict=True):
+            assert torch.equal(d_batch.selected[b], chosen)
+        n_text = alone["input_ids"].shape[1] - n_visual
+        assert kv_lengths(cache_alone) == [n_text + v for v in trace.tokens_per_layer(8)]
+        new = out.sequences[b, width:]
+        ref, _ = routed_reference(model, alone, list(method.layers), selected, True, extra_ids=new[:-1])
+        n = alone["input_ids"].shape[1]
+        for step, logits in enumerate(out.logits):
+            torch.testing.assert_close(logits[b], ref[n - 1 + step], rtol=1e-4, atol=1e-4)
