@@ -109,13 +109,12 @@ def routed_reference(
     """
     decoder = _decoder(model)
     embeds, pos, extra = decoder_inputs(model, inputs)
-    ids = inputs["input_ids"][0]
-    if extra_ids is not None:
+    visual = inputs["input_ids"][0] == model.config.image_token_id
+    if extra_ids is not None:  # generated tokens are text, even one that happens to be the image id
         embeds = torch.cat([embeds, decoder.embed_tokens(extra_ids[None])], dim=1)
         steps = torch.arange(1, extra_ids.numel() + 1)
         pos = torch.cat([pos, pos[..., -1:] + steps], dim=-1)
-        ids = torch.cat([ids, extra_ids])
-    visual = ids == model.config.image_token_id
+        visual = torch.cat([visual, torch.zeros_like(extra_ids, dtype=torch.bool)])
     vis_pos = visual.nonzero().flatten()
     deepstack = extra.get("deepstack_visual_embeds") or []
     layer_types = getattr(decoder.config, "layer_types", None) or ["full_attention"] * len(decoder.layers)

@@ -17,10 +17,16 @@ from reference import routed_reference
 
 from vlm_reroute import PDrop, kv_lengths
 from vlm_reroute.adapters import adapter_for
-from vlm_reroute.testing.families import IMAGE_TOKEN, tiny_family_inputs, tiny_family_model
+from vlm_reroute.testing.families import (
+    IMAGE_TOKEN,
+    random_image,
+    tiny_family_inputs,
+    tiny_family_model,
+    tiny_family_processor,
+)
 from vlm_reroute.testing.family_inputs import _FORMAT_OF, DEFAULT_IMAGES, QUESTIONS
 
-ROUTED = ("llava_next", "llava_onevision")
+ROUTED = ("llava_next", "llava_onevision", "internvl", "idefics3", "smolvlm")
 LAYERS = {"default": [1, 2, 4, 6]}
 KEEP = [0.5, 0.5, 0.25, 0.125]
 
@@ -82,6 +88,55 @@ def test_llava_next_layout_is_the_models_packing(family):
     assert from_features == adapter.image_layouts(ids, inputs)
     if family == "llava_onevision":  # the two-image prompt gets base views + one newline each
         assert [len(layout.views) for layout in layouts] == [2, 1, 1]
+
+
+def _processor_images(family: str) -> list:
+    """The default batch's images, as ``tiny_family_inputs`` draws them."""
+    sizes = DEFAULT_IMAGES[_FORMAT_OF[family]]
+    return [random_image(h, w, 7919 * h + w) for row in sizes for h, w in row]
+
+
+def test_internvl_images_are_their_tiles_and_thumbnail():
+    """Per image: the image processor's tile count (``num_patches``); tiles first, the whole-image
+    thumbnail last."""
+    model, inputs = _model("internvl"), _inputs("internvl")
+    adapter = adapter_for(model)
+    processor = tiny_family_processor("internvl").image_processor
+    tiles = processor(images=_processor_images("internvl"), return_tensors="pt")["num_patches"].tolist()
+    ids = adapter.image_ids(inputs["input_ids"], inputs)
+    layouts = [layout for sample in adapter.image_layouts(ids, inputs) for layout in sample]
+    assert [len(layout.views) for layout in layouts] == tiles and max(tiles) > 1
+    for layout in layouts:
+        assert layout.views[-1].box == (0.0, 0.0, 1.0, 1.0) and layout.views[-1].cells == 16
+        assert all(view.box is None for view in layout.views[:-1])
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_idefics3_tiles_form_one_image_in_the_processors_grid(family):
+    """Per image: ``rows × cols`` tiles (the image processor's split) placed row-major, then the
+    global view; the text between tiles is not visual and belongs to no image."""
+    model, inputs = _model(family), _inputs(family)
+    adapter = adapter_for(model)
+    processor = tiny_family_processor(family).image_processor
+    nested = [[random_image(h, w, 7919 * h + w) for h, w in row] for row in DEFAULT_IMAGES["idefics"]]
+    split = processor(images=nested, return_tensors="pt", return_row_col_info=True)
+    grids = [
+        (r, c)
+        for rows, cols in zip(split["rows"], split["cols"], strict=True)
+        for r, c in zip(rows, cols, strict=True)
+    ]
+    ids = adapter.image_ids(inputs["input_ids"], inputs)
+    layouts = [layout for sample in adapter.image_layouts(ids, inputs) for layout in sample]
+    assert len(layouts) == len(grids) == 3
+    for layout, (rows, cols) in zip(layouts, grids, strict=True):
+        assert len(layout.views) == rows * cols + 1 and layout.length == 16 * (rows * cols + 1)
+        boxes = [view.box for view in layout.views]
+        expected = [
+            (c / cols, r / rows, (c + 1) / cols, (r + 1) / rows) for r in range(rows) for c in range(cols)
+        ]
+        assert boxes == [*expected, (0.0, 0.0, 1.0, 1.0)]
+        inside = ids[layout.sample, layout.span[0] : layout.span[1]]
+        assert (inside == -1).any() and set(inside.tolist()) == {-1, int(inside.max())}
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

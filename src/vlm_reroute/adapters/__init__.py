@@ -5,11 +5,19 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ModelAdapter
+from .idefics3 import Idefics3Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter, LlavaNextAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    LlavaAdapter,
+    Qwen2VLAdapter,
+    LlavaNextAdapter,
+    InternVLAdapter,
+    Idefics3Adapter,
+)
 SUPPORTED_MODELS: tuple[str, ...] = tuple(name for a in ADAPTERS for name in a.model_classes)
 
 
@@ -29,6 +37,8 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
 
 __all__ = [
     "ADAPTERS",
+    "Idefics3Adapter",
+    "InternVLAdapter",
     "SUPPORTED_MODELS",
     "LlavaAdapter",
     "LlavaNextAdapter",

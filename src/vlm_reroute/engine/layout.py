@@ -17,12 +17,13 @@ class GridView:
     """One grid of cells an image is shown as: the whole image, or one crop / tile of it.
 
     ``box`` is the region of the processed image the view covers, as fractions
-    ``(x0, y0, x1, y1)``; a base view covers ``(0, 0, 1, 1)``.
+    ``(x0, y0, x1, y1)``; a base view covers ``(0, 0, 1, 1)``; ``None`` when the model's inputs do
+    not say (InternVL tiles: the processor keeps their count, not their grid).
     """
 
     rows: int
     cols: int
-    box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    box: tuple[float, float, float, float] | None = (0.0, 0.0, 1.0, 1.0)
 
     @property
     def cells(self) -> int:

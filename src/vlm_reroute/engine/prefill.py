@@ -91,6 +91,7 @@ def start_prefill(
     marks image tokens of the prompt only)."""
     n = visual.shape[1]
     prompt = tokens[:, :prompt_length]
+    kwargs = {**kwargs, "input_ids": prompt}  # layouts may read the prompt (Idefics3's tile rows)
     image_ids = nn.functional.pad(adapter.image_ids(prompt, kwargs), (0, n - prompt_length), value=-1)
     layouts = adapter.image_layouts(image_ids, kwargs)
     counts = keep_counts(torch.bincount(image_ids[visual]))
