@@ -15,7 +15,7 @@ import pytest
 import torch
 from reference import routed_reference
 
-from vlm_reroute import PDrop, kv_lengths
+from vlm_reroute import FastV, PDrop, kv_lengths
 from vlm_reroute.adapters import adapter_for
 from vlm_reroute.testing.families import (
     IMAGE_TOKEN,
@@ -26,7 +26,7 @@ from vlm_reroute.testing.families import (
 )
 from vlm_reroute.testing.family_inputs import _FORMAT_OF, DEFAULT_IMAGES, QUESTIONS
 
-ROUTED = ("llava_next", "llava_onevision", "internvl", "idefics3", "smolvlm")
+ROUTED = ("llava_next", "llava_onevision", "internvl", "idefics3", "smolvlm", "qwen3_vl", "qwen3_vl_moe")
 LAYERS = {"default": [1, 2, 4, 6]}
 KEEP = [0.5, 0.5, 0.25, 0.125]
 
@@ -137,6 +137,38 @@ def test_idefics3_tiles_form_one_image_in_the_processors_grid(family):
         assert boxes == [*expected, (0.0, 0.0, 1.0, 1.0)]
         inside = ids[layout.sample, layout.span[0] : layout.span[1]]
         assert (inside == -1).any() and set(inside.tolist()) == {-1, int(inside.max())}
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl"])
+def test_scores_are_the_models_own_eager_attention_row(family):
+    """The router's scores (q/k norms, interleaved MRoPE, GQA) equal the attention row of the last
+    prompt token that the untouched model's eager attention returns, at several layers."""
+    model, inputs = _model(family, "eager"), _inputs(family, 0)
+    attentions = model(**inputs, output_attentions=True).attentions
+    visual = inputs["input_ids"][0] == IMAGE_TOKEN
+    for layer in (1, 3, 6):
+        with FastV(layer=layer, keep=1.0)(model) as trace:
+            model(**inputs)
+        row = attentions[layer][0, :, -1].float().mean(0)[visual]
+        torch.testing.assert_close(trace.decisions[0].scores[0], row, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layers", [(1, 2), (1, 3), (4, 6)], ids=["inside", "across", "after"])
+def test_qwen3_vl_deepstack_rows_follow_the_tokens_that_run_the_layer(layers):
+    """DeepStack levels are added after layers 0, 1, 2. With decisions inside, across and after
+    them, routed logits and every decision's scores equal the reference, which adds each level to
+    the visual tokens present in that layer only: a deferred token comes back without the levels
+    of the layers it skipped (a token deferred at the first decision re-enters at the second)."""
+    model, inputs = _model("qwen3_vl"), _inputs("qwen3_vl", 1)
+    method = PDrop(layers=list(layers), keep=[0.25, 0.25], reroute=True)
+    with method(model) as trace:
+        logits = model(**inputs).logits[0]
+    assert sum(trace.decisions[1].reentered) > 0
+    selected = [d.selected[0] for d in trace.decisions]
+    ref, scores = routed_reference(model, inputs, list(layers), selected, True)
+    torch.testing.assert_close(logits[-1], ref[-1], rtol=1e-5, atol=1e-5)
+    for decision, expected in zip(trace.decisions, scores, strict=True):
+        torch.testing.assert_close(decision.scores[0], expected, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

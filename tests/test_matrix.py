@@ -35,6 +35,8 @@ FAMILIES = {
     "internvl": "InternVLForConditionalGeneration",
     "idefics3": "Idefics3ForConditionalGeneration",
     "smolvlm": "SmolVLMForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
 }
 # one line per method (registry key)
 METHODS = ["fastv", "pdrop", "random", "nuwa"]

@@ -10,6 +10,7 @@ from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     LlavaAdapter,
@@ -17,6 +18,7 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     LlavaNextAdapter,
     InternVLAdapter,
     Idefics3Adapter,
+    Qwen3VLAdapter,
 )
 SUPPORTED_MODELS: tuple[str, ...] = tuple(name for a in ADAPTERS for name in a.model_classes)
 
@@ -44,5 +46,6 @@ __all__ = [
     "LlavaNextAdapter",
     "ModelAdapter",
     "Qwen2VLAdapter",
+    "Qwen3VLAdapter",
     "adapter_for",
 ]

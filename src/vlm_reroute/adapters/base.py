@@ -72,6 +72,19 @@ class ModelAdapter(ABC):
         """Per sample, per image: span, grid and offsets (see :class:`ImageLayout`)."""
         return single_view_layouts(image_ids, self.image_grids(image_ids, model_kwargs))
 
+    # ---- inputs the decoder adds after some layers (Qwen3-VL's DeepStack) -----------------------
+    #: Layers after which :meth:`take_layer_additions` may add rows (hooks are installed on them only).
+    addition_layers: tuple[int, ...] = ()
+
+    def take_layer_additions(
+        self, decoder_kwargs: dict[str, Any]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Take out of a routed prefill's decoder inputs what the decoder would add to the full sequence
+        after some layers, and return it as ``{layer: (mask (B, N) bool, rows (mask.sum(), D))}``: the
+        executor adds row ``k`` to the ``k``-th masked token (row-major) after ``layer``, if that token
+        ran the layer. ``decoder_kwargs`` is edited in place so the decoder does not add them too."""
+        return {}
+
     # ---- scoring: queries and keys from the layer's own modules --------------------------------
     def apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` ``(B, T, heads, head_dim)`` in place with ``cos``/``sin`` ``(B, T, head_dim)``.

@@ -103,10 +103,12 @@ class RoutingExecutor:
         reg = self.handles.append
         reg(self.model.register_forward_pre_hook(self._before_call, with_kwargs=True))
         reg(self.model.register_forward_hook(self._after_call, with_kwargs=True, always_call=True))
-        reg(self.adapter.decoder.register_forward_pre_hook(self._before_decoder))
+        reg(self.adapter.decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True))
         layers = self.adapter.layers
         for i, layer in enumerate(layers):
             reg(layer.register_forward_pre_hook(partial(self._before_layer, i), with_kwargs=True))
+        for i in self.adapter.addition_layers:
+            reg(layers[i].register_forward_hook(partial(self._add_after_layer, i)))
         reg(layers[len(layers) - 1].register_forward_hook(self._after_last_layer))
         if self.plan.vision is not None:
             self.handles += self.plan.vision.install(self.model, self.reports.add)
@@ -182,12 +184,19 @@ class RoutingExecutor:
             self.trace.prefills += 1
 
     @torch.compiler.disable
-    def _before_decoder(self, module: nn.Module, args: tuple) -> None:
-        if self.active and self.calls.call is None:
+    def _before_decoder(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        call = self.calls.call
+        if self.active and call is None:
             raise RuntimeError(
                 f"inside a vlm-reroute block, call the model the method was applied to "
                 f"({type(self.model).__name__}), not its decoder: the decoder alone cannot be routed"
             )
+        if call is None or call.mode != "prefill":
+            return None
+        # inputs the decoder adds to the full sequence inside its own loop (Qwen3-VL's DeepStack)
+        # are taken out here and added by _add_after_layer to the tokens that ran the layer
+        call.prefill.additions = self.adapter.take_layer_additions(kwargs)
+        return args, kwargs
 
     # ---- layer hooks ------------------------------------------------------------------------
     @torch.compiler.disable
@@ -229,6 +238,26 @@ class RoutingExecutor:
         hidden = output[0] if isinstance(output, tuple) else output
         full = _full_view(call.prefill, hidden)[:, : call.prefill.n]
         return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    @torch.compiler.disable
+    def _add_after_layer(self, i: int, layer: nn.Module, args: tuple, output: Any) -> Any:
+        """Add row ``rank`` of ``additions[i]`` to each token of its mask that ran layer ``i``."""
+        call = self.calls.call
+        if call is None or call.mode != "prefill" or i not in call.prefill.additions:
+            return None
+        st = call.prefill
+        mask, rows = st.additions[i]
+        hidden = output[0] if isinstance(output, tuple) else output
+        rank = mask.flatten().cumsum(0).view_as(mask) - 1
+        if st.index is None:
+            hit, ranks = mask, rank[mask]
+        else:
+            position = st.index.clamp(max=st.n - 1)
+            hit = (st.index < st.n) & mask[st.rows(), position]
+            ranks = rank[st.rows(), position][hit]
+        hidden = hidden.clone()
+        hidden[hit] = hidden[hit] + rows[ranks].to(hidden.device, hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     # ---- prefill mechanics ----------------------------------------------------------------
     def _capture(self, call: Call, hidden: torch.Tensor, kwargs: dict) -> None:

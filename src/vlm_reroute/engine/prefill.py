@@ -49,6 +49,8 @@ class Prefill:
     pending: dict[int, torch.Tensor] = field(default_factory=dict)  # decision layer -> scores
     decisions: list[Decision] = field(default_factory=list)  # committed to the trace on success
     selections: list[torch.Tensor] = field(default_factory=list)  # per stage (B, prompt_length)
+    # rows the decoder would add after some layers (Qwen3-VL's DeepStack): layer -> (mask, rows)
+    additions: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
