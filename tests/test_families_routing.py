@@ -26,8 +26,17 @@ from vlm_reroute.testing.families import (
 )
 from vlm_reroute.testing.family_inputs import _FORMAT_OF, DEFAULT_IMAGES, QUESTIONS
 
-ROUTED = ("llava_next", "llava_onevision", "internvl", "idefics3", "smolvlm", "qwen3_vl", "qwen3_vl_moe")
-LAYERS = {"default": [1, 2, 4, 6]}
+ROUTED = (
+    "llava_next",
+    "llava_onevision",
+    "internvl",
+    "idefics3",
+    "smolvlm",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "qwen3_5",
+)
+LAYERS = {"default": [1, 2, 4, 6], "qwen3_5": [1, 3, 5, 7]}  # Qwen3.5 scores at full attention
 KEEP = [0.5, 0.5, 0.25, 0.125]
 
 
@@ -139,14 +148,17 @@ def test_idefics3_tiles_form_one_image_in_the_processors_grid(family):
         assert (inside == -1).any() and set(inside.tolist()) == {-1, int(inside.max())}
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
 def test_scores_are_the_models_own_eager_attention_row(family):
-    """The router's scores (q/k norms, interleaved MRoPE, GQA) equal the attention row of the last
-    prompt token that the untouched model's eager attention returns, at several layers."""
+    """The router's scores (q/k norms, interleaved MRoPE, GQA; Qwen3.5's gated queries and partial
+    RoPE) equal the attention row of the last prompt token that the untouched model's eager
+    attention returns, at several layers."""
     model, inputs = _model(family, "eager"), _inputs(family, 0)
     attentions = model(**inputs, output_attentions=True).attentions
+    if family == "qwen3_5":  # only full-attention layers return attention weights
+        attentions = dict(zip((1, 3, 5, 7), [a for a in attentions if a is not None], strict=True))
     visual = inputs["input_ids"][0] == IMAGE_TOKEN
-    for layer in (1, 3, 6):
+    for layer in (1, 3, 5):
         with FastV(layer=layer, keep=1.0)(model) as trace:
             model(**inputs)
         row = attentions[layer][0, :, -1].float().mean(0)[visual]
@@ -194,7 +206,9 @@ def test_mixed_batch_equals_one_by_one_and_decodes(family, attn):
         for d_batch, chosen in zip(batch_decisions, selected, strict=True):
             assert torch.equal(d_batch.selected[b], chosen)
         n_text = alone["input_ids"].shape[1] - n_visual
-        assert kv_lengths(cache_alone) == [n_text + v for v in trace.tokens_per_layer(8)]
+        recurrent = adapter_for(model).recurrent_layers
+        per_layer = enumerate(trace.tokens_per_layer(8))
+        assert kv_lengths(cache_alone) == [None if i in recurrent else n_text + v for i, v in per_layer]
         new = out.sequences[b, width:]
         ref, _ = routed_reference(model, alone, list(method.layers), selected, True, extra_ids=new[:-1])
         n = alone["input_ids"].shape[1]

@@ -18,7 +18,7 @@ from conftest import MATRIX_TOKENS, small_inputs, small_model_for, split_sample
 from reference import routed_reference
 
 from vlm_reroute import kv_lengths
-from vlm_reroute.adapters import ADAPTERS
+from vlm_reroute.adapters import ADAPTERS, adapter_for
 from vlm_reroute.budget.schedule import Schedule
 from vlm_reroute.budget.solver import solve_schedule
 from vlm_reroute.methods import method_class, method_names
@@ -37,6 +37,7 @@ FAMILIES = {
     "smolvlm": "SmolVLMForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
 }
 # one line per method (registry key)
 METHODS = ["fastv", "pdrop", "random", "nuwa"]
@@ -62,13 +63,19 @@ CASES = [_case(f, m, r) for f in FAMILIES for m in METHODS for r in MODES]
 REFERENCE_CASES = [_case(f, m, r, OWN_REFERENCE) for f in FAMILIES for m in METHODS for r in MODES]
 
 
-def build(method: str, mode: str, keep_all: bool = False, tokens: int = TOKENS):
-    """The method's default layers and rule, solved for avg_T = a quarter of the tokens (or keep all)."""
+def build(method: str, mode: str, keep_all: bool = False, tokens: int = TOKENS, model=None):
+    """The method's default layers and rule, solved for avg_T = a quarter of the tokens (or keep all).
+
+    On a family that scores at some layers only (Qwen3.5: full-attention layers), each default
+    layer moves to the next allowed one."""
     cls, reroute = method_class(method, MODES[mode])
+    layers = cls.default_layers(DEPTH, reroute)
+    if model is not None:
+        allowed = adapter_for(model).allowed_decision_layers()
+        layers = tuple(sorted({min(a for a in allowed if a >= layer) for layer in layers}))
     if keep_all:
-        layers = cls.default_layers(DEPTH, reroute)
         return cls.from_schedule(Schedule(layers, (1.0,) * len(layers), reroute))
-    return solve_schedule(DEPTH, tokens, method, reroute, target_avg_t=tokens / 4).to_method()
+    return solve_schedule(DEPTH, tokens, method, reroute, target_avg_t=tokens / 4, layers=layers).to_method()
 
 
 def tokens_per_image(inputs: dict) -> int:
@@ -93,7 +100,7 @@ def test_keep_all_is_bit_identical(family, method, mode):
     tokens = tokens_per_image(inputs)
     vanilla = model(**inputs).logits
     vanilla_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    chosen = build(method, mode, keep_all=True)
+    chosen = build(method, mode, keep_all=True, model=model)
     with chosen(model) as trace:
         routed = model(**inputs).logits
         routed_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -106,7 +113,7 @@ def test_keep_all_is_bit_identical(family, method, mode):
 def test_batch_equals_one_by_one(family, method, mode):
     model = small_model_for(family)
     inputs = small_inputs(model, (20, 6), seed=11)
-    chosen = build(method, mode, tokens=tokens_per_image(inputs))
+    chosen = build(method, mode, tokens=tokens_per_image(inputs), model=model)
     with chosen(model) as trace:
         batch_logits = model(**inputs).logits[:, -1]
     batch_decisions = trace.decisions
@@ -123,11 +130,12 @@ def test_kv_cache_holds_each_stage(family, method, mode):
     model = small_model_for(family)
     inputs = small_inputs(model, (20,), seed=5)
     tokens = tokens_per_image(inputs)
-    chosen = build(method, mode, tokens=tokens)
+    chosen = build(method, mode, tokens=tokens, model=model)
     with chosen(model) as trace:
         cache = model(**inputs, use_cache=True).past_key_values
     n_text = inputs["input_ids"].shape[1] - tokens
-    expected = [n_text + v for v in trace.tokens_per_layer(DEPTH)]
+    recurrent = adapter_for(model).recurrent_layers  # linear attention: a fixed-size state, no length
+    expected = [None if i in recurrent else n_text + v for i, v in enumerate(trace.tokens_per_layer(DEPTH))]
     assert kv_lengths(cache) == expected
     schedule = chosen.resolve(_shape(model), tokens)
     assert trace.tokens_per_layer(DEPTH) == schedule.tokens_per_layer(DEPTH, tokens)
@@ -137,7 +145,7 @@ def test_kv_cache_holds_each_stage(family, method, mode):
 def test_matches_the_full_matrix_reference(family, method, mode):
     model = small_model_for(family)
     inputs = small_inputs(model, (20,), seed=3)
-    chosen = build(method, mode, tokens=tokens_per_image(inputs))
+    chosen = build(method, mode, tokens=tokens_per_image(inputs), model=model)
     with chosen(model) as trace:
         logits = model(**inputs).logits[0, -1]
     selected = [d.selected[0] for d in trace.decisions]

@@ -10,6 +10,7 @@ from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_5 import Qwen3_5Adapter
 from .qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
@@ -19,6 +20,7 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     InternVLAdapter,
     Idefics3Adapter,
     Qwen3VLAdapter,
+    Qwen3_5Adapter,
 )
 SUPPORTED_MODELS: tuple[str, ...] = tuple(name for a in ADAPTERS for name in a.model_classes)
 
@@ -47,5 +49,6 @@ __all__ = [
     "ModelAdapter",
     "Qwen2VLAdapter",
     "Qwen3VLAdapter",
+    "Qwen3_5Adapter",
     "adapter_for",
 ]

@@ -72,6 +72,26 @@ class ModelAdapter(ABC):
         """Per sample, per image: span, grid and offsets (see :class:`ImageLayout`)."""
         return single_view_layouts(image_ids, self.image_grids(image_ids, model_kwargs))
 
+    # ---- hybrid decoders (Qwen3.5): where decisions may be scored, which layers are recurrent -----
+    #: Layers without attention (linear attention / recurrent): they take a 2-D padding mask, no KV cache.
+    recurrent_layers: tuple[int, ...] = ()
+    #: The layer whose cache length ``Cache.get_seq_length()`` (no argument) reports.
+    length_layer: int = 0
+
+    def allowed_decision_layers(self, score_from: str = "current") -> tuple[int, ...]:
+        """Layers a decision may be made at (every layer but the first, unless the family says otherwise)."""
+        return tuple(range(1, len(self.layers)))
+
+    def check_plan(self, layers: tuple[int, ...], score_from: str) -> None:
+        """Refuse decision layers the family cannot score at (a clear error listing the allowed ones)."""
+        allowed = self.allowed_decision_layers(score_from)
+        bad = [layer for layer in layers if layer not in allowed]
+        if bad:
+            raise ValueError(
+                f"decision layers {bad} are not allowed on {type(self.model).__name__}; the allowed "
+                f"decision layers are {list(allowed)}"
+            )
+
     # ---- inputs the decoder adds after some layers (Qwen3-VL's DeepStack) -----------------------
     #: Layers after which :meth:`take_layer_additions` may add rows (hooks are installed on them only).
     addition_layers: tuple[int, ...] = ()

@@ -16,12 +16,16 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 
-def kv_lengths(cache: Cache) -> list[int]:
-    """Tokens cached by each decoder layer (they differ per stage after a routed prefill)."""
-    return [cache.get_seq_length(i) for i in range(len(cache.layers))]
+def kv_lengths(cache: Cache) -> list[int | None]:
+    """Tokens cached by each decoder layer (they differ per stage after a routed prefill); ``None``
+    for a linear-attention layer, whose cache is a fixed-size state (hybrid decoders: Qwen3.5)."""
+    return [
+        cache.get_seq_length(i) if isinstance(layer, CacheLayerMixin) else None
+        for i, layer in enumerate(cache.layers)
+    ]
 
 
 def kv_bytes(cache: Cache) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.cache_utils import CacheLayerMixin
 
 from .calls import Call
 from .masks import stage_mask
@@ -22,6 +23,8 @@ def decode_mask(config: object, call: Call, layer_idx: int, hidden: torch.Tensor
     stage = max(s for s, (first, _) in enumerate(routing.key_masks) if first <= layer_idx)
     if stage not in call.decode_masks:
         first, key_mask = routing.key_masks[stage]
+        # a hybrid decoder's stage may start at a linear-attention layer, which has no length
+        first = next(j for j in range(first, layer_idx + 1) if isinstance(cache.layers[j], CacheLayerMixin))
         query = hidden.shape[1]
         tail = cache.get_seq_length(first) + query - key_mask.shape[1]
         if tail < query:

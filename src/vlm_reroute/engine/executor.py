@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
+from transformers.masking_utils import create_recurrent_attention_mask
 
 from ..adapters.base import ModelAdapter
 from ..scoring.base import Scorer, ScoringContext
@@ -91,6 +92,8 @@ class RoutingExecutor:
             {layer - 1: layer for layer in plan.layers} if plan.scorer.score_from == "previous" else {}
         )
         self.first_decision = 0 if plan.vision is not None else plan.layers[0]
+        adapter.check_plan(plan.layers, plan.scorer.score_from)
+        self.recurrent = frozenset(adapter.recurrent_layers)  # linear attention: no KV, a 2-D mask
         self.reports = Reports() if plan.vision is not None else None
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.calls = CallState()
@@ -169,8 +172,11 @@ class RoutingExecutor:
         st = call.prefill
         if call.cache is not None:
             call.cache._vlm_routing = Routing(self.plan.method, st.prompt_key_masks(), st.prompt_length)
-            if st.pool is not None:  # stage 0 shortened every layer: report the full length
-                report_logical_length(call.cache, st.n - st.key_masks[0][1].shape[1])
+            # the layer transformers reads the length from (layer 0; a hybrid decoder's first
+            # full-attention layer) was shortened (stage 0, or a decision there): report the full length
+            stages = [mask for first, mask in st.key_masks if first <= self.adapter.length_layer]
+            if stages:
+                report_logical_length(call.cache, st.n - stages[-1].shape[1])
         generation = self.calls.generation
         if generation is not None and generation.decided is None:
             generation.decided = st.selections
@@ -207,7 +213,7 @@ class RoutingExecutor:
         call.layers_run += 1
         hidden = args[0] if args else kwargs["hidden_states"]
         if call.mode == "decode":
-            if i < self.first_decision:
+            if i < self.first_decision or i in self.recurrent:  # recurrent layers: the model's own mask
                 return None
             kwargs["attention_mask"] = decode_mask(self.adapter.text_config, call, i, hidden)
             return args, kwargs
@@ -225,6 +231,8 @@ class RoutingExecutor:
         if st.index is None:
             return None
         kwargs.update(st.stage_kwargs)
+        if i in self.recurrent:
+            kwargs["attention_mask"] = st.recurrent_mask
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
@@ -362,13 +370,23 @@ class RoutingExecutor:
         cos, sin = st.rope
         st.stage_kwargs = {
             "attention_mask": stage_mask(
-                self.adapter.text_config, key_mask, index.shape[1], st.cache, i, dtype
+                self.adapter.text_config, key_mask, index.shape[1], st.cache, self._cache_layer(i), dtype
             ),
             "position_embeddings": (cos[rows, rope_index], sin[rows, rope_index]),
         }
         if st.position_ids is not None:
             st.stage_kwargs["position_ids"] = st.position_ids[rows, rope_index]
+        if self.recurrent:  # linear-attention layers zero the stage's padding and fillers themselves
+            shape_only = full.new_empty(full.shape[0], index.shape[1], 0)
+            st.recurrent_mask = create_recurrent_attention_mask(
+                self.adapter.text_config, shape_only, key_mask.long()
+            )
         return full[rows, index]
+
+    def _cache_layer(self, first: int) -> int:
+        """The first layer from ``first`` on that caches keys: a stage of a hybrid decoder may start
+        at a linear-attention layer, whose cache has no length to build masks from."""
+        return next((j for j in range(first, len(self.adapter.layers)) if j not in self.recurrent), first)
 
     @staticmethod
     def _decision(st: Prefill, i: int, scores: torch.Tensor, selected: torch.Tensor) -> Decision:

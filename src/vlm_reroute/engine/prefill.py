@@ -51,6 +51,7 @@ class Prefill:
     selections: list[torch.Tensor] = field(default_factory=list)  # per stage (B, prompt_length)
     # rows the decoder would add after some layers (Qwen3-VL's DeepStack): layer -> (mask, rows)
     additions: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    recurrent_mask: torch.Tensor | None = None  # the stage's 2-D padding mask for linear-attention layers
 
     @property
     def n(self) -> int:
