@@ -12,6 +12,8 @@ a registered method or an adapter's model class is missing from the matrix.
 
 from __future__ import annotations
 
+from functools import cache
+
 import pytest
 import torch
 from conftest import MATRIX_TOKENS, small_inputs, small_model_for, split_sample
@@ -69,13 +71,16 @@ def build(method: str, mode: str, keep_all: bool = False, tokens: int = TOKENS, 
     On a family that scores at some layers only (Qwen3.5: full-attention layers), each default
     layer moves to the next allowed one."""
     cls, reroute = method_class(method, MODES[mode])
-    layers = cls.default_layers(DEPTH, reroute)
+    layers = default = cls.default_layers(DEPTH, reroute)
     if model is not None:
         allowed = adapter_for(model).allowed_decision_layers()
         layers = tuple(sorted({min(a for a in allowed if a >= layer) for layer in layers}))
     if keep_all:
         return cls.from_schedule(Schedule(layers, (1.0,) * len(layers), reroute))
-    return solve_schedule(DEPTH, tokens, method, reroute, target_avg_t=tokens / 4, layers=layers).to_method()
+    explicit = layers if layers != default else None
+    return solve_schedule(
+        DEPTH, tokens, method, reroute, target_avg_t=tokens / 4, layers=explicit
+    ).to_method()
 
 
 def tokens_per_image(inputs: dict) -> int:
@@ -93,13 +98,20 @@ def test_the_matrix_covers_every_method_and_family():
     )
 
 
+@cache
+def _untouched(family: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The keep-all inputs and the untouched model's logits and greedy tokens (once per family)."""
+    model = small_model_for(family)
+    inputs = small_inputs(model, (20, 13))
+    with torch.no_grad():
+        return inputs, model(**inputs).logits, model.generate(**inputs, max_new_tokens=3, do_sample=False)
+
+
 @pytest.mark.parametrize(("family", "method", "mode"), CASES)
 def test_keep_all_is_bit_identical(family, method, mode):
     model = small_model_for(family)
-    inputs = small_inputs(model, (20, 13))
+    inputs, vanilla, vanilla_gen = _untouched(family)
     tokens = tokens_per_image(inputs)
-    vanilla = model(**inputs).logits
-    vanilla_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     chosen = build(method, mode, keep_all=True, model=model)
     with chosen(model) as trace:
         routed = model(**inputs).logits
