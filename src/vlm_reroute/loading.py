@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from .adapters import SUPPORTED_MODELS
+from .prompting import FAMILY_PROMPTS, family_inputs
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -364,7 +365,7 @@ class PromptBuilder:
                 processor.tokenizer.padding_side = "left"
                 return cls(processor=processor, tokenizer=processor.tokenizer)
         except (OSError, ValueError, ImportError, AttributeError, TypeError, KeyError) as exc:
-            if "Qwen" not in type(model).__name__:
+            if type(model).__name__ not in FAMILY_PROMPTS:
                 raise LoadError(f"cannot load the processor of {name!r} ({_first_line(exc)})") from exc
         try:  # Qwen without torchvision: tokenizer + image processor, assembled as the processor would
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **offline)
@@ -390,7 +391,8 @@ class PromptBuilder:
         if self.processor is not None:
             inputs = self.processor(images=flat or None, text=texts, return_tensors="pt", padding=True)
         else:
-            inputs = self._qwen_inputs(flat, texts, model)
+            images = [list(images) for images, _ in samples]
+            inputs = family_inputs(model, self.tokenizer, self.image_processor, images, texts)
         return {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     def text(self, num_images: int, prompt: str) -> str:
