@@ -65,17 +65,6 @@ def test_table_scores_and_retention():
 pytest.importorskip("lmms_eval", reason="needs the eval extra: pip install -e '.[eval]'")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine a second thread only spins."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     from eval_helpers import workspace

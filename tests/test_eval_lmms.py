@@ -22,17 +22,6 @@ from vlm_reroute.eval.tasks import refcoco  # noqa: E402
 from vlm_reroute.methods import FastV, PDrop, method_from_spec  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine a second thread only spins."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     return workspace(tmp_path_factory.mktemp("eval"))

@@ -21,16 +21,6 @@ LONG_SEED = int(os.environ.get("VLM_REROUTE_FUZZ_SEED", "1"))
 CHUNK = 25
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Thousands of tiny ops: a second intra-op thread only adds synchronisation (on a busy
-    2-core machine 40 cases took 30x longer with two threads than with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _report(outcomes: list[Outcome]) -> str:
     bad = [o for o in outcomes if o.failures]
     lines = [f"{len(bad)} of {len(outcomes)} cases disagree with the float64 reference:"]

@@ -27,12 +27,9 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _quiet_single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with quiet_transformers():
+def _quiet():
+    with quiet_transformers():  # tests/conftest.py already runs every test on one thread
         yield
-    torch.set_num_threads(before)
 
 
 def test_answers_equal_a_hand_written_reference(checkpoints, images):
