@@ -22,6 +22,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from ..adapters import adapter_for
+from ..engine.compat import CACHE_KEYWORDS, cache_keyword, mask_cache_keyword
 from .measure import sync
 
 __all__ = ["LayerTimer", "SpanTimer", "layer_times"]
@@ -77,6 +78,7 @@ class LayerTimer:
     def __init__(self, model: nn.Module) -> None:
         self.adapter = adapter_for(model)
         self.layers = self.adapter.layers
+        self.cache_keyword = cache_keyword(model, list(self.layers))
         self.device = next(model.parameters()).device
         self.hidden: torch.Tensor | None = None
         self.kwargs: dict[str, Any] = {}
@@ -88,7 +90,8 @@ class LayerTimer:
 
         def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
             self.hidden = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-            self.kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
+            skip = ("hidden_states", *CACHE_KEYWORDS)
+            self.kwargs = {k: v for k, v in kwargs.items() if k not in skip}
 
         handle = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
         try:
@@ -125,8 +128,8 @@ class LayerTimer:
             config=self.adapter.text_config,
             inputs_embeds=hidden,
             attention_mask=mask2d,
-            past_key_values=DynamicCache(config=self.adapter.text_config),
             position_ids=None,
+            **{mask_cache_keyword(): DynamicCache(config=self.adapter.text_config)},
         )
         kwargs["use_cache"] = True
         self._prepared[n] = (hidden, kwargs)
@@ -141,13 +144,13 @@ class LayerTimer:
         if len(tokens_per_layer) != len(self.layers):
             raise ValueError(f"{len(tokens_per_layer)} token counts for {len(self.layers)} layers")
         prepared = [self.inputs_for(int(n)) for n in tokens_per_layer]
-        cache = DynamicCache(config=self.adapter.text_config)
+        cache = {self.cache_keyword: DynamicCache(config=self.adapter.text_config)}
         times = []
         with torch.no_grad():
             for layer, (hidden, kwargs) in zip(self.layers, prepared, strict=True):
                 sync(self.device)
                 start = time.perf_counter()
-                layer(hidden, past_key_values=cache, **kwargs)
+                layer(hidden, **cache, **kwargs)
                 sync(self.device)
                 times.append(time.perf_counter() - start)
         return times

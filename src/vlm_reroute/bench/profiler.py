@@ -30,6 +30,7 @@ from ..adapters import adapter_for
 from ..budget import compute_budget
 from ..budget.shapes import ModelShape
 from ..engine.cache import kv_bytes, kv_lengths
+from ..engine.compat import output_cache
 from ..methods import TokenReduction
 from .ideal import LayerTimer, SpanTimer
 from .measure import MemoryStats, environment, prefill_memory, sync
@@ -199,8 +200,8 @@ def profile(
                 with span:
                     seconds, out, trace = prefill(method)
                 times[name].append(seconds)
-                kv[name] = kv_lengths(out.past_key_values)
-                result[name] = (kv_bytes(out.past_key_values), trace)
+                kv[name] = kv_lengths(output_cache(out))
+                result[name] = (kv_bytes(output_cache(out)), trace)
                 del out
                 step(f"prefill {name}")
                 if timer is not None:  # right after the measured run, so both see the same machine

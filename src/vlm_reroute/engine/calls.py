@@ -18,6 +18,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from .cache import RoutedCache
+from .compat import cache_argument
 from .prefill import Prefill, mask2d, start_prefill
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def locate_visual(
 
 def classify(executor: RoutingExecutor, call: Call, args: tuple, kwargs: dict) -> None:
     """Fill ``call`` with its mode and state, or raise if routing cannot be exact."""
-    past = kwargs.get("past_key_values")
+    past = cache_argument(kwargs, executor.cache_keyword)
     past_len = past.get_seq_length() if isinstance(past, Cache) else 0
     if isinstance(past, RoutedCache) and past_len > 0:
         if not past.owned_by(executor) or past.routing is None:
@@ -118,7 +119,7 @@ def classify(executor: RoutingExecutor, call: Call, args: tuple, kwargs: dict) -
         )
     if past is not None and type(past) not in (DynamicCache, RoutedCache):
         raise ValueError(
-            f"past_key_values of type {type(past).__name__}: routing supports DynamicCache "
+            f"a KV cache of type {type(past).__name__}: routing supports DynamicCache "
             "(the default), whose layers may hold different lengths"
         )
     missing = (~visual.any(dim=1)).nonzero().flatten().tolist()

@@ -40,6 +40,7 @@ from ..adapters.base import ModelAdapter
 from ..scoring.base import Scorer, ScoringContext
 from .cache import Routing, claim
 from .calls import Call, CallState, classify
+from .compat import cache_argument, check_internals
 from .compiled import SKIPPED_HOOKS
 from .decode import decode_mask
 from .generation import GenerateGuard
@@ -87,6 +88,7 @@ class RoutingExecutor:
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, plan: Plan, trace: Trace) -> None:
         self.model, self.adapter, self.plan, self.trace = model, adapter, plan, trace
+        self.cache_keyword = check_internals(model, list(adapter.layers))
         self.decision_of = {layer: i for i, layer in enumerate(plan.layers)}
         self.score_ahead = (
             {layer - 1: layer for layer in plan.layers} if plan.scorer.score_from == "previous" else {}
@@ -275,7 +277,7 @@ class RoutingExecutor:
         st.rope = (cos.expand(batch, n, -1), sin.expand(batch, n, -1))
         pos = kwargs.get("position_ids")
         st.position_ids = pos.expand(batch, n) if isinstance(pos, torch.Tensor) and pos.ndim == 2 else None
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs, self.cache_keyword)
         if cache is not None:
             forget_logical_length(cache)  # a cache reused after reset() starts from its real length
         st.cache = call.cache = claim(cache, self, self.plan.method) if cache is not None else None

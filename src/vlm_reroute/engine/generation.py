@@ -25,6 +25,7 @@ from transformers.generation.configuration_utils import GenerationMode
 
 from .cache import RoutedCache
 from .calls import Generation
+from .compat import cache_argument
 
 if TYPE_CHECKING:
     from .executor import RoutingExecutor
@@ -33,7 +34,7 @@ SUPPORTED = (
     "supported are greedy search and sampling, beam search and beam sampling (any "
     "num_return_sequences), assisted generation with a separate draft model (assistant_model=), "
     "prompt lookup (prompt_lookup_num_tokens=), use_cache=False, and continuing a routed cache of "
-    "this block (past_key_values=)"
+    "this block (cache=, or past_key_values= before transformers 5.24)"
 )
 _HUB = "transformers 5 moved it to a Hub repository whose decoding loop ({}) routing does not check"
 REFUSED = {
@@ -138,7 +139,7 @@ class GenerateGuard:
             None,
         )
         input_ids = prompt if prompt is not None and prompt.ndim == 2 else None
-        self._check_cache(extra.get("past_key_values"), input_ids)
+        self._check_cache(cache_argument(extra, self.executor.cache_keyword), input_ids)
         return prompt.shape[1] if prompt is not None else 0
 
     def _check_cache(self, past: Any, input_ids: Any) -> None:
@@ -151,8 +152,8 @@ class GenerateGuard:
             raise RuntimeError(past.refusal())
         if input_ids is None or bool(self.executor.adapter.visual_mask(input_ids).any()):
             raise ValueError(
-                f"generate(past_key_values=...) with a cache holding {past.get_seq_length()} tokens that "
-                "were not filled in this block: its image tokens were not routed, and the rest of the "
-                "prompt would run unrouted. Routing decides once per prompt, from an empty cache: pass no "
-                "cache (or an empty DynamicCache), or continue a routed cache of this block"
+                f"generate() with a cache (cache= / past_key_values=) holding {past.get_seq_length()} "
+                "tokens that were not filled in this block: its image tokens were not routed, and the "
+                "rest of the prompt would run unrouted. Routing decides once per prompt, from an empty "
+                "cache: pass no cache (or an empty DynamicCache), or continue a routed cache of this block"
             )

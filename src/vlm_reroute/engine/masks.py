@@ -13,6 +13,8 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
+from .compat import mask_cache_keyword
+
 
 def stage_mask(
     config: object,
@@ -32,6 +34,6 @@ def stage_mask(
         config=config,
         inputs_embeds=shape_only,
         attention_mask=key_mask,
-        past_key_values=cache,
         layer_idx=layer_idx,
+        **{mask_cache_keyword(): cache},
     )

@@ -190,10 +190,12 @@ class TokenReduction:
         """
         from ..adapters import adapter_for
         from ..budget.shapes import ModelShape
+        from ..engine.compat import check_version
         from ..engine.compiled import refuse_compiled_in_place, unwrap
         from ..engine.executor import Plan, RoutingExecutor
         from ..engine.trace import Trace
 
+        check_version()
         model = unwrap(model)
         refuse_compiled_in_place(model)
         method = dataclasses.replace(self)  # checked again: no setting forced past the freeze gets through

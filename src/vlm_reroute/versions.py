@@ -1,0 +1,68 @@
+"""The releases of the libraries vlm-reroute was tested with (a leaf: imports nothing heavy).
+
+``pyproject.toml`` declares the same ranges; ``vlm-reroute --version`` prints what is installed
+beside them, and applying a method refuses a ``transformers`` outside its range
+(``engine/compat.py``), because routing hooks that library's internals.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+#: ``transformers``: lowest tested release, first untested one.
+TRANSFORMERS_RANGE = ("5.23.0", "5.25.0")
+#: Set to ``1`` to route under an untested ``transformers`` (the refusal becomes one warning).
+OPT_IN = "VLM_REROUTE_ALLOW_UNTESTED_TRANSFORMERS"
+#: Every library whose release matters to a result, with the range tested (``None``: not bounded).
+TESTED = {
+    "transformers": TRANSFORMERS_RANGE,
+    "torch": ("2.13.0", "2.14.0"),
+    "lmms-eval": ("0.7.3", "0.8.0"),
+}
+
+
+def range_text(bounds: tuple[str, str]) -> str:
+    low, high = bounds
+    return f">={low},<{high}"
+
+
+def _key(text: str) -> tuple[int, ...]:
+    """Release numbers of a version string (``2.13.0+cpu`` → ``(2, 13, 0)``), for range checks."""
+    numbers = []
+    for part in text.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
+
+
+def in_range(installed: str, bounds: tuple[str, str]) -> bool:
+    low, high = bounds
+    return _key(low) <= _key(installed) < _key(high)
+
+
+def installed_versions() -> dict[str, str | None]:
+    """The installed release of each library of :data:`TESTED` (``None`` when not installed)."""
+    found: dict[str, str | None] = {}
+    for name in TESTED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def report_lines() -> list[str]:
+    """One line per library: installed release, tested range, inside or not."""
+    lines = []
+    for name, installed in installed_versions().items():
+        bounds = TESTED[name]
+        if installed is None:
+            verdict = "not installed"
+        elif in_range(installed, bounds):
+            verdict = "tested"
+        else:
+            verdict = "UNTESTED"
+        lines.append(f"{name} {installed or '-'} (tested {range_text(bounds)}): {verdict}")
+    return lines
