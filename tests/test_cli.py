@@ -1,18 +1,24 @@
 """The command line's offline parts: ``budget`` (absolute and relative budgets, unreachable
-methods marked, known Hub ids, local folders), one-line usage errors, ``--version``,
-``python -m vlm_reroute``, output paths checked first."""
+methods marked, known Hub ids, local folders, every value whole at any width), one-line usage
+errors, only our own warnings relayed, ``--version``, ``python -m vlm_reroute``, output paths
+checked first."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 from cli_support import assert_one_line_error, invoke, saved_checkpoints
 
+import vlm_reroute
 from vlm_reroute import __version__
 from vlm_reroute.budget import compute_budget, load_shape
+from vlm_reroute.budget.solver import UnreachableTargetWarning
+from vlm_reroute.cli.app import our_warnings
 
 METHODS = ["vanilla", "FastV", "FastV + Reroute", "PDrop", "PDrop + Reroute", "Nüwa", "Nüwa + Reroute"]
 
@@ -93,6 +99,63 @@ def test_unreachable_methods_are_marked_with_their_range_and_others_still_solved
     assert "PDrop" not in line
 
 
+def table_cells(stdout: str) -> dict[str, dict]:
+    """The budget table read back by column: per method (with its ``*``), the layer and keep lists
+    joined over the lines they were broken into, and the five numbers."""
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("method "))
+    at = {name: lines[header].index(name) for name in ("layers", "keep", "avg_T")}
+    cells: dict[str, dict] = {}
+    for line in lines[header + 1 :]:
+        if line.startswith("visual tokens per image"):
+            break
+        if not line.startswith(" "):
+            name = line[: at["layers"]].strip()
+            cells[name] = {"layers": "", "keep": "", "numbers": line[at["avg_T"] :].split()}
+        cells[name]["layers"] += line[at["layers"] : at["keep"]].strip()
+        cells[name]["keep"] += line[at["keep"] : at["avg_T"]].strip()
+    return cells
+
+
+@pytest.mark.parametrize("tier", ["64", "50"])
+@pytest.mark.parametrize("columns", [None, "80", "200", "40"])
+def test_the_budget_table_prints_every_value_whole_at_any_width(tier, columns):
+    # piped (no COLUMNS: rich assumes 80) or an 80-column terminal used to give "576…", "323…"
+    args = ("--model", "llava-1.5-7b", "--tier", tier)
+    rows = budget_json(*args)
+    result = invoke("budget", *args, env={"COLUMNS": columns})
+    assert result.exit_code == 0 and "…" not in result.stdout
+    if columns != "40":  # narrower than the table can get: lines run longer rather than cut a value
+        assert max(len(line.rstrip()) for line in result.stdout.splitlines()) <= int(columns or 80)
+    cells = table_cells(result.stdout)
+    assert len(cells) == len(rows) == len(METHODS)
+    for row in rows:
+        cell = cells[row["method"] + ("" if row["reachable"] else " *")]
+        assert cell["layers"] == (",".join(map(str, row["layers"])) or "-")
+        assert cell["keep"] == (",".join(map(str, row["keep"])) or "-")
+        assert cell["numbers"] == [
+            f"{row['avg_visual_tokens']:.1f}",
+            f"{row['tflops']:.3f}",
+            f"{row['kv_bytes'] / 1e6:.1f}",
+            f"{1 - row['flops_ratio']:.0%}",
+            f"{1 - row['kv_ratio']:.0%}",
+        ]
+
+
+def test_only_this_packages_warnings_become_warning_lines(capsys):
+    # transformers warns with a stacklevel, so its deprecation notice is attributed to our engine's file
+    engine_file = str(Path(vlm_reroute.__file__).parent / "engine" / "calls.py")
+    clamped = "target avg_T=64 is not reachable; using 72.88"
+    with our_warnings() as shown:
+        warnings.warn_explicit("`past_key_values` is deprecated, use `cache`", FutureWarning, engine_file, 1)
+        warnings.warn_explicit("old", DeprecationWarning, engine_file, 2, module="vlm_reroute.engine.calls")
+        warnings.warn("a library's own note", UserWarning, stacklevel=1)
+        for _ in range(2):
+            warnings.warn(clamped, UnreachableTargetWarning, stacklevel=1)
+    assert capsys.readouterr().err.splitlines() == [f"warning: {clamped}"]
+    assert shown == [clamped]
+
+
 def test_a_known_hub_id_resolves_to_its_shipped_shape():
     assert budget_json("--model", "llava-hf/llava-1.5-7b-hf") == budget_json("--model", "llava-1.5-7b")
     assert budget_json("--model", "qwen/qwen2.5-vl-7b-instruct") == budget_json("--model", "qwen2.5-vl-7b")
@@ -144,7 +207,7 @@ def test_output_is_checked_before_any_work_and_holds_the_json(tmp_path):
 
 
 def test_version_and_python_dash_m_without_torch():
-    assert invoke("--version").stdout.strip() == f"vlm-reroute {__version__}"
+    assert invoke("--version").stdout.splitlines()[0] == f"vlm-reroute {__version__}"
     code = (
         "import runpy, sys; sys.argv = ['vlm-reroute', 'budget', '--model', 'llava-1.5-7b', '--json']\n"
         "try:\n    runpy.run_module('vlm_reroute', run_name='__main__')\n"
@@ -154,5 +217,10 @@ def test_version_and_python_dash_m_without_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert [r["method"] for r in json.loads(done.stdout)] == METHODS
-    shown = subprocess.run([sys.executable, "-m", "vlm_reroute", "--version"], capture_output=True, text=True)
-    assert shown.returncode == 0 and shown.stdout.strip() == f"vlm-reroute {__version__}"
+    code = "import runpy, sys; sys.argv = ['vlm-reroute', '--version']\n"
+    code += "try:\n    runpy.run_module('vlm_reroute', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+    code += "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[0] == f"vlm-reroute {__version__}"
+    assert [line.split()[0] for line in shown.stdout.splitlines()[1:]] == ["transformers", "torch", "lmms-eval"]

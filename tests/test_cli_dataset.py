@@ -101,3 +101,34 @@ def test_missing_input_file_and_unwritable_output(checkpoints, prompts, tmp_path
     assert_one_line_error(invoke("run", "--model", llava, "--input", tmp_path / "none.jsonl"), "no such file")
     nowhere = invoke("run", "--model", llava, "--input", prompts, "--output", tmp_path / "no" / "a.jsonl")
     assert_one_line_error(nowhere, "does not exist")
+
+
+@pytest.mark.parametrize(
+    ("failing_batch", "fragments", "kept"),
+    [
+        (2, ["line 4:", "RuntimeError: out of memory", "the 2 answers before it are in"], [1, "pair"]),
+        (1, ["lines 1, 2:", "RuntimeError: out of memory", "no answers were written"], []),
+    ],
+)
+def test_a_failing_batch_keeps_the_answers_before_it_and_names_its_lines(
+    checkpoints, prompts, tmp_path, monkeypatch, failing_batch, fragments, kept
+):
+    batches = []
+    generate = vlm_reroute.pipelines.Pipeline.generate
+
+    def fails_once(self, inputs, *args, **kwargs):
+        batches.append(inputs["input_ids"].shape[0])
+        if len(batches) == failing_batch:
+            raise RuntimeError("out of memory")
+        return generate(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(vlm_reroute.pipelines.Pipeline, "generate", fails_once)
+    out = tmp_path / "answers.jsonl"
+    result = invoke(
+        "run", "--model", checkpoints["llava"], "--input", prompts, "--ratio", "0.3", "--max-new-tokens", "3",
+        "--threads", "1", "--batch-size", "2", "--output", out,
+    )  # fmt: skip
+    line = assert_one_line_error(result, *fragments)
+    assert str(out) in line or not kept
+    assert [json.loads(row)["id"] for row in out.read_text().splitlines()] == kept
+    assert batches == [2, 1][:failing_batch]  # it stopped at the failure

@@ -1,17 +1,24 @@
-"""``vlm-reroute explain`` end to end on saved tiny checkpoints (LLaVA, Qwen2.5-VL)."""
+"""``vlm-reroute explain`` end to end on saved tiny checkpoints (LLaVA, Qwen2.5-VL): pictures,
+counts and box shares; the budget options of ``run`` and ``bench``; checks before the model loads."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
+from cli_support import assert_one_line_error
 from PIL import Image
 from typer.testing import CliRunner
 
+import vlm_reroute.loading
 from vlm_reroute.adapters.llava import LlavaAdapter
+from vlm_reroute.budget import load_shape
+from vlm_reroute.budget.solver import UnreachableTargetWarning, solve_for_target
 from vlm_reroute.cli import app
 from vlm_reroute.engine.layout import GridView, ImageLayout
+from vlm_reroute.methods import method_from_spec
 from vlm_reroute.testing.checkpoints import save_tiny_checkpoint
 
 runner = CliRunner()
@@ -84,6 +91,69 @@ def test_qwen_batch_sample_and_text_output(files):
     assert result.exit_code == 0, text
     assert "wrote" in text and (root / "qwen-sample0.png").is_file() and (root / "qwen-sample1.png").is_file()
     assert "PDrop + Reroute: 100% →" in text
+
+
+def selected(report: dict, label: str) -> list[tuple[int, int]]:
+    """(layer, tokens that went on) per decision of the first image: kept + re-entered."""
+    decisions = report["samples"][0]["images"][0]["decisions"][label]
+    return [(d["layer"], d["kept"] + d["re-entered"]) for d in decisions]
+
+
+def solved(shape, **budget) -> list[tuple[int, int]]:
+    """(layer, tokens kept) per decision of PDrop + Reroute solved for ``budget`` on one 64-token image."""
+    schedule = method_from_spec("pdrop", reroute=True, **budget).resolve(shape, 64)
+    return list(zip(schedule.layers, schedule.keep, strict=True))
+
+
+def test_budget_options_and_defaults_are_those_of_run_and_bench(files):
+    root, picture, ckpt = files
+    args = ["--model", ckpt["llava"], "--image", picture, "--prompt", "?", "--dpi", 20, "--no-scores"]
+    args.append("--json")
+    shape = load_shape(ckpt["llava"])  # 8 layers, 64 visual tokens
+    solve_for_target.cache_clear()  # the solver warns once per process and target; this test counts it
+    result, text = explain(*args, "--out", root / "default.png")  # --ratio 0.111 is out of reach here
+    assert result.exit_code == 0, text
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("warning: ") and "ratio = 0.111" in line and "not reachable" in line
+    with warnings.catch_warnings():  # the nearest reachable schedule, as run and bench use
+        warnings.simplefilter("ignore", UnreachableTargetWarning)
+        nearest = solved(shape, ratio=0.111)
+    assert selected(json.loads(result.stdout), "PDrop + Reroute") == nearest
+    strict, text = explain(*args, "--strict", "--out", root / "strict.png")
+    assert_one_line_error(strict, "not reachable", "PDrop + Reroute")
+    by_tier, text = explain(*args, "--tier", 20, "--out", root / "tier.png")
+    by_ratio, _ = explain(*args, "--ratio", 20 / 64, "--out", root / "ratio.png")
+    assert by_tier.exit_code == by_ratio.exit_code == 0, text
+    tier = selected(json.loads(by_tier.stdout), "PDrop + Reroute")
+    assert tier == selected(json.loads(by_ratio.stdout), "PDrop + Reroute")
+    assert tier == solved(shape, tier=20)
+    # a FLOPs budget with --compare: solved once, so both modes run the same tokens per layer
+    flops, text = explain(*args, "--flops-fraction", 0.5, "--compare", "--out", root / "flops.png")
+    assert flops.exit_code == 0, text
+    report = json.loads(flops.stdout)
+    assert report["methods"] == ["PDrop + Reroute", "PDrop"]
+    assert selected(report, "PDrop + Reroute") == selected(report, "PDrop")
+    assert selected(report, "PDrop") == solved(shape, flops_fraction=0.5)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragments"),
+    [
+        (["--out", "{root}/missing/x.png"], ["--out", "does not exist"]),
+        (["--out", "{root}"], ["--out", "is a folder"]),
+        (["--tier", "20", "--ratio", "0.3"], ["--tier 20", "--ratio 0.3", "one budget"]),
+        (["--keep", "9"], ["--keep needs --layers"]),
+        (["--ratio", "2"], ["--ratio 2", "(0, 1]"]),
+    ],
+)
+def test_paths_and_budgets_are_checked_before_the_model_loads(files, monkeypatch, options, fragments):
+    root, picture, ckpt = files
+    monkeypatch.setattr(vlm_reroute.loading, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    options = [o.format(root=root) for o in options]
+    result = runner.invoke(
+        app, ["explain", "--model", str(ckpt["llava"]), "--image", str(picture), "--prompt", "?", *options]
+    )
+    assert_one_line_error(result, *fragments)
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from .. import __version__
+from ..versions import report_lines
 
 try:  # recent typer vendors click; older releases use click itself
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -72,6 +73,8 @@ def _version(value: bool) -> None:
         except PackageNotFoundError:
             installed = __version__
         typer.echo(f"vlm-reroute {installed}")
+        for line in report_lines():
+            typer.echo(line)
         raise typer.Exit()
 
 
@@ -105,18 +108,27 @@ def warn(message: str) -> None:
     typer.echo(f"warning: {_one_line(message)}", err=True)
 
 
+def is_ours(category: type[Warning]) -> bool:
+    """A warning class this package defines (e.g. ``UnreachableTargetWarning``)."""
+    module = category.__module__
+    return module == "vlm_reroute" or module.startswith("vlm_reroute.")
+
+
 @contextmanager
 def our_warnings(seen: list[str] | None = None) -> Iterator[list[str]]:
     """Show this package's warnings (an unreachable budget clamped, ...) as one line each, once;
-    silence other libraries' warnings. Yields the list of messages shown (for JSON reports)."""
+    silence other libraries' warnings. Yields the list of messages shown (for JSON reports).
+
+    "Ours" is decided by the warning's class (defined in ``vlm_reroute``), not by the file it is
+    attributed to: a library's deprecation warning raised with ``stacklevel`` points at our code
+    that called it, and is still not a message for the person at the command line."""
     shown = [] if seen is None else seen
     with warnings.catch_warnings():
         warnings.simplefilter("always")
 
-        def show(message: Warning | str, category: type[Warning], filename: str, *_: Any, **__: Any) -> None:
+        def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
             text = _one_line(str(message))
-            ours = f"{os.sep}vlm_reroute{os.sep}" in filename or category.__module__.startswith("vlm_reroute")
-            if ours and text not in shown:
+            if is_ours(category) and text not in shown:
                 shown.append(text)
                 warn(text)
 
@@ -146,6 +158,10 @@ FlopsFraction = Annotated[
 ]
 Strict = Annotated[
     bool, typer.Option(help="an unreachable budget is an error (default: use the nearest reachable one)")
+]
+Layers = Annotated[str | None, typer.Option(help="decision layers, e.g. 2,7,15,23")]
+Keep = Annotated[
+    str | None, typer.Option(help="tokens kept per image and stage, e.g. 46,46,23,12 or 0.5,0.25")
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="print JSON on stdout instead of tables")]
 Output = Annotated[Path | None, typer.Option(help="also write the JSON report to this file")]
@@ -185,6 +201,23 @@ def budget_spec(
     if name != "tier" and not 0 < value <= 1:
         fail(f"--{name} {value:g}: a fraction must be in (0, 1]")
     return {name.replace("-", "_"): value}
+
+
+def schedule_options(
+    layers: str | None,
+    keep: str | None,
+    tier: float | None,
+    ratio: float | None,
+    flops_fraction: float | None,
+    strict: bool,
+) -> tuple[list[int] | None, list[int | float] | None, dict[str, Any]]:
+    """``--layers``, ``--keep`` and the budget options of a command that routes (``run``,
+    ``explain``), parsed and checked the same way for each: ``(layers, keep, budget keyword)``."""
+    layer_list, keep_list = parse_layers(layers), parse_keep(keep)
+    if keep_list is not None and layer_list is None:
+        fail("--keep needs --layers (the decision layers its counts apply to)")
+    spec = budget_spec(tier, ratio, flops_fraction, strict, explicit_keep=keep_list is not None)
+    return layer_list, keep_list, spec
 
 
 def describe_budget(spec: dict[str, Any]) -> str:
@@ -284,31 +317,9 @@ def write_json(path: Path | None, data: Any) -> None:
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-# ---- kept for cli/explain.py, which imports these -------------------------------------------------
+# ---- the console explain and eval print with -----------------------------------------------
 
 console = Console(highlight=False)
-
-
-def _parse_ints(text: str | None, what: str) -> list[int | float] | None:
-    """``--layers`` as integers, ``--keep`` as counts or fractions (see :func:`parse_keep`)."""
-    return parse_keep(text) if what == "keep" else parse_layers(text)
-
-
-def build_method(model: Any, inputs: Any, method: str, reroute: bool, tier: float | None, layers, keep):
-    """The method ``explain`` runs: explicit ``layers``/``keep``, else a fixed schedule solved for
-    avg_T = ``tier`` on the first image's token count (``run`` and ``bench`` solve per image)."""
-    from ..adapters import adapter_for
-    from ..budget import ModelShape
-    from ..budget.solver import solve_schedule
-    from ..methods import method_from_spec
-
-    if (layers is None) != (keep is None):
-        fail("--layers and --keep go together (or give neither and use --tier)")
-    if layers is not None:
-        return method_from_spec(method, reroute=reroute, layers=layers, keep=keep, model=model)
-    image_ids = adapter_for(model).image_ids(inputs["input_ids"], inputs)
-    shape, visual = ModelShape.from_config(model.config), int((image_ids == 0).sum())
-    return solve_schedule(shape, visual, method, reroute, target_avg_t=tier).to_method()
 
 
 # ---- commands: one module each -----------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 
@@ -258,24 +259,16 @@ def _print_table(
     console = Console(highlight=False)
     scale, unit = flops_unit(rows[0].budget.flops_fastv)
     console.print(f"{label}: {describe_budget(spec)}, n = {n_text} text + {n_visual} visual tokens")
+    headers = ("method", "layers", "keep", "avg_T", unit, "KV MB", "FLOPs\nsaved", "KV\nsaved")
+    cells = _fitted_cells(headers, rows, scale, console.width)
     table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold underline")
-    for col in ("method", "layers", "keep"):
-        table.add_column(col, no_wrap=True)
-    for col in ("avg_T", unit, "KV MB", "FLOPs\nsaved", "KV\nsaved"):
-        table.add_column(col, justify="right", no_wrap=True)
-    for r in rows:
-        b = r.budget
-        table.add_row(
-            r.name + ("" if r.reachable else " *"),
-            ",".join(map(str, b.layers)) or "-",
-            ",".join(map(str, b.keep)) or "-",
-            f"{b.avg_visual_tokens:.1f}",
-            _number(b.flops_fastv / scale),
-            f"{b.kv_bytes / 1e6:.1f}",
-            f"{1 - b.flops_fastv_ratio:.0%}",
-            f"{1 - b.kv_bytes_ratio:.0%}",
-        )
-    console.print(table)
+    for i, header in enumerate(headers):  # no_wrap everywhere: rich would cut a value short to fit
+        table.add_column(header, justify="right" if i >= 3 else "left", no_wrap=True)
+    for row in cells:
+        table.add_row(*row)
+    width = _table_width(headers, cells)
+    # narrower than even the broken lists need: wider than the console (the terminal wraps), never cut
+    (console if width <= console.width else Console(highlight=False, width=width)).print(table)
     if note:
         console.print(f"visual tokens per image: {note}")
     for r in rows:
@@ -287,3 +280,58 @@ def _print_table(
         "count). KV in MB (10^6 bytes) after prefill.",
         style="dim",
     )
+
+
+def _items(values: tuple[int, ...], width: int | None) -> str:
+    """``2,7,15,23``, broken after a comma into lines of at most ``width`` characters when given,
+    never inside a number (a longer number gets a line of its own)."""
+    pieces = [f"{v}," for v in values[:-1]] + [str(v) for v in values[-1:]]
+    lines = [""]
+    for piece in pieces:
+        if width is not None and lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append("")
+        lines[-1] += piece
+    return "\n".join(lines) or "-"
+
+
+def _cells(rows: list[Row], scale: float, list_widths: tuple[int | None, int | None]) -> list[list[str]]:
+    return [
+        [
+            r.name + ("" if r.reachable else " *"),
+            _items(r.budget.layers, list_widths[0]),
+            _items(r.budget.keep, list_widths[1]),
+            f"{r.budget.avg_visual_tokens:.1f}",
+            _number(r.budget.flops_fastv / scale),
+            f"{r.budget.kv_bytes / 1e6:.1f}",
+            f"{1 - r.budget.flops_fastv_ratio:.0%}",
+            f"{1 - r.budget.kv_bytes_ratio:.0%}",
+        ]
+        for r in rows
+    ]
+
+
+def _column_widths(headers: tuple[str, ...], cells: list[list[str]]) -> list[int]:
+    columns = zip(headers, *cells, strict=True)
+    return [max(cell_len(line) for cell in column for line in cell.split("\n")) for column in columns]
+
+
+def _table_width(headers: tuple[str, ...], cells: list[list[str]]) -> int:
+    return sum(_column_widths(headers, cells)) + 2 * (len(headers) - 1)  # padding (0, 1), no edges
+
+
+def _fitted_cells(headers: tuple[str, ...], rows: list[Row], scale: float, width: int) -> list[list[str]]:
+    """The table's cells, the layer and keep lists broken after commas as far as needed to fit
+    ``width`` (numbers are never shortened: the issue with rich's own fitting, which cuts ``576.0``
+    to ``576…``); the lists give up room in proportion to their length, down to their header."""
+    cells = _cells(rows, scale, (None, None))
+    excess = _table_width(headers, cells) - width
+    if excess <= 0:
+        return cells
+    natural = _column_widths(headers, cells)[1:3]
+    floor = [
+        max(len(headers[1 + i]), *(len(f"{v},") for r in rows for v in getattr(r.budget, name)))
+        for i, name in enumerate(("layers", "keep"))
+    ]
+    room = max(sum(floor), sum(natural) - excess)
+    first = max(floor[0], min(natural[0], room * natural[0] // sum(natural)))
+    return _cells(rows, scale, (first, max(floor[1], room - first)))

@@ -13,7 +13,8 @@ Every line and every image path is checked before the model loads.
 Output, one JSON object per input line, in order: the input's keys, then ``answer``, ``method``,
 ``visual_tokens`` (per image), ``avg_visual_tokens`` (mean visual tokens per decoder layer),
 ``decisions`` (``layer``, ``kept``, ``reentered`` per decision) and, with ``--compare``,
-``vanilla_answer``. Lines go to ``--output`` (written as they come) or to stdout.
+``vanilla_answer``. Lines go to ``--output`` or to stdout, flushed after every batch: a failure
+keeps the answers before it, and its one error line names the input lines it hit.
 """
 
 from __future__ import annotations
@@ -97,42 +98,90 @@ def _parse(path: Path, number: int, text: str) -> Prompt:
 def run_dataset(
     pipe: Any, prompts: list[Prompt], batch_size: int, compare: bool, output: Path | None, model: str
 ) -> None:
-    """Answer ``prompts`` in batches; one JSON line each to ``output`` (or stdout) as they finish."""
-    from ..loading import LoadError, load_image
-
+    """Answer ``prompts`` in batches; one JSON line each to ``output`` (or stdout), flushed as each
+    batch finishes, so a failure keeps every answer before it and names the input lines it hit."""
     method = pipe.method.name if pipe.method is not None else "vanilla"
     sink: TextIO = open(output, "w", encoding="utf-8") if output is not None else sys.stdout  # noqa: SIM115
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    done, failure = 0, None
     try:
         with Progress(*columns, console=Console(stderr=True), transient=output is None) as bar:
             task = bar.add_task(method, total=len(prompts))
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
-                samples = []
-                for p in chunk:
-                    try:
-                        samples.append(([load_image(i) for i in p.images], p.prompt))
-                    except LoadError as exc:
-                        fail(f"line {p.line}: {exc}")
-                inputs = pipe.builder.batch(samples, pipe.model)
-                answers = pipe.generate(inputs)
-                vanilla = pipe.generate(inputs, method=None) if compare else None
-                for i, (p, answer) in enumerate(zip(chunk, answers, strict=True)):
-                    row = {
-                        **p.record,
-                        "answer": answer.text,
-                        "method": method,
-                        "visual_tokens": answer.visual_tokens,
-                        "avg_visual_tokens": answer.avg_visual_tokens,
-                        "decisions": answer.decisions,
-                    }
-                    if vanilla is not None:
-                        row["vanilla_answer"] = vanilla[i].text
-                    sink.write(json.dumps(row) + "\n")
-                    sink.flush()
+                try:
+                    rows = _answer(pipe, chunk, compare, method)
+                except Exception as exc:  # noqa: BLE001 - any failure: one line naming the lines, answers kept
+                    where = f"line {exc.line}" if isinstance(exc, _LineError) else _lines(chunk)
+                    failure = f"{where}: {_reason(exc)}; {_kept(done, output)}"
+                    bar.live.transient = True  # the error line alone, not a half-full bar above it
+                    break
+                sink.writelines(json.dumps(row) + "\n" for row in rows)
+                sink.flush()
+                done += len(chunk)
                 bar.advance(task, len(chunk))
     finally:
         if sink is not sys.stdout:
             sink.close()
+    if failure is not None:
+        fail(failure)
     if output is not None:
         Console(stderr=True, highlight=False).print(f"{len(prompts)} answers ({method}) written to {output}")
+
+
+class _LineError(Exception):
+    """An input line whose image cannot be read (the failure names that line, not the batch)."""
+
+    def __init__(self, line: int, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.line = line
+
+
+def _answer(pipe: Any, chunk: list[Prompt], compare: bool, method: str) -> list[dict[str, Any]]:
+    """The output rows of one batch: the input's keys, the answer, the routing and the cost."""
+    from ..loading import LoadError, load_image
+
+    samples = []
+    for p in chunk:
+        try:
+            samples.append(([load_image(i) for i in p.images], p.prompt))
+        except LoadError as exc:
+            raise _LineError(p.line, exc) from exc
+    inputs = pipe.builder.batch(samples, pipe.model)
+    answers = pipe.generate(inputs)
+    vanilla = pipe.generate(inputs, method=None) if compare else None
+    rows = []
+    for i, (p, answer) in enumerate(zip(chunk, answers, strict=True)):
+        row = {
+            **p.record,
+            "answer": answer.text,
+            "method": method,
+            "visual_tokens": answer.visual_tokens,
+            "avg_visual_tokens": answer.avg_visual_tokens,
+            "decisions": answer.decisions,
+        }
+        if vanilla is not None:
+            row["vanilla_answer"] = vanilla[i].text
+        rows.append(row)
+    return rows
+
+
+def _lines(chunk: list[Prompt]) -> str:
+    numbers = [p.line for p in chunk]
+    return f"line {numbers[0]}" if len(numbers) == 1 else f"lines {', '.join(map(str, numbers))}"
+
+
+def _reason(exc: Exception) -> str:
+    """The message; the exception's type too when it is not one of the errors we raise on purpose."""
+    from ..loading import LoadError
+
+    ours = LoadError | ValueError | TypeError | _LineError
+    return str(exc) if isinstance(exc, ours) else f"{type(exc).__name__}: {exc}"
+
+
+def _kept(done: int, output: Path | None) -> str:
+    """What the failure leaves: the answers written before it, and where."""
+    if done == 0:
+        return "no answers were written"
+    where = f"are in {output}" if output is not None else "were printed"
+    return f"the {done} answer{'s' * (done != 1)} before it {where}"

@@ -3,19 +3,40 @@
 Runs the prompt once (prefill only: the decisions are made there), then draws which visual tokens
 each decision kept, deferred, brought back or removed, over the original pictures, with the
 scores; ``--compare`` runs the same schedule in the other mode and draws prune above reroute;
-``--box`` reports the share of a target box each decoder layer saw. Registered on the app by one
-import at the end of ``cli/app.py``.
+``--box`` reports the share of a target box each decoder layer saw. The budget options and
+their defaults are ``run``'s and ``bench``'s. Registered on the app by one import at the end of
+``cli/app.py``.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from .app import _parse_ints, app, build_method, console, fail
+from .app import (
+    Attn,
+    Device,
+    Dtype,
+    FlopsFraction,
+    Keep,
+    Layers,
+    Method,
+    Model,
+    Ratio,
+    Reroute,
+    Strict,
+    Tier,
+    app,
+    check_output,
+    console,
+    fail,
+    our_warnings,
+    print_json,
+    schedule_options,
+)
 
 
 def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
@@ -157,14 +178,17 @@ def _print_box(report: dict, decision_layers: list[int]) -> None:
 
 @app.command()
 def explain(
-    model: Annotated[str, typer.Option(help="Hub id or local model folder")],
+    model: Model,
     image: Annotated[list[str], typer.Option(help="image path or URL; repeat for several images per prompt")],
     prompt: Annotated[list[str], typer.Option(help="the question; repeat for a batch (one sample each)")],
-    method: Annotated[str, typer.Option(help="a registered method: fastv, pdrop, random")] = "pdrop",
-    reroute: Annotated[bool, typer.Option("--reroute/--prune", help="recoverable routing or removal")] = True,
-    tier: Annotated[float, typer.Option(help="target avg_T (visual tokens per layer) to solve for")] = 64,
-    layers: Annotated[str | None, typer.Option(help="explicit decision layers, e.g. 2,7,15,23")] = None,
-    keep: Annotated[str | None, typer.Option(help="explicit tokens kept per stage, e.g. 46,46,23,12")] = None,
+    method: Method = "pdrop",
+    reroute: Reroute = True,
+    tier: Tier = None,
+    ratio: Ratio = None,
+    flops_fraction: FlopsFraction = None,
+    strict: Strict = False,
+    layers: Layers = None,
+    keep: Keep = None,
     out: Annotated[
         str, typer.Option(help="PNG to write (a batch writes <stem>-sample<i>.png)")
     ] = "routing.png",
@@ -178,66 +202,123 @@ def explain(
     scores: Annotated[bool, typer.Option("--scores/--no-scores", help="draw the score heat maps")] = True,
     dpi: Annotated[float, typer.Option(help="resolution of the pictures")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="print the counts and box shares as JSON")] = False,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    attn: Annotated[str, typer.Option(help="attention implementation: sdpa or eager")] = "sdpa",
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    attn: Attn = "sdpa",
 ) -> None:
     """Pictures of the routing: which visual tokens each decision kept, deferred, brought back or removed."""
-    from ..adapters import adapter_for
-    from ..loading import LoadError, PromptBuilder, load_image, load_model, quiet_transformers
-    from ..viz.figure import plot_trace
-
+    out_path = check_output(Path(out), "--out")  # first: the model runs before anything is written
     target = parse_box(box)
     if sample is not None and not 0 <= sample < len(prompt):
         fail(f"--sample {sample}: the batch has {len(prompt)} prompts (samples 0..{len(prompt) - 1})")
-    quiet_transformers()
-    try:
-        pictures = [load_image(source) for source in image]
-        loaded = load_model(model, dtype=dtype, device=device, attn=attn)
-        builder = PromptBuilder.from_pretrained(model, loaded)
-        processor = builder.processor if builder.processor is not None else builder.image_processor
-        inputs = build_inputs(builder, pictures, prompt, loaded)
-        chosen = build_method(
-            loaded, inputs, method, reroute, tier, _parse_ints(layers, "layers"), _parse_ints(keep, "keep")
-        )
-        methods = [chosen] + ([twin_method(chosen)] if compare else [])
-        labels = [m.name for m in methods]
-        if compare and type(methods[1]) is not type(chosen):
-            labels[1] = type(chosen).label(methods[1].reroute)
-        runs = [
-            (label, _prefill_trace(loaded, inputs, m), m.reroute)
-            for label, m in zip(labels, methods, strict=True)
-        ]
-        num_layers = len(adapter_for(loaded).layers)
-        options = dict(
-            labels=[r[0] for r in runs],
-            reroute=runs[0][2],
-            box=target,
-            box_image=box_image,
-            num_layers=num_layers,
-            scores=scores,
-            dpi=dpi,
-        )
-        trace, twin = runs[0][1], (runs[1][1] if compare else None)
-        files = plot_trace(
-            trace, pictures, Path(out), processor, sample=sample, gif=gif, compare=twin, **options
-        )
-        samples = range(len(prompt)) if sample is None else [sample]
-        reports = [_report(runs, pictures, processor, s, target, box_image, num_layers) for s in samples]
-    except (LoadError, ValueError, TypeError) as exc:
-        fail(str(exc))
+    layer_list, keep_list, spec = schedule_options(layers, keep, tier, ratio, flops_fraction, strict)
+    from ..loading import LoadError, quiet_transformers
+    from ..methods import method_from_spec
+
+    drawing = Drawing(target, box_image, sample, scores, dpi, gif)
+    with quiet_transformers(), our_warnings():
+        try:
+            loaded, builder, pictures = _load(model, image, dtype, device, attn)
+            inputs = build_inputs(builder, pictures, prompt, loaded)
+            schedule = {"layers": layer_list, "keep": keep_list, **spec}
+            chosen = method_from_spec(method, reroute=reroute, strict=strict, model=loaded, **schedule)
+            runs = [
+                (label, _prefill_trace(loaded, inputs, m), m.reroute)
+                for label, m in explain_methods(chosen, compare, loaded, inputs)
+            ]
+            result = _draw(runs, loaded, builder, pictures, out_path, drawing, len(prompt))
+        except (LoadError, ValueError, TypeError) as exc:
+            fail(str(exc))
     if as_json:
-        result = {
-            "model": model,
-            "methods": [r[0] for r in runs],
-            "decision_layers": [d.layer for d in trace.decisions],
-            "num_layers": num_layers,
-            "files": [str(f) for f in files],
-            "samples": [{**r, "prompt": prompt[r["sample"]]} for r in reports],
-        }
-        print(json.dumps(result, indent=2))
+        result["samples"] = [{**r, "prompt": prompt[r["sample"]]} for r in result["samples"]]
+        print_json({"model": model, **result})
         return
-    for f in files:
+    for f in result["files"]:
         console.print(f"wrote {f}")
-    for r in reports:
-        _print_box(r, [d.layer for d in trace.decisions])
+    for r in result["samples"]:
+        _print_box(r, result["decision_layers"])
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """The drawing options, passed whole so the steps of ``explain`` stay short."""
+
+    box: tuple[float, float, float, float] | None
+    box_image: int
+    sample: int | None
+    scores: bool
+    dpi: float
+    gif: bool
+
+
+def _load(model: str, image: list[str], dtype: str, device: str, attn: str) -> tuple[Any, Any, list]:
+    """The pictures (first: a bad path fails before the model loads), the model and its prompt builder."""
+    from ..loading import PromptBuilder, load_image, load_model
+
+    pictures = [load_image(source) for source in image]
+    loaded = load_model(model, dtype=dtype, device=device, attn=attn)
+    return loaded, PromptBuilder.from_pretrained(model, loaded), pictures
+
+
+def explain_methods(chosen: Any, compare: bool, model: Any, inputs: dict) -> list[tuple[str, Any]]:
+    """``chosen`` and, with ``compare``, its twin: the same schedule in the other mode.
+
+    A budget is solved per image at each call, as ``run`` does. The twin must keep the same tokens
+    per layer, so with ``compare`` the budget is first solved into one fixed schedule for the
+    prompt's images, which then need one visual token count.
+    """
+    if not compare:
+        return [(chosen.name, chosen)]
+    if chosen.schedule() is None:
+        from ..budget import ModelShape
+        from ..pipelines import visual_tokens_per_image
+
+        counts = sorted({n for row in visual_tokens_per_image(model, inputs) for n in row})
+        if len(counts) != 1:
+            raise ValueError(
+                f"--compare draws one schedule in both modes, and these images have {counts} visual "
+                "tokens: give --layers with --keep fractions of each image's tokens (e.g. 0.5,0.25)"
+            )
+        schedule = chosen.resolve(ModelShape.from_config(model.config), counts[0])
+        chosen = type(chosen).from_schedule(schedule)
+    twin = twin_method(chosen)
+    label = twin.name if type(twin) is type(chosen) else type(chosen).label(twin.reroute)
+    return [(chosen.name, chosen), (label, twin)]
+
+
+def _draw(
+    runs: list, model: Any, builder: Any, pictures: list, out: Path, drawing: Drawing, n_prompts: int
+) -> dict[str, Any]:
+    """Write the pictures of ``runs``; return the report ``--json`` prints (without the model)."""
+    from ..adapters import adapter_for
+    from ..viz.figure import plot_trace
+
+    processor = builder.processor if builder.processor is not None else builder.image_processor
+    num_layers = len(adapter_for(model).layers)
+    trace, twin = runs[0][1], (runs[1][1] if len(runs) > 1 else None)
+    files = plot_trace(
+        trace,
+        pictures,
+        out,
+        processor,
+        sample=drawing.sample,
+        gif=drawing.gif,
+        compare=twin,
+        labels=[r[0] for r in runs],
+        reroute=runs[0][2],
+        box=drawing.box,
+        box_image=drawing.box_image,
+        num_layers=num_layers,
+        scores=drawing.scores,
+        dpi=drawing.dpi,
+    )
+    samples = range(n_prompts) if drawing.sample is None else [drawing.sample]
+    return {
+        "methods": [r[0] for r in runs],
+        "decision_layers": [d.layer for d in trace.decisions],
+        "num_layers": num_layers,
+        "files": [str(f) for f in files],
+        "samples": [
+            _report(runs, pictures, processor, s, drawing.box, drawing.box_image, num_layers) for s in samples
+        ],
+    }

@@ -25,6 +25,8 @@ from .app import (
     Dtype,
     FlopsFraction,
     Images,
+    Keep,
+    Layers,
     Method,
     Model,
     Output,
@@ -34,14 +36,12 @@ from .app import (
     Threads,
     Tier,
     app,
-    budget_spec,
     check_output,
     describe_budget,
     fail,
     our_warnings,
-    parse_keep,
-    parse_layers,
     print_json,
+    schedule_options,
     threads_text,
     torch_threads,
     warn,
@@ -66,10 +66,8 @@ def run(
     ratio: Ratio = None,
     flops_fraction: FlopsFraction = None,
     strict: Strict = False,
-    layers: Annotated[str | None, typer.Option(help="decision layers, e.g. 2,7,15,23")] = None,
-    keep: Annotated[
-        str | None, typer.Option(help="tokens kept per image and stage, e.g. 46,46,23,12 or 0.5,0.25")
-    ] = None,
+    layers: Layers = None,
+    keep: Keep = None,
     compare: Annotated[bool, typer.Option(help="also run vanilla: answer, KV and timed prefills")] = False,
     repeats: Annotated[int, typer.Option(min=1, help="timed prefills per configuration with --compare")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="untimed warm-up rounds with --compare")] = 1,
@@ -87,10 +85,7 @@ def run(
         fail("--input reads images and prompts from a JSONL file; drop --image and --prompt")
     if input is None and (not image or prompt is None):
         fail("give --image (repeat it for several images) and --prompt, or --input prompts.jsonl")
-    layer_list, keep_list = parse_layers(layers), parse_keep(keep)
-    if keep_list is not None and layer_list is None:
-        fail("--keep needs --layers (the decision layers its counts apply to)")
-    spec = budget_spec(tier, ratio, flops_fraction, strict, explicit_keep=keep_list is not None)
+    layer_list, keep_list, spec = schedule_options(layers, keep, tier, ratio, flops_fraction, strict)
     _check_method(method)
     prompts = read_prompts(input) if input is not None else None
     pictures = None if prompts is not None else [_image(source) for source in image]
@@ -162,6 +157,7 @@ def _run_one(pipe: Any, pictures: list, prompt: str, compare: bool, repeats: int
 
     from ..budget.shapes import ModelShape
     from ..engine.cache import kv_bytes
+    from ..engine.compat import output_cache
 
     inputs = pipe.builder.batch([(pictures, prompt)], pipe.model)
     answer = pipe.generate(inputs)[0]
@@ -181,7 +177,7 @@ def _run_one(pipe: Any, pictures: list, prompt: str, compare: bool, repeats: int
             start = time.perf_counter()
             out = pipe.model(**inputs, use_cache=True)
             seconds = time.perf_counter() - start
-        report["kv_bytes"] = kv_bytes(out.past_key_values)
+        report["kv_bytes"] = kv_bytes(output_cache(out))
         report["prefill"] = {"median_s": seconds, "q1_s": seconds, "q3_s": seconds, "runs_s": [seconds]}
         return report
     from ..bench.profiler import profile
