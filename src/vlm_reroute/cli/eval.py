@@ -1,17 +1,18 @@
 """``vlm-reroute eval``: a grid of methods × reroute on/off × tiers × tasks through lmms-eval, with a table.
 
 Needs the ``eval`` extra (``pip install "vlm-reroute[eval]"``). Resumable: run the same command again
-and finished cells are skipped.
+and finished cells are skipped. An unknown task, or a cell lmms-eval returns no results for (lmms-eval
+itself would log the error and carry on), is one ``error:`` line and exit status 1.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from .app import app, console, fail
+from .app import app, console, fail, warn
 
 REROUTE_MODES = {"both": (False, True), "on": (True,), "off": (False,)}
 
@@ -43,6 +44,17 @@ def _datasets(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _build_model(model_args: dict[str, Any]) -> Any:
+    """The lmms-eval model, loaded once for the whole grid; a clamped budget is one ``warning:`` line."""
+    from ..eval.model import VlmReroute
+    from ..loading import quiet_transformers
+
+    quiet_transformers()
+    model = VlmReroute(**{k: v for k, v in model_args.items() if v is not None})
+    model.on_warning = warn  # lmms-eval's log would show it in its own format, among its INFO lines
+    return model
+
+
 def eval_command(
     model: Annotated[str, typer.Option(help="Hub id or local folder of a supported checkpoint")],
     tasks: Annotated[str, typer.Option(help="lmms-eval task names, comma-separated")],
@@ -71,6 +83,7 @@ def eval_command(
         import lmms_eval  # noqa: F401
     except ImportError:
         fail("lmms-eval is not installed: pip install 'vlm-reroute[eval]'")
+    from ..eval.failures import EvalFailed
     from ..eval.grid import plan, run_grid
     from ..eval.report import markdown, write_reports
     from ..eval.tasks import TASK_DIR, write_task_dir
@@ -101,13 +114,6 @@ def eval_command(
     }
     settings = {**{k: v for k, v in model_args.items() if k != "device"}, "data": locations}
 
-    def factory():
-        from ..eval.model import VlmReroute
-        from ..loading import quiet_transformers
-
-        quiet_transformers()
-        return VlmReroute(**{k: v for k, v in model_args.items() if v is not None})
-
     def progress(cell, i, total):
         console.print(f"[bold]cell {i + 1}/{total}[/] {cell.task}: {cell.spec().label}", highlight=False)
 
@@ -115,13 +121,13 @@ def eval_command(
         rows = run_grid(
             cells,
             out,
-            factory,
+            lambda: _build_model(model_args),
             settings,
             limit=limit,
             include_path=[*(include_path or []), task_dir],  # lmms-eval: the first folder wins a name
             progress=progress,
         )
-    except ValueError as exc:
+    except (ValueError, EvalFailed) as exc:  # EvalFailed: lmms-eval left no results (it raised)
         fail(str(exc))
     paths = write_reports(rows, out, title=f"{model}{f' (limit {limit})' if limit else ''}")
     console.print(markdown(rows), highlight=False)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .failures import EvalFailed, describe_exception, unknown_tasks
 from .spec import VANILLA, MethodSpec
 
 FIELDS = (
@@ -136,6 +138,9 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """Run every cell not yet in ``out/results.json``; return all rows (finished before and now).
 
+    An unknown task name is a ``ValueError`` before the model loads; a cell lmms-eval returns no
+    results for is an :class:`~vlm_reroute.eval.failures.EvalFailed` (finished cells stay saved).
+
     ``model_factory()`` builds the lmms-eval model (a :class:`~vlm_reroute.eval.model.VlmReroute`),
     called once and only if a cell is left to run. ``settings`` (JSON-able: checkpoint, limit, model
     arguments) identify the run; a folder holding another run's results is refused.
@@ -150,21 +155,14 @@ def run_grid(
     if not pending:
         return rows
 
-    from lmms_eval.evaluator import simple_evaluate
-    from lmms_eval.tasks import TaskManager
-
+    manager = task_manager({c.task for c in pending}, include_path)  # before the model: fail fast
     model = model_factory()
     model.reusable = True
-    manager = TaskManager(include_path=[str(p) for p in include_path] or None, include_defaults=False)
-    if not {c.task for c in pending} <= set(manager.all_tasks):  # lmms-eval's own tasks are needed
-        manager = TaskManager(include_path=[str(p) for p in include_path] or None, include_defaults=True)
     for i, cell in enumerate(pending):
         if progress is not None:
             progress(cell, i, len(pending))
         model.set_method(cell.spec())
-        output = simple_evaluate(
-            model=model, tasks=[cell.task], limit=limit, log_samples=True, task_manager=manager
-        )
+        output = evaluate_cell(model, cell, limit, manager)
         if output is None:  # a non-zero rank under data parallelism: rank 0 writes
             continue
         row = cell_row(cell, output)
@@ -180,6 +178,51 @@ def run_grid(
         rows.append(row)
         _write_json(results_path, rows)
     return rows
+
+
+def task_manager(tasks: set[str], include_path: Sequence[str | Path]) -> Any:
+    """lmms-eval's task index holding ``tasks``; ``ValueError`` (one line) names the unknown ones.
+
+    Our folders alone are indexed first (lmms-eval's ~2000 tasks take seconds), all tasks if needed.
+    """
+    from lmms_eval.tasks import TaskManager
+
+    paths = [str(p) for p in include_path] or None
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if not tasks <= set(manager.all_tasks):  # lmms-eval's own tasks are needed
+        manager = TaskManager(include_path=paths, include_defaults=True)
+    missing = sorted(tasks - set(manager.all_tasks))
+    if missing:
+        raise ValueError(unknown_tasks(missing, manager.all_tasks))
+    return manager
+
+
+def evaluate_cell(model: Any, cell: Cell, limit: int | float | None, manager: Any) -> dict[str, Any] | None:
+    """lmms-eval's output for one cell (``None`` on a non-zero rank); :class:`EvalFailed` if it has none.
+
+    lmms-eval's failures (an import that breaks, a dataset that cannot load, a model error) become one
+    line naming the cell, the error and where it was raised; the exception stays chained as the cause.
+    """
+    from lmms_eval.evaluator import simple_evaluate
+
+    where = f"{cell.task}, {cell.spec().label}"
+    try:
+        output = simple_evaluate(
+            model=model, tasks=[cell.task], limit=limit, log_samples=True, task_manager=manager
+        )
+    except Exception as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        at = f" (at {'/'.join(Path(frames[-1].filename).parts[-2:])}:{frames[-1].lineno})" if frames else ""
+        raise EvalFailed(f"{where}: lmms-eval failed: {describe_exception(exc)}{at}") from exc
+    if output is None and getattr(model, "rank", 0) != 0:
+        return None
+    if (
+        not output
+        or cell.task not in output.get("results", {})
+        or not output.get("samples", {}).get(cell.task)
+    ):
+        raise EvalFailed(f"{where}: lmms-eval returned no results for {cell.task}")
+    return output
 
 
 def _cost(sample: dict[str, Any]) -> dict[str, Any] | None:

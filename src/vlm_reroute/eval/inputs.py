@@ -10,6 +10,7 @@ template, one ``<|image_pad|>`` per merged patch for each image in order, ``mm_t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,20 @@ import torch
 from PIL import Image
 
 Conversation = list[dict[str, Any]]
+
+
+_IMAGE_PLACEHOLDER = re.compile(r"<image>\s*")
+
+
+def simple_conversation(context: str, visuals: list[Any]) -> Conversation:
+    """A one-turn conversation from a simple-interface request: the images first, then the text
+    (lmms-eval's ``<image>`` placeholders removed: the chat template places the images)."""
+    images = [v for v in visuals if isinstance(v, Image.Image)]
+    if len(images) != len(visuals):
+        raise ValueError("vlm_reroute answers image (and text-only) requests; got a non-image visual")
+    content: list[dict[str, Any]] = [{"type": "image", "image": img} for img in images]
+    content.append({"type": "text", "text": _IMAGE_PLACEHOLDER.sub("", context)})
+    return [{"role": "user", "content": content}]
 
 
 def conversation_images(conversation: Conversation) -> list[Image.Image]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,13 +35,12 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.protocol import ChatMessages
 from tqdm import tqdm
 
-from ..adapters import SUPPORTED_MODELS
+from .checkpoint import load_vlm
 from .cost import PrefillTimer, model_shape, peak_memory, sample_costs, summarise
-from .inputs import Conversation, InputBuilder
+from .generation import Force, count_generated, log_warning, reported_clamps, truncate
+from .inputs import Conversation, InputBuilder, simple_conversation
 from .spec import MethodSpec
 
-_DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_ATTN = (None, "sdpa", "eager", "flash_attention_2")
 _LMMS_EXTRA = ("max_batch_size",)  # passed by lmms-eval's CLI, unused here
 _DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -68,33 +66,6 @@ class _Request:
     task: str
     split: str
     doc_id: int
-
-
-def load_vlm(pretrained: str, dtype: str, attn_implementation: str | None, device_map: str | None) -> Any:
-    """A supported checkpoint by its config's architecture; ``ValueError`` names what is allowed."""
-    import transformers
-
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r}: allowed are {', '.join(_DTYPES)}")
-    if attn_implementation not in _ATTN:
-        raise ValueError(
-            f"attn_implementation={attn_implementation!r}: allowed are sdpa, eager, flash_attention_2"
-        )
-    config = transformers.AutoConfig.from_pretrained(pretrained)
-    architectures = getattr(config, "architectures", None) or []
-    supported = [a for a in architectures if a in SUPPORTED_MODELS]
-    if not supported:
-        raise ValueError(
-            f"pretrained={pretrained!r} is a {', '.join(architectures) or config.model_type} checkpoint; "
-            f"supported classes are {', '.join(SUPPORTED_MODELS)}"
-        )
-    cls = getattr(transformers, supported[0])
-    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    if device_map:
-        kwargs["device_map"] = device_map
-    return cls.from_pretrained(pretrained, **kwargs).eval()
 
 
 class VlmRerouteSimple(lmms):
@@ -150,6 +121,9 @@ class VlmRerouteSimple(lmms):
         self.cost_log = self._rank_path(cost_log)
         self._timer = PrefillTimer(self._model)
         self.reusable = False  # True: survive lmms-eval's clean() to run several evaluations
+        #: where a clamped budget's one-line warning goes (lmms-eval's log; the CLI prints ``warning:``)
+        self.on_warning: Callable[[str], None] = log_warning
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ lmms-eval plumbing
     def _setup_device(self, device: str | None, device_map: str | None) -> None:
@@ -210,11 +184,12 @@ class VlmRerouteSimple(lmms):
     # ------------------------------------------------------------------ methods
     @contextmanager
     def _applied(self) -> Iterator[Any]:
-        """The method applied to the model (its trace), or nothing for vanilla (``None``)."""
+        """The method applied to the model (its trace), or nothing for vanilla (``None``); a budget the
+        method cannot reach is reported once through :attr:`on_warning` (lmms-eval silences warnings)."""
         if self._method is None:
             yield None
         else:
-            with self._method(self._model) as trace:
+            with reported_clamps(self.on_warning, self._warned), self._method(self._model) as trace:
                 yield trace
 
     # ------------------------------------------------------------------ generation
@@ -299,8 +274,8 @@ class VlmRerouteSimple(lmms):
         )
         results = []
         for request, text, ids, cost in zip(batch, texts, new_tokens, costs, strict=True):
-            text = _truncate(text, until)
-            n_out = _count_generated(ids, gen.get("pad_token_id"), gen.get("eos_token_id"))
+            text = truncate(text, until)
+            n_out = count_generated(ids, gen.get("pad_token_id"), gen.get("eos_token_id"))
             record = {
                 "task": request.task,
                 "split": request.split,
@@ -333,7 +308,7 @@ class VlmRerouteSimple(lmms):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else []
             batch.append(
-                _Request(index, _simple_conversation(context, visuals or []), gen_kwargs, task, split, doc_id)
+                _Request(index, simple_conversation(context, visuals or []), gen_kwargs, task, split, doc_id)
             )
         return self._run(batch)
 
@@ -356,7 +331,7 @@ class VlmRerouteSimple(lmms):
             doc = self._doc(task, split, doc_id)
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
             visuals = doc_to_visual(doc) if doc_to_visual is not None else []
-            conversation = _simple_conversation(context, visuals or [])
+            conversation = simple_conversation(context, visuals or [])
             out.append(self._score(conversation, str(continuation)))
         return out
 
@@ -372,7 +347,7 @@ class VlmRerouteSimple(lmms):
             min_new_tokens=int(target.numel()),
             do_sample=False,
             num_beams=1,
-            logits_processor=[_Force(target.tolist())],
+            logits_processor=[Force(target.tolist())],
             output_logits=True,
             return_dict_in_generate=True,
         )
@@ -398,54 +373,6 @@ class VlmReroute(VlmRerouteSimple):
             messages = ChatMessages(messages=doc_to_messages(self._doc(task, split, doc_id)))
             batch.append(_Request(index, messages.to_hf_messages(), gen_kwargs, task, split, doc_id))
         return self._run(batch)
-
-
-class _Force:
-    """Logits processor that forces the given tokens, one per step (teacher forcing inside generate)."""
-
-    def __init__(self, tokens: list[int]) -> None:
-        self.tokens = tokens
-        self.step = 0
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.tokens[min(self.step, len(self.tokens) - 1)]] = 0.0
-        self.step += 1
-        return forced
-
-
-_IMAGE_PLACEHOLDER = re.compile(r"<image>\s*")
-
-
-def _simple_conversation(context: str, visuals: list[Any]) -> Conversation:
-    """A one-turn conversation from a simple-interface request: the images first, then the text."""
-    from PIL import Image
-
-    images = [v for v in visuals if isinstance(v, Image.Image)]
-    if len(images) != len(visuals):
-        raise ValueError("vlm_reroute answers image (and text-only) requests; got a non-image visual")
-    content: list[dict[str, Any]] = [{"type": "image", "image": img} for img in images]
-    content.append({"type": "text", "text": _IMAGE_PLACEHOLDER.sub("", context)})
-    return [{"role": "user", "content": content}]
-
-
-def _truncate(text: str, until: list[str]) -> str:
-    for stop in until:
-        if stop and stop in text:
-            text = text.split(stop, 1)[0]
-    return text
-
-
-def _count_generated(ids: torch.Tensor, pad: int | None, eos: int | Callable | None) -> int:
-    """Generated tokens up to and including the first end-of-sequence (padding after it excluded)."""
-    values = ids.tolist()
-    stops = {eos} if isinstance(eos, int) else set()
-    for i, v in enumerate(values):
-        if v in stops:
-            return i + 1
-    while values and pad is not None and values[-1] == pad:
-        values.pop()
-    return len(values)
 
 
 __all__ = ["CostTokenCounts", "VlmReroute", "VlmRerouteSimple", "load_vlm"]
