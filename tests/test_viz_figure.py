@@ -15,7 +15,7 @@ import vlm_reroute as vr
 from vlm_reroute.cli.explain import build_inputs
 from vlm_reroute.loading import PromptBuilder, load_model
 from vlm_reroute.testing.checkpoints import save_tiny_checkpoint
-from vlm_reroute.viz import STATE_ALPHA, STATE_COLOURS, find_axes, placement_for
+from vlm_reroute.viz import STATE_ALPHA, STATE_COLOURS, find_axes, placement_for, plot_trace, trace_figure
 
 GREY = np.array([128, 128, 128], dtype=float)
 DPI = 40
@@ -99,7 +99,7 @@ def test_cell_colours_titles_and_png(setup, tmp_path):
     inputs = builder(picture, "What is here?", model)
     method = vr.method_from_spec("pdrop", reroute=True, layers=[2, 4, 6], keep=[0.4, 0.4, 0.2])
     reroute, prune = run(model, inputs, method), run(model, inputs, method.replace(reroute=False))
-    fig = reroute.figure(picture, processor, compare=prune, dpi=DPI)
+    fig = trace_figure(reroute, picture, processor, compare=prune, dpi=DPI)
     buffer = canvas_of(fig)
     runs = [(prune, False), (reroute, True)]  # prune is drawn above reroute
     layouts = reroute.layouts[0]
@@ -122,7 +122,7 @@ def test_cell_colours_titles_and_png(setup, tmp_path):
     gone = sorted(set(range(len(scores))) - set(previous.tolist()))[0]
     assert np.abs(pixels[gone] - 0.25 * GREY).max() <= 4
     # the saved PNG has the same pixels
-    (png,) = reroute.plot(picture, tmp_path / "r.png", processor, compare=prune, dpi=DPI)
+    (png,) = plot_trace(reroute, picture, tmp_path / "r.png", processor, compare=prune, dpi=DPI)
     saved = np.asarray(Image.open(png).convert("RGBA"))
     assert saved.shape == buffer.shape
     check_state_colours(fig, saved, runs, [picture.size], layouts, processor)
@@ -135,16 +135,16 @@ def test_batch_several_images_and_gif(setup, tmp_path):
     method = vr.method_from_spec("pdrop", reroute=True, layers=[3, 5], keep=[0.5, 0.25])
     trace = run(model, inputs, method)
     assert [len(s) for s in trace.layouts] == [2, 2]
-    files = trace.plot(pictures, tmp_path / "b.png", processor, dpi=DPI, scores=False, gif=True)
+    files = plot_trace(trace, pictures, tmp_path / "b.png", processor, dpi=DPI, scores=False, gif=True)
     assert [f.name for f in files] == ["b-sample0.png", "b-sample0.gif", "b-sample1.png", "b-sample1.gif"]
     gif = Image.open(files[1])
     assert gif.n_frames == len(trace.decisions)
-    fig = trace.figure(pictures, processor, sample=1, dpi=DPI, scores=False)
+    fig = trace_figure(trace, pictures, processor, sample=1, dpi=DPI, scores=False)
     buffer = canvas_of(fig)
     sizes = [p.size for p in pictures]
     seen = check_state_colours(fig, buffer, [(trace, True)], sizes, trace.layouts[1], processor, sample=1)
     assert seen >= {0, 2}
-    (only,) = trace.plot(pictures, tmp_path / "one.png", processor, sample=1, dpi=DPI, scores=False)
+    (only,) = plot_trace(trace, pictures, tmp_path / "one.png", processor, sample=1, dpi=DPI, scores=False)
     assert only.name == "one.png" and Image.open(only).size == (buffer.shape[1], buffer.shape[0])
     with pytest.raises(ValueError, match="1 pictures for sample 0, which holds 2 images"):
-        trace.figure(pictures[:1], processor)
+        trace_figure(trace, pictures[:1], processor)

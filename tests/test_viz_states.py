@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil, Qwen2VLImageProcessorPil
 
-from vlm_reroute.engine.layout import GridView, ImageLayout
+from vlm_reroute.adapters.layout import GridView, ImageLayout
 from vlm_reroute.engine.trace import Decision, Trace
 from vlm_reroute.viz.coverage import box_coverage
 from vlm_reroute.viz.geometry import Placement, check_box, placement_for

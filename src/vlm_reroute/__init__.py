@@ -23,7 +23,7 @@ _EXPORTS = {
     "Schedule": "budget.schedule",
     "LastTokenAttention": "scoring.attention",
     "RandomScores": "scoring.random",
-    "ImageLayout": "engine.layout",
+    "ImageLayout": "adapters.layout",
     "Decision": "engine.trace",
     "Trace": "engine.trace",
     "kv_bytes": "engine.cache",
@@ -60,11 +60,11 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .adapters import SUPPORTED_MODELS
+    from .adapters.layout import ImageLayout
     from .budget import presets, solver
     from .budget.schedule import Schedule
     from .budget.target import BudgetTarget
     from .engine.cache import kv_bytes, kv_lengths
-    from .engine.layout import ImageLayout
     from .engine.trace import Decision, Trace
     from .methods import FastV, Nuwa, PDrop, Random, TokenReduction, method_from_spec, method_names
     from .pipelines import Pipeline, pipeline

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.layout import ImageLayout, single_view_layouts
+from .layout import ImageLayout, single_view_layouts
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.layout import GridView, ImageLayout
 from .base import ModelAdapter
 from .internvl import runs_of
+from .layout import GridView, ImageLayout
 from .views import ImageShape, layouts_with_views
 
 

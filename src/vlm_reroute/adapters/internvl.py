@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..engine.layout import GridView, ImageLayout
 from .base import ModelAdapter
+from .layout import GridView, ImageLayout
 from .views import ImageShape, layouts_with_views
 
 

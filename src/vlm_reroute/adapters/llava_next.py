@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from transformers.image_processing_utils import select_best_resolution
 
-from ..engine.layout import GridView, ImageLayout
 from .base import ModelAdapter
+from .layout import GridView, ImageLayout
 from .views import ImageShape, ids_from_lengths, layouts_with_views
 
 

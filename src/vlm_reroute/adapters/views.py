@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from ..engine.layout import GridView, ImageLayout, single_view_layouts
+from .layout import GridView, ImageLayout, single_view_layouts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,7 @@ from transformers.masking_utils import create_recurrent_attention_mask
 
 from ..adapters.base import ModelAdapter
 from ..scoring.base import Scorer, ScoringContext
+from ..scoring.selection import compact_index, top_k_per_image
 from .cache import Routing, claim
 from .calls import Call, CallState, classify
 from .compat import cache_argument, check_internals
@@ -46,7 +47,6 @@ from .decode import decode_mask
 from .generation import GenerateGuard
 from .masks import stage_mask
 from .prefill import Prefill
-from .selection import compact_index, top_k_per_image
 from .trace import Decision, Trace
 from .vision import Reports, VisionStage, forget_logical_length, report_logical_length, stage_zero
 

@@ -19,7 +19,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from ..adapters.base import ModelAdapter
-from .layout import ImageLayout
+from ..adapters.layout import ImageLayout
 from .trace import Decision
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .layout import ImageLayout
+from ..adapters.layout import ImageLayout
 
 
 @dataclass
@@ -53,16 +53,3 @@ class Trace:
         for d in self.decisions:
             counts[d.layer :] = [d.kept[sample]] * (num_layers - d.layer)
         return counts
-
-    def plot(self, image, path, processor=None, **options) -> list:
-        """Save pictures of the decisions over ``image`` (the original picture, or a list) to ``path``;
-        ``processor`` is the checkpoint's. Options: see :func:`vlm_reroute.viz.plot_trace`."""
-        from ..viz.figure import plot_trace
-
-        return plot_trace(self, image, path, processor, **options)
-
-    def figure(self, image, processor=None, **options):
-        """The matplotlib figure of :meth:`plot`, for notebooks (see :func:`vlm_reroute.viz.trace_figure`)."""
-        from ..viz.figure import trace_figure
-
-        return trace_figure(self, image, processor, **options)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from .layout import ImageLayout
+from ..adapters.layout import ImageLayout
 
 __all__ = [
     "EncodedImage",

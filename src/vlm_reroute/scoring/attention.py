@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.selection import compact_index
 from .base import ScoringContext
+from .selection import compact_index
 
 HEAD_REDUCTIONS = ("mean", "max")
 

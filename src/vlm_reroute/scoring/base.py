@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..adapters.base import ModelAdapter
-    from ..engine.layout import ImageLayout
+    from ..adapters.layout import ImageLayout
 
 
 @dataclass(frozen=True)

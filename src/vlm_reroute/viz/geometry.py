@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.layout import GridView, ImageLayout
+from ..adapters.layout import GridView, ImageLayout
 
 Box = tuple[float, float, float, float]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.layout import ImageLayout
+from ..adapters.layout import ImageLayout
 from ..engine.trace import Trace
 from .geometry import check_single_grid
 
