@@ -320,13 +320,15 @@ def test_from_config_path(tmp_path):
 
 
 def test_imports_neither_torch_nor_transformers():
-    # Load the three modules under a stub package so that vlm_reroute/__init__.py (owned elsewhere)
-    # does not count; they must not pull torch / transformers in themselves.
+    # Load the modules under a stub package so that vlm_reroute/__init__.py does not count; neither
+    # the budget arithmetic nor the methods that register their schedule rules with it may pull
+    # torch / transformers in themselves.
     code = (
         "import sys, types\n"
         f"pkg = types.ModuleType('vlm_reroute'); pkg.__path__ = [{str(SRC / 'vlm_reroute')!r}]\n"
         "sys.modules['vlm_reroute'] = pkg\n"
         "import vlm_reroute.budget, vlm_reroute.budget.solver, vlm_reroute.budget.presets\n"
+        "import vlm_reroute.methods\n"
         "vlm_reroute.budget.presets.preset('llava-1.5-7b', 64, 'pdrop', True)\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy')]\n"
         "assert not bad, bad\n"

@@ -11,6 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# Every method's schedule rule is registered with the torch-free budget arithmetic when the package
+# is imported (methods import no torch), so ``budget`` resolves method names without importing them.
+from . import methods as _methods  # noqa: E402, F401
+
 _EXPORTS = {
     "FastV": "methods",
     "Nuwa": "methods",

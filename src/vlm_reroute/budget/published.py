@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..methods.registry import method_class
 from .flops import visual_tokens_per_layer
+from .rules import rule_for
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class PublishedSchedule:
 
     @property
     def name(self) -> str:
-        return method_class(self.method)[0].label(self.reroute)
+        return rule_for(self.method)[0].label(self.reroute)
 
     @property
     def keep(self) -> tuple[int, ...]:
@@ -84,7 +84,7 @@ def published_methods() -> tuple[str, ...]:
 
 def published_schedule(model: str, tier: int, method: str, reroute: bool = False) -> PublishedSchedule:
     """Look up a published schedule (``model``: ``"llava-1.5"`` or ``"qwen2.5-vl-7b"``)."""
-    cls, reroute = method_class(method, reroute)
+    cls, reroute = rule_for(method, reroute)
     method = cls.key
     for entry in PUBLISHED:
         if (entry.model, entry.tier, entry.method, entry.reroute) == (model, tier, method, reroute):

@@ -1,7 +1,8 @@
 """Schedule solver: integer keep counts that hit an avg_T (or FLOPs) target, and the published schedules.
 
 Pure Python. Each method class owns its rule (``keep_rule``: keep counts from the first stage's
-count ``a``) and its default decision layers; the solver reads them from the method registry:
+count ``a``) and its default decision layers; the solver reads them as a
+:class:`~.rules.ScheduleRule` (registered by the method, ``rules.py``):
 
 * FastV prune: one decision, keep ``[a]``; FastV + Reroute: ``S`` re-decisions, keep ``[a] * S``.
 * PDrop prune: constant retention ``ρ = a / n`` per decision, keep ``[a, aρ, aρ², ...]``;
@@ -24,17 +25,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
-from typing import TYPE_CHECKING
+from typing import Any
 
-from ..methods.base import round_half_up
-from ..methods.registry import method_class, method_names
 from .flops import Budget, ModelShape, compute_budget, layer_flops, visual_tokens_per_layer
 from .published import PUBLISHED, PublishedSchedule, published_avg_t, published_schedule
+from .rules import round_half_up, rule_for, rule_names
 from .schedule import Schedule
 from .target import BudgetTarget
-
-if TYPE_CHECKING:
-    from ..methods.base import TokenReduction
 
 __all__ = [
     "PUBLISHED",
@@ -57,13 +54,13 @@ TOLERANCE = 0.5
 
 def parse_method(method: str | type, reroute: bool = False) -> tuple[str, bool]:
     """``"fastv"``, ``"PDrop"``, ``"FastV + Reroute"``, ``"pdrop_reroute"``... → ``(key, reroute)``."""
-    cls, reroute = method_class(method, reroute)
+    cls, reroute = rule_for(method, reroute)
     return cls.key, reroute
 
 
 def tabulated_methods() -> tuple[str, ...]:
     """Registry keys of the methods with a schedule rule of their own (budget tables list these)."""
-    return tuple(k for k in method_names() if method_class(k)[0].tabulated)
+    return tuple(k for k in rule_names() if rule_for(k)[0].tabulated)
 
 
 def default_layers(method: str | type, num_layers: int, reroute: bool = False) -> tuple[int, ...]:
@@ -72,7 +69,7 @@ def default_layers(method: str | type, num_layers: int, reroute: bool = False) -
     32 layers: FastV [3], FastV + Reroute [3, 7, 15, 23], PDrop (and + Reroute) [2, 7, 15, 23];
     28 layers give [3, 6, 13, 20] and [2, 6, 13, 20], as the paper used.
     """
-    cls, reroute = method_class(method, reroute)
+    cls, reroute = rule_for(method, reroute)
     return cls.default_layers(num_layers, reroute)
 
 
@@ -95,7 +92,7 @@ class SolvedSchedule:
 
     @property
     def name(self) -> str:
-        return method_class(self.method)[0].label(self.reroute)
+        return rule_for(self.method)[0].label(self.reroute)
 
     @property
     def keep_fractions(self) -> tuple[float, ...]:
@@ -105,9 +102,9 @@ class SolvedSchedule:
     def schedule(self) -> Schedule:
         return Schedule.from_budget_form(self.layers, self.keep, self.reroute, owner=self.name)
 
-    def to_method(self, **settings) -> TokenReduction:
+    def to_method(self, **settings: Any) -> Any:
         """The method that runs this schedule (its registered class, e.g. ``FastV`` or ``PDrop``)."""
-        return method_class(self.method)[0].from_schedule(self.schedule, **settings)
+        return rule_for(self.method)[0].from_schedule(self.schedule, **settings)
 
     @property
     def entry(self) -> int | None:
@@ -220,7 +217,7 @@ class _Problem:
         layers: Sequence[int] | None,
         n_text: int,
     ) -> None:
-        self.cls, self.reroute = method_class(method, reroute)
+        self.cls, self.reroute = rule_for(method, reroute)
         self.shape = shape_or_num_layers if isinstance(shape_or_num_layers, ModelShape) else None
         nl = self.shape.num_layers if self.shape is not None else shape_or_num_layers
         if isinstance(n_visual, bool) or not isinstance(n_visual, int) or n_visual < 1:
@@ -397,7 +394,7 @@ def solve(
     ``layers`` (optional) overrides the decision layers of both: the reroute schedule uses all of
     them; a method that prunes with one decision (FastV) uses ``layers[0]`` for prune.
     """
-    cls, _ = method_class(method)
+    cls, _ = rule_for(method)
     prune_layers = reroute_layers = None
     if layers is not None:
         layers = tuple(layers)

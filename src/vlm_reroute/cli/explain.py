@@ -53,26 +53,6 @@ def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
     return values  # type: ignore[return-value]
 
 
-def twin_method(method: Any) -> Any:
-    """The same schedule in the other mode (prune ↔ reroute).
-
-    FastV + Reroute decides at several layers, which FastV's prune refuses; its prune twin with the
-    same decisions is PDrop with FastV's equal counts, identical to FastV's single decision (each
-    later decision keeps every candidate).
-    """
-    try:
-        return method.replace(reroute=not method.reroute)
-    except ValueError:
-        from ..methods import FastV, method_from_spec
-
-        if not isinstance(method, FastV):
-            raise
-        schedule = method.schedule()
-        return method_from_spec(
-            "pdrop", layers=schedule.layers, keep=schedule.keep, score_from=method.score_from
-        )
-
-
 def _chat_text(builder: Any, n_images: int, prompt: str) -> str:
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
     messages = [{"role": "user", "content": content}]
@@ -212,6 +192,7 @@ def explain(
     if sample is not None and not 0 <= sample < len(prompt):
         fail(f"--sample {sample}: the batch has {len(prompt)} prompts (samples 0..{len(prompt) - 1})")
     layer_list, keep_list, spec = schedule_options(layers, keep, tier, ratio, flops_fraction, strict)
+    from ..comparison import prune_and_reroute
     from ..loading import LoadError, quiet_transformers
     from ..methods import method_from_spec
 
@@ -224,7 +205,7 @@ def explain(
             chosen = method_from_spec(method, reroute=reroute, strict=strict, model=loaded, **schedule)
             runs = [
                 (label, _prefill_trace(loaded, inputs, m), m.reroute)
-                for label, m in explain_methods(chosen, compare, loaded, inputs)
+                for label, m in prune_and_reroute(chosen, compare, loaded, inputs)
             ]
             result = _draw(runs, loaded, builder, pictures, out_path, drawing, len(prompt))
         except (LoadError, ValueError, TypeError) as exc:
@@ -258,32 +239,6 @@ def _load(model: str, image: list[str], dtype: str, device: str, attn: str) -> t
     pictures = [load_image(source) for source in image]
     loaded = load_model(model, dtype=dtype, device=device, attn=attn)
     return loaded, PromptBuilder.from_pretrained(model, loaded), pictures
-
-
-def explain_methods(chosen: Any, compare: bool, model: Any, inputs: dict) -> list[tuple[str, Any]]:
-    """``chosen`` and, with ``compare``, its twin: the same schedule in the other mode.
-
-    A budget is solved per image at each call, as ``run`` does. The twin must keep the same tokens
-    per layer, so with ``compare`` the budget is first solved into one fixed schedule for the
-    prompt's images, which then need one visual token count.
-    """
-    if not compare:
-        return [(chosen.name, chosen)]
-    if chosen.schedule() is None:
-        from ..budget import ModelShape
-        from ..pipelines import visual_tokens_per_image
-
-        counts = sorted({n for row in visual_tokens_per_image(model, inputs) for n in row})
-        if len(counts) != 1:
-            raise ValueError(
-                f"--compare draws one schedule in both modes, and these images have {counts} visual "
-                "tokens: give --layers with --keep fractions of each image's tokens (e.g. 0.5,0.25)"
-            )
-        schedule = chosen.resolve(ModelShape.from_config(model.config), counts[0])
-        chosen = type(chosen).from_schedule(schedule)
-    twin = twin_method(chosen)
-    label = twin.name if type(twin) is type(chosen) else type(chosen).label(twin.reroute)
-    return [(chosen.name, chosen), (label, twin)]
 
 
 def _draw(

@@ -12,13 +12,13 @@ This module imports no torch at import time, so the torch-free budget solver and
 from __future__ import annotations
 
 import dataclasses
-import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..budget.rules import round_half_up
 from ..budget.schedule import Keep, Schedule
 from ..budget.target import BudgetTarget
 
@@ -33,10 +33,6 @@ if TYPE_CHECKING:
 SCORE_FROM = ("current", "previous")
 _REFERENCE_DEPTH = 32
 _ACTIVE: weakref.WeakSet = weakref.WeakSet()
-
-
-def round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
 
 
 def scale_layers(published: Sequence[int], num_layers: int) -> tuple[int, ...]:

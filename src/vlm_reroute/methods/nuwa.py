@@ -28,9 +28,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..budget.rules import round_half_up
 from ..budget.schedule import Keep, Schedule, check_keep_value
 from ..budget.target import BudgetTarget
-from .base import TokenReduction, round_half_up, scale_layers
+from .base import TokenReduction, scale_layers
 from .registry import register
 
 if TYPE_CHECKING:

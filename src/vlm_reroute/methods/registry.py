@@ -10,20 +10,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..budget.rules import RULES, add_rule, rule_for
 from ..budget.schedule import Keep, Schedule
 from ..budget.target import BudgetTarget
 
 if TYPE_CHECKING:
     from .base import TokenReduction
 
-METHODS: dict[str, type[TokenReduction]] = {}
+#: Every registered method by key: the budget's table of schedule rules (a method class is its rule).
+METHODS: dict[str, type[TokenReduction]] = RULES  # type: ignore[assignment]
 
 
 def register(cls: type[TokenReduction]) -> type[TokenReduction]:
-    """Class decorator: make a method reachable by its ``key`` (and its display name)."""
-    if not cls.key or cls.key in METHODS and METHODS[cls.key] is not cls:
-        raise ValueError(f"method key {cls.key!r} of {cls.__name__} is empty or already registered")
-    METHODS[cls.key] = cls
+    """Class decorator: make a method reachable by its ``key`` (and its display name), and hand its
+    schedule rule to the budget arithmetic (which imports no method)."""
+    add_rule(cls)
     return cls
 
 
@@ -42,16 +43,7 @@ def _load() -> None:
 def method_class(name: str, reroute: bool = False) -> tuple[type[TokenReduction], bool]:
     """``"fastv"``, ``"PDrop"``, ``"FastV + Reroute"``, ``"pdrop_reroute"``... → ``(class, reroute)``."""
     _load()
-    if isinstance(name, type) and name in METHODS.values():
-        return name, bool(reroute)
-    text = str(name).lower().replace(" ", "").replace("_", "+").replace("-", "+")
-    if text.endswith("+reroute"):
-        text, reroute = text.removesuffix("+reroute"), True
-    if text not in METHODS:
-        raise ValueError(
-            f"unknown method {name!r}; allowed: {', '.join(METHODS)} (optionally with '+ reroute')"
-        )
-    return METHODS[text], bool(reroute)
+    return rule_for(name, reroute)  # type: ignore[return-value]
 
 
 def method_from_spec(
