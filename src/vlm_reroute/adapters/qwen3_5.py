@@ -44,6 +44,13 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
 
     @property
     def length_layer(self) -> int:
+        """Up to transformers 5.24 ``Cache.get_seq_length()`` skips linear-attention layers and answers
+        for the first full-attention layer; from 5.25 linear-attention cache layers count their own
+        tokens and layer 0 answers (read from the release's cache class, not from its version)."""
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+        if callable(vars(LinearAttentionCacheLayerMixin).get("get_seq_length")):
+            return 0
         return self.layer_types.index("full_attention")
 
     def check(self) -> None:
