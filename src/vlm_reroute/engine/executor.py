@@ -26,57 +26,26 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_recurrent_attention_mask
 
 from ..adapters.base import ModelAdapter
-from ..scoring.base import Scorer, ScoringContext
-from ..scoring.selection import compact_index, top_k_per_image
-from .cache import Routing, claim
+from ..scoring.base import ScoringContext
+from .cache import claim
 from .calls import Call, CallState, classify
 from .compat import cache_argument, check_internals
 from .compiled import SKIPPED_HOOKS
 from .decode import decode_mask
 from .generation import GenerateGuard
-from .masks import stage_mask
+from .masks import StageMasks
+from .plan import Plan
 from .prefill import Prefill
-from .trace import Decision, Trace
-from .vision import Reports, VisionStage, forget_logical_length, report_logical_length, stage_zero
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A method as the executor runs it: decision layers, per-image keep counts, the scorer.
-
-    ``keep_counts(n)`` gives the count of every stage for an image of ``n`` visual tokens (a fixed
-    schedule resolved, or a budget target solved for that size). ``method`` names it in messages.
-    With a ``vision`` stage each image's counts come from its report at layer 0, and the decisions
-    choose among the tokens it kept.
-    """
-
-    method: str
-    layers: tuple[int, ...]
-    reroute: bool
-    keep_counts: Callable[[int], tuple[int, ...]]
-    scorer: Scorer
-    vision: VisionStage | None = None
-
-    def counts(self, sizes: torch.Tensor) -> list[torch.Tensor]:
-        """Per stage: ``(n_images,)`` keep counts for images of ``sizes`` tokens."""
-        if self.vision is not None:  # placeholders: the vision stage reports them at layer 0
-            return [torch.zeros_like(sizes) for _ in self.layers]
-        per_image = [self.keep_counts(int(n)) for n in sizes.tolist()]
-        return [
-            torch.tensor([c[i] for c in per_image], dtype=torch.long, device=sizes.device)
-            for i in range(len(self.layers))
-        ]
+from .trace import Trace
+from .vision import Reports, forget_logical_length, stage_zero
 
 
 class RoutingExecutor:
@@ -96,6 +65,7 @@ class RoutingExecutor:
         self.first_decision = 0 if plan.vision is not None else plan.layers[0]
         adapter.check_plan(plan.layers, plan.scorer.score_from)
         self.recurrent = frozenset(adapter.recurrent_layers)  # linear attention: no KV, a 2-D mask
+        self.masks = StageMasks(adapter.text_config, len(adapter.layers), self.recurrent)
         self.reports = Reports() if plan.vision is not None else None
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.calls = CallState()
@@ -173,23 +143,14 @@ class RoutingExecutor:
         """A complete prefill: the cache learns its stage layouts, the trace shows its decisions."""
         st = call.prefill
         if call.cache is not None:
-            call.cache._vlm_routing = Routing(self.plan.method, st.prompt_key_masks(), st.prompt_length)
-            # the layer transformers reads the length from (layer 0; a hybrid decoder's first
-            # full-attention layer) was shortened (stage 0, or a decision there): report the full length
-            stages = [mask for first, mask in st.key_masks if first <= self.adapter.length_layer]
-            if stages:
-                report_logical_length(call.cache, st.n - stages[-1].shape[1])
+            st.settle(call.cache, self.plan.method, self.adapter.length_layer)
         generation = self.calls.generation
         if generation is not None and generation.decided is None:
             generation.decided = st.selections
         if st.reuse is not None:
             return  # a re-run with decisions already recorded
         with self._commit_lock:
-            self.trace.decisions = st.decisions
-            self.trace.stage1 = st.stage1
-            self.trace.visual_tokens = st.visual.sum(dim=1).tolist()
-            self.trace.layouts = st.layouts
-            self.trace.prefills += 1
+            st.write_trace(self.trace)
 
     @torch.compiler.disable
     def _before_decoder(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
@@ -228,8 +189,8 @@ class RoutingExecutor:
             hidden = self._decide(st, i, layer, hidden)
         if i in self.score_ahead and st.reuse is None:
             decision = self.score_ahead[i]
-            candidates = self._candidates(st)
-            st.pending[decision] = self._score(st, i, decision, layer, _full_view(st, hidden), candidates)
+            candidates = st.candidates(self.plan.reroute)
+            st.pending[decision] = self._score(st, i, decision, layer, st.full_view(hidden), candidates)
         if st.index is None:
             return None
         kwargs.update(st.stage_kwargs)
@@ -246,7 +207,7 @@ class RoutingExecutor:
         if call is None or call.mode != "prefill" or call.prefill.index is None:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        full = _full_view(call.prefill, hidden)[:, : call.prefill.n]
+        full = call.prefill.full_view(hidden)[:, : call.prefill.n]
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
     @torch.compiler.disable
@@ -255,18 +216,8 @@ class RoutingExecutor:
         call = self.calls.call
         if call is None or call.mode != "prefill" or i not in call.prefill.additions:
             return None
-        st = call.prefill
-        mask, rows = st.additions[i]
         hidden = output[0] if isinstance(output, tuple) else output
-        rank = mask.flatten().cumsum(0).view_as(mask) - 1
-        if st.index is None:
-            hit, ranks = mask, rank[mask]
-        else:
-            position = st.index.clamp(max=st.n - 1)
-            hit = (st.index < st.n) & mask[st.rows(), position]
-            ranks = rank[st.rows(), position][hit]
-        hidden = hidden.clone()
-        hidden[hit] = hidden[hit] + rows[ranks].to(hidden.device, hidden.dtype)
+        hidden = call.prefill.add_rows(i, hidden)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     # ---- prefill mechanics ----------------------------------------------------------------
@@ -281,13 +232,6 @@ class RoutingExecutor:
         if cache is not None:
             forget_logical_length(cache)  # a cache reused after reset() starts from its real length
         st.cache = call.cache = claim(cache, self, self.plan.method) if cache is not None else None
-
-    def _candidates(self, st: Prefill) -> torch.Tensor:
-        """Reroute: every visual token competes (every one a vision stage let in); prune: only
-        those kept at the last decision."""
-        if self.plan.reroute or st.present is None:
-            return st.visual if st.pool is None else st.pool
-        return st.present
 
     def _score(
         self,
@@ -324,94 +268,25 @@ class RoutingExecutor:
         scores = self.plan.scorer.score(ctx)
         return nn.functional.pad(scores, (0, st.n - p)) if p < st.n else scores
 
-    def _select(
-        self, st: Prefill, stage: int, scores: torch.Tensor, candidates: torch.Tensor
-    ) -> torch.Tensor:
-        """Top k per image; the scoring query (the prompt's last token) is never routed away: when it
-        is visual it takes one of its image's slots at every decision."""
-        rows = st.rows()[:, 0]
-        query_visual = st.visual[rows, st.last]
-        if bool(query_visual.any()):
-            scores = scores.float().clone()
-            scores[rows[query_visual], st.last[query_visual]] = float("inf")
-        return top_k_per_image(scores, candidates, st.image_ids, st.counts[stage])
-
     def _decide(self, st: Prefill, i: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         stage = self.decision_of[i]
-        full = _full_view(st, hidden)
+        full = st.full_view(hidden)
         if st.reuse is not None:
             selected = nn.functional.pad(st.reuse[stage], (0, st.extra), value=False)
         else:
-            candidates = self._candidates(st)
+            candidates = st.candidates(self.plan.reroute)
             scores = st.pending.pop(i, None)
             if scores is None:
                 scores = self._score(st, i, i, layer, full, candidates)
-            selected = self._select(st, stage, scores, candidates)
-            st.decisions.append(self._decision(st, i, scores, selected))
+            selected = st.select(stage, scores, candidates)
+            st.decisions.append(st.record(i, scores, selected))
         st.selections.append(selected[:, : st.prompt_length])
-        return self._gather(st, i, full, selected, hidden.dtype)
+        return st.gather(i, full, selected, self.masks)
 
     def _enter(self, st: Prefill, hidden: torch.Tensor) -> torch.Tensor:
         """Stage 0: from layer 0 on only text and the tokens the vision stage kept go through."""
         entry = stage_zero(self.reports, hidden, st.visual, st.image_ids, st.layouts, len(self.plan.layers))
         st.counts, st.stage1 = entry.counts, entry.records
-        st.decisions.append(self._decision(st, 0, entry.scores, entry.kept))
+        st.decisions.append(st.record(0, entry.scores, entry.kept))
         st.pool = entry.kept
-        return self._gather(st, 0, _full_view(st, hidden), entry.kept, hidden.dtype)
-
-    def _gather(
-        self, st: Prefill, i: int, full: torch.Tensor, selected: torch.Tensor, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """The compact layout of text + ``selected`` from layer ``i`` on, and its hidden states."""
-        st.present = selected
-        index, filled = compact_index(~st.visual | selected, filler=st.n)
-        st.index = index
-        rows, rope_index = st.rows(), index.clamp(max=st.n - 1)
-        key_mask = filled & st.valid[rows, index]
-        st.key_masks.append((i, key_mask))
-        cos, sin = st.rope
-        st.stage_kwargs = {
-            "attention_mask": stage_mask(
-                self.adapter.text_config, key_mask, index.shape[1], st.cache, self._cache_layer(i), dtype
-            ),
-            "position_embeddings": (cos[rows, rope_index], sin[rows, rope_index]),
-        }
-        if st.position_ids is not None:
-            st.stage_kwargs["position_ids"] = st.position_ids[rows, rope_index]
-        if self.recurrent:  # linear-attention layers zero the stage's padding and fillers themselves
-            shape_only = full.new_empty(full.shape[0], index.shape[1], 0)
-            st.recurrent_mask = create_recurrent_attention_mask(
-                self.adapter.text_config, shape_only, key_mask.long()
-            )
-        return full[rows, index]
-
-    def _cache_layer(self, first: int) -> int:
-        """The first layer from ``first`` on that caches keys: a stage of a hybrid decoder may start
-        at a linear-attention layer, whose cache has no length to build masks from."""
-        return next((j for j in range(first, len(self.adapter.layers)) if j not in self.recurrent), first)
-
-    @staticmethod
-    def _decision(st: Prefill, i: int, scores: torch.Tensor, selected: torch.Tensor) -> Decision:
-        # one device-to-host copy per decision, then split per sample
-        rank = (st.visual.cumsum(dim=1) - 1)[selected].cpu()
-        picked = list(rank.split(selected.sum(dim=1).tolist()))
-        per_sample = st.visual.sum(dim=1).tolist()
-        score_rows = list(scores[st.visual].detach().float().cpu().split(per_sample))
-        previous = st.present
-        if previous is None:
-            reentered = [0] * selected.shape[0]
-        else:
-            reentered = (selected & ~previous).sum(dim=1).tolist()
-        return Decision(layer=i, selected=picked, scores=score_rows, reentered=reentered)
-
-
-def _full_view(st: Prefill, hidden: torch.Tensor) -> torch.Tensor:
-    """Write the current hidden states into the full buffer and return it ``(B, N + 1, D)``."""
-    if st.buffer is None:
-        st.buffer = hidden.new_zeros(hidden.shape[0], st.n + 1, hidden.shape[2])
-    if st.index is None:
-        st.buffer[:, : st.n] = hidden
-    else:
-        st.buffer[st.rows(), st.index] = hidden
-        st.buffer[:, st.n] = 0  # the filler slot: keep it finite
-    return st.buffer
+        return st.gather(0, st.full_view(hidden), entry.kept, self.masks)

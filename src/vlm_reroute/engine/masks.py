@@ -9,9 +9,11 @@ only the 2-D key mask (padding and fillers) differs from the model's own. Using
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 
 from .compat import mask_cache_keyword
 
@@ -37,3 +39,32 @@ def stage_mask(
         layer_idx=layer_idx,
         **{mask_cache_keyword(): cache},
     )
+
+
+@dataclass(frozen=True)
+class StageMasks:
+    """The masks of a compact stage of one decoder: ``recurrent`` are its linear-attention layers
+    (Qwen3.5), which cache no keys and take a 2-D padding mask instead of an attention mask."""
+
+    config: object
+    num_layers: int
+    recurrent: frozenset[int] = frozenset()
+
+    def cache_layer(self, first: int) -> int:
+        """The first layer from ``first`` on that caches keys: a stage of a hybrid decoder may start
+        at a linear-attention layer, whose cache has no length to build masks from."""
+        return next((j for j in range(first, self.num_layers) if j not in self.recurrent), first)
+
+    def attention(
+        self, key_mask: torch.Tensor, length: int, cache: Cache | None, first: int, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """The attention mask of a stage starting at layer ``first`` over ``length`` compact tokens."""
+        return stage_mask(self.config, key_mask, length, cache, self.cache_layer(first), dtype)
+
+    def padding(self, key_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+        """The 2-D mask linear-attention layers multiply into their input (zeroes padding and
+        fillers), or None when the decoder has no such layers."""
+        if not self.recurrent:
+            return None
+        shape_only = like.new_empty(key_mask.shape[0], key_mask.shape[1], 0)
+        return create_recurrent_attention_mask(self.config, shape_only, key_mask.long())

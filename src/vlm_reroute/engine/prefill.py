@@ -20,7 +20,11 @@ from transformers.cache_utils import Cache
 
 from ..adapters.base import ModelAdapter
 from ..adapters.layout import ImageLayout
-from .trace import Decision
+from ..scoring.selection import compact_index, top_k_per_image
+from .cache import RoutedCache, Routing
+from .masks import StageMasks
+from .trace import Decision, Trace
+from .vision import report_logical_length
 
 
 @dataclass
@@ -65,6 +69,103 @@ class Prefill:
     def rows(self) -> torch.Tensor:
         """``(B, 1)`` batch index for advanced indexing with a ``(B, L)`` layout."""
         return torch.arange(self.visual.shape[0], device=self.visual.device)[:, None]
+
+    # ---- the state's own operations: the full buffer, candidates, selection, trace records ----
+    def full_view(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Write the current hidden states into the full buffer and return it ``(B, N + 1, D)``.
+
+        Deferred (and removed) tokens keep their last state there; the extra slot absorbs the writes
+        of batch fillers and is zeroed to stay finite."""
+        if self.buffer is None:
+            self.buffer = hidden.new_zeros(hidden.shape[0], self.n + 1, hidden.shape[2])
+        if self.index is None:
+            self.buffer[:, : self.n] = hidden
+        else:
+            self.buffer[self.rows(), self.index] = hidden
+            self.buffer[:, self.n] = 0
+        return self.buffer
+
+    def candidates(self, reroute: bool) -> torch.Tensor:
+        """Reroute: every visual token competes (every one a vision stage let in); prune: only those
+        kept at the last decision."""
+        if reroute or self.present is None:
+            return self.visual if self.pool is None else self.pool
+        return self.present
+
+    def select(self, stage: int, scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Top k per image; the scoring query (the prompt's last token) is never routed away: when it
+        is visual it takes one of its image's slots at every decision."""
+        rows = self.rows()[:, 0]
+        query_visual = self.visual[rows, self.last]
+        if bool(query_visual.any()):
+            scores = scores.float().clone()
+            scores[rows[query_visual], self.last[query_visual]] = float("inf")
+        return top_k_per_image(scores, candidates, self.image_ids, self.counts[stage])
+
+    def record(self, layer: int, scores: torch.Tensor, selected: torch.Tensor) -> Decision:
+        """The trace's record of a decision (one device-to-host copy, then split per sample)."""
+        rank = (self.visual.cumsum(dim=1) - 1)[selected].cpu()
+        picked = list(rank.split(selected.sum(dim=1).tolist()))
+        per_sample = self.visual.sum(dim=1).tolist()
+        score_rows = list(scores[self.visual].detach().float().cpu().split(per_sample))
+        if self.present is None:
+            reentered = [0] * selected.shape[0]
+        else:
+            reentered = (selected & ~self.present).sum(dim=1).tolist()
+        return Decision(layer=layer, selected=picked, scores=score_rows, reentered=reentered)
+
+    def add_rows(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Add row ``rank`` of ``additions[layer]`` to each token of its mask that ran the layer
+        (Qwen3-VL's DeepStack: deferred and removed tokens get none)."""
+        mask, rows = self.additions[layer]
+        rank = mask.flatten().cumsum(0).view_as(mask) - 1
+        if self.index is None:
+            hit, ranks = mask, rank[mask]
+        else:
+            position = self.index.clamp(max=self.n - 1)
+            hit = (self.index < self.n) & mask[self.rows(), position]
+            ranks = rank[self.rows(), position][hit]
+        hidden = hidden.clone()
+        hidden[hit] = hidden[hit] + rows[ranks].to(hidden.device, hidden.dtype)
+        return hidden
+
+    def gather(
+        self, first: int, full: torch.Tensor, selected: torch.Tensor, masks: StageMasks
+    ) -> torch.Tensor:
+        """Enter the stage of text + ``selected`` from layer ``first`` on: its compact layout (original
+        order, left fillers), gathered RoPE and position ids, masks; returns its hidden states."""
+        self.present = selected
+        index, filled = compact_index(~self.visual | selected, filler=self.n)
+        self.index = index
+        rows, rope_index = self.rows(), index.clamp(max=self.n - 1)
+        key_mask = filled & self.valid[rows, index]
+        self.key_masks.append((first, key_mask))
+        cos, sin = self.rope
+        self.stage_kwargs = {
+            "attention_mask": masks.attention(key_mask, index.shape[1], self.cache, first, full.dtype),
+            "position_embeddings": (cos[rows, rope_index], sin[rows, rope_index]),
+        }
+        if self.position_ids is not None:
+            self.stage_kwargs["position_ids"] = self.position_ids[rows, rope_index]
+        self.recurrent_mask = masks.padding(key_mask, full)
+        return full[rows, index]
+
+    def settle(self, cache: RoutedCache, method: str, length_layer: int) -> None:
+        """A complete prefill: the routed cache learns its stage layouts; when the layer
+        ``transformers`` reads the length from (``length_layer``) was shortened (stage 0, or a
+        decision there), the cache reports the full length."""
+        cache._vlm_routing = Routing(method, self.prompt_key_masks(), self.prompt_length)
+        stages = [mask for first, mask in self.key_masks if first <= length_layer]
+        if stages:
+            report_logical_length(cache, self.n - stages[-1].shape[1])
+
+    def write_trace(self, trace: Trace) -> None:
+        """Show this prefill's decisions in ``trace`` (only a complete, deciding prefill does)."""
+        trace.decisions = self.decisions
+        trace.stage1 = self.stage1
+        trace.visual_tokens = self.visual.sum(dim=1).tolist()
+        trace.layouts = self.layouts
+        trace.prefills += 1
 
     def prompt_key_masks(self) -> tuple[tuple[int, torch.Tensor], ...]:
         """Each stage's key mask over the prompt part of its compact layout (the tokens after the

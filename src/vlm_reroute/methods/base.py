@@ -188,7 +188,8 @@ class TokenReduction:
         from ..budget.shapes import ModelShape
         from ..engine.compat import check_version
         from ..engine.compiled import refuse_compiled_in_place, unwrap
-        from ..engine.executor import Plan, RoutingExecutor
+        from ..engine.executor import RoutingExecutor
+        from ..engine.plan import Plan
         from ..engine.trace import Trace
 
         check_version()
