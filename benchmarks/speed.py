@@ -15,12 +15,14 @@ Experiments (``--only``):
   prefill in a fresh subprocess. Target: routed peak process RSS ≤ 1.10 × vanilla's.
 * ``small``: the tiny 8-layer, hidden-64 models; reroute with decisions [1, 2, 4, 6] keeping
   [16, 16, 8, 4] (and its matched prune). Target: faster than vanilla.
+
+The router-time breakdown lives in ``_speed_router.py``, the verdicts and Markdown tables in
+``_speed_report.py`` (imported from this folder, which Python puts on the path for the script).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -32,8 +34,9 @@ from statistics import median
 from typing import Any
 
 import torch
+from _speed_report import markdown, summarise
+from _speed_router import router_breakdown, torch_profile
 
-import vlm_reroute.engine.executor as executor
 from vlm_reroute import PDrop
 from vlm_reroute.bench.measure import environment, prefill_memory
 from vlm_reroute.bench.plots import speedup_png, tokens_per_layer_png
@@ -56,113 +59,6 @@ def solved_methods(model: torch.nn.Module, n_visual: int, avg_t: float) -> dict[
 def _as_methods(shape: ModelShape | int, n_visual: int, avg_t: float) -> dict[str, TokenReduction]:
     pairs = [solve(shape, n_visual, method, target_avg_t=avg_t) for method in ("fastv", "pdrop")]
     return {s.name: s.to_method() for pair in pairs for s in (pair.prune, pair.reroute)}
-
-
-def torch_profile(model: torch.nn.Module, inputs: dict, method: TokenReduction | None, path: Path) -> None:
-    """Top operators (self CPU time) of one warm prefill: where the time goes."""
-    call = {"use_cache": True, "logits_to_keep": 1}
-    with torch.no_grad():
-        for _ in range(2):
-            with method(model) if method else nullcontext():
-                model(**inputs, **call)
-        with method(model) if method else nullcontext(), torch.profiler.profile() as prof:
-            model(**inputs, **call)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
-    path.write_text(table)
-
-
-# The router's own functions, timed by wrapping them for the duration of one measurement (the engine's
-# files are untouched; the wrappers are removed afterwards). Top level first: the hooks contain the rest.
-ROUTER_PARTS = {
-    "hooks (all router work)": (
-        executor.RoutingExecutor,
-        ("_before_call", "_before_layer", "_after_last_layer", "_after_call"),
-    ),
-    "decision": (executor.RoutingExecutor, ("_decide",)),
-    "  scoring (gathers + last_token_attention)": (executor.RoutingExecutor, ("_score",)),
-    "    last_token_attention (norm, K/Q proj, RoPE, softmax)": (executor, ("last_token_attention",)),
-    "      RMSNorm of keys + query": None,  # inside last_token_attention: see _scorer_parts
-    "      K projection (all keys)": None,
-    "      Q projection (one row)": None,
-    "      RoPE (keys + query)": None,
-    "  top_k_per_image": (executor, ("top_k_per_image",)),
-    "  compact_index": (executor, ("compact_index",)),
-    "  stage_mask": (executor, ("stage_mask",)),
-    "  _record (trace)": (executor.RoutingExecutor, ("_record",)),
-    "  _full_view (scatter into the buffer)": (executor.RoutingExecutor, ("_full_view",)),
-}
-
-
-def _scorer_parts(score: Any, spent: dict[str, float], timed: Any) -> Any:
-    """Times the norm, projections and RoPE inside one scoring call, by hooks that live only during it
-    (the layer's own forward is never timed)."""
-    labels = [label for label, part in ROUTER_PARTS.items() if part is None]
-
-    @functools.wraps(score)
-    def wrapper(adapter: Any, layer: torch.nn.Module, *a: Any, **k: Any) -> Any:
-        handles, starts = [], {}
-        modules = (layer.input_layernorm, layer.self_attn.k_proj, layer.self_attn.q_proj)
-        for label, module in zip(labels[:3], modules, strict=True):
-
-            def pre(mod: Any, args: Any, label: str = label) -> None:
-                starts[label] = time.perf_counter()
-
-            def post(mod: Any, args: Any, out: Any, label: str = label) -> None:
-                spent[label] = spent.get(label, 0.0) + time.perf_counter() - starts[label]
-
-            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-        adapter.apply_rope = timed(labels[3], type(adapter).apply_rope.__get__(adapter))
-        try:
-            return score(adapter, layer, *a, **k)
-        finally:
-            del adapter.apply_rope
-            for h in handles:
-                h.remove()
-
-    return wrapper
-
-
-def router_breakdown(model: torch.nn.Module, inputs: dict, method: TokenReduction, runs: int = 8) -> dict:
-    """Milliseconds per routed prefill spent in each router function (medians over ``runs``)."""
-    spent: dict[str, float] = {}
-    originals = []
-
-    def timed(label: str, fn: Any) -> Any:
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **k: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
-
-        return wrapper
-
-    for label, part in ROUTER_PARTS.items():
-        for name in part[1] if part else ():
-            originals.append((part[0], name, getattr(part[0], name)))
-            setattr(part[0], name, timed(label, getattr(part[0], name)))
-    originals.append((executor, "last_token_attention", executor.last_token_attention))
-    executor.last_token_attention = _scorer_parts(executor.last_token_attention, spent, timed)
-    call = {"use_cache": True, "logits_to_keep": 1}
-    per_run: list[dict[str, float]] = []
-    totals = []
-    try:
-        with torch.no_grad():
-            for i in range(runs + 2):
-                spent.clear()
-                with method(model):
-                    start = time.perf_counter()
-                    model(**inputs, **call)
-                    total = time.perf_counter() - start
-                if i >= 2:  # warm-up
-                    totals.append(total)
-                    per_run.append(dict(spent))
-    finally:
-        for owner, name, fn in reversed(originals):
-            setattr(owner, name, fn)
-    ms = {label: median(r.get(label, 0.0) for r in per_run) * 1e3 for label in ROUTER_PARTS}
-    return {"method": repr(method), "prefill_ms": median(totals) * 1e3, "router_ms": ms}
 
 
 def save(report: ProfileReport, out: Path, stem: str) -> dict[str, Any]:
@@ -284,134 +180,6 @@ def run_memory(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     data = {"model": "tiny llava (8 layers, hidden 64)", "images": MEMORY_IMAGES, "configs": summary}
     (out / "memory.json").write_text(json.dumps(data, indent=2))
     return data
-
-
-# ---- summary ------------------------------------------------------------------------------------------
-
-
-def summarise(results: dict[str, Any]) -> list[str]:
-    """One line per target: met or MISSED, with the numbers."""
-    lines = []
-    for name in ("llava32", "qwen28"):
-        if name in results:
-            rows = {r["name"]: r for r in results[name]["rows"]}
-            for label, r in rows.items():
-                if label == "vanilla":
-                    continue
-                lines.append(
-                    f"{name} {label}: {r['prefill_s'] * 1e3:.1f} ms "
-                    f"(vanilla {rows['vanilla']['prefill_s'] * 1e3:.1f}), speedup {r['speedup']:.2f}x, "
-                    f"ideal {r['ideal_speedup']:.2f}x, FLOPs {r['theoretical_speedup']:.2f}x, "
-                    f"ideal/measured {r['ideal_fraction']:.3f}"
-                )
-            lines.append(f"{name}: disturbed repeats {disturbed(results[name]['rows'])}")
-            if name == "llava32":
-                frac = rows["PDrop + Reroute"]["ideal_fraction"]
-                verdict = "met" if frac >= 0.95 else "MISSED"
-                lines.append(
-                    f"TARGET 1 (llava32 PDrop + Reroute ideal/measured >= 0.95): {frac:.3f} -> {verdict}"
-                )
-    if "memory" in results:
-        worst = max(
-            (c["peak_ratio_to_vanilla"], n) for n, c in results["memory"]["configs"].items() if n != "vanilla"
-        )
-        verdict = "met" if worst[0] <= 1.10 else "MISSED"
-        lines.append(
-            f"TARGET 3 (routed peak RSS <= 1.10 x vanilla): worst {worst[1]} {worst[0]:.3f} -> {verdict}"
-        )
-    if "small" in results:
-        for family, data in results["small"].items():
-            rows = {r["name"]: r for r in data["rows"]}
-            rr, van = rows["PDrop + Reroute"], rows["vanilla"]
-            verdict = "met" if rr["prefill_s"] < van["prefill_s"] else "MISSED"
-            lines.append(
-                f"TARGET 4 ({family} small: reroute faster than vanilla): {rr['prefill_s'] * 1e3:.2f} ms "
-                f"vs {van['prefill_s'] * 1e3:.2f} ms ({rr['speedup']:.2f}x, "
-                f"ideal {rr['ideal_speedup']:.2f}x) -> {verdict}"
-            )
-    return lines
-
-
-def disturbed(rows: list[dict[str, Any]]) -> str:
-    """How many repeats some other process visibly slowed (a run > 1.5× its configuration's median)."""
-    runs = len(rows[0]["prefill_runs_s"])
-    hit = {i for r in rows for i, t in enumerate(r["prefill_runs_s"]) if t > 1.5 * r["prefill_s"]}
-    return f"{len(hit)} of {runs}"
-
-
-def markdown(results: dict[str, Any]) -> str:
-    """The result tables of docs/benchmarks.md (Markdown), straight from the measurements."""
-    out: list[str] = []
-    for name in ("llava32", "qwen28", "small_llava", "small_qwen2_5_vl"):
-        data = results.get(name) or results.get("small", {}).get(name.removeprefix("small_"))
-        if not data:
-            continue
-        shape, inputs, env, st = data["model"]["shape"], data["inputs"], data["environment"], data["settings"]
-        out += [
-            f"### {name}: {data['model']['class']}, {shape['num_layers']} layers, "
-            f"hidden {shape['hidden_size']}, {shape['num_heads']} heads / {shape['num_kv_heads']} KV heads, "
-            f"FFN {shape['intermediate_size']}",
-            "",
-            f"{inputs['visual_tokens']} visual + {inputs['text_tokens']} text tokens, "
-            f"batch {inputs['batch']}, {st['repeats']} repeats (interleaved) after {st['warmup']} warm-up, "
-            f"decode over {st['decode_repeats']} repeats × {st['decode_tokens']} tokens; "
-            f"1-min load when it started: {env['load_avg_1min']:.2f}; disturbed repeats (some run > 1.5× "
-            f"its median): {disturbed(data['rows'])}. Time outside the decoder layers (vanilla): "
-            f"{data['outside_decoder_s'] * 1e3:.1f} ms.",
-            "",
-            "| method | layers | keep / image | avg_T | prefill ms | speedup | ideal ms | ideal speedup "
-            "| FLOPs speedup | ideal / measured | efficiency | decode ms/tok | KV tokens (= theory) | KV MiB "
-            "| router ms |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        breakdown = data.get("router_breakdown", {})
-        for r in data["rows"]:
-            router = breakdown.get(r["name"], {}).get("router_ms", {}).get("hooks (all router work)")
-            same = (
-                "="
-                if r["kv_tokens"] == r["kv_tokens_theory"] and r["kv_bytes"] == r["kv_bytes_theory"]
-                else "≠"
-            )
-            out.append(
-                f"| {r['name']} | {r['layers'] or '—'} | {r['keep'] or '—'} | {r['avg_visual_tokens']:.1f} "
-                f"| {r['prefill_s'] * 1e3:.1f} | {r['speedup']:.2f}× | {r['ideal_prefill_s'] * 1e3:.1f} "
-                f"| {r['ideal_speedup']:.2f}× | {r['theoretical_speedup']:.2f}× | {r['ideal_fraction']:.3f} "
-                f"| {r['efficiency']:.2f} | {r['decode_s_per_token'] * 1e3:.1f} | {r['kv_tokens']} ({same}) "
-                f"| {r['kv_bytes'] / 2**20:.2f} | {'—' if router is None else f'{router:.1f}'} |"
-            )
-        if breakdown:
-            labels = list(next(iter(breakdown.values()))["router_ms"])
-            out += [
-                "",
-                f"Router time per prefill ({name}, ms, median of the wrapped runs):",
-                "",
-                "| part | " + " | ".join(breakdown) + " |",
-                "|---" * (len(breakdown) + 1) + "|",
-            ]
-            for label in labels:
-                cells = " | ".join(f"{b['router_ms'][label]:.2f}" for b in breakdown.values())
-                depth = (len(label) - len(label.lstrip())) // 2
-                out.append(f"| {'↳ ' * depth}{label.strip()} | {cells} |")
-            cells = " | ".join(f"{b['prefill_ms']:.1f}" for b in breakdown.values())
-            out.append(f"| (whole routed prefill in these runs) | {cells} |")
-        out.append("")
-    if "memory" in results:
-        mem = results["memory"]
-        out += [
-            f"### memory: {mem['model']}, {mem['images']} images, each configuration in a fresh process",
-            "",
-            "| configuration | schedule | peak RSS MiB | ratio to vanilla | prefill working set MiB "
-            "(peak − RSS before) | ratio to vanilla |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, c in mem["configs"].items():
-            out.append(
-                f"| {name} | {c['method']} | {c['peak_rss_bytes'] / 2**20:.1f} "
-                f"| {c['peak_ratio_to_vanilla']:.3f} | {c['increase_bytes'] / 2**20:.1f} "
-                f"| {c['increase_ratio_to_vanilla']:.3f} |"
-            )
-        out.append("")
-    return "\n".join(out)
 
 
 def git_state() -> dict[str, Any]:

@@ -168,16 +168,13 @@ def trace_figure(
     and scores side by side instead (the GIF's frames).
     """
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
 
     runs = make_runs(trace, compare, labels, reroute)
     pictures = sample_images(images, trace, sample)
     layouts = trace.layouts[sample]
     placements = [placement_for(processor, p.size, lay) for p, lay in zip(pictures, layouts, strict=True)]
     if box is not None:
-        if not 0 <= box_image < len(pictures):
-            raise ValueError(f"box_image={box_image}: sample {sample} holds images 0..{len(pictures) - 1}")
-        box = check_box(box, pictures[box_image].size)
+        box = _box_on_picture(box, box_image, pictures, sample)
     shown = list(range(len(trace.decisions))) if decisions is None else list(decisions)
     grids = [[image_states(r.trace, sample, i, r.reroute) for i in range(len(layouts))] for r in runs]
     coverage = (
@@ -214,6 +211,25 @@ def trace_figure(
             ax.set_title(title, fontsize=7)
             if col == 0:
                 ax.set_ylabel(runs[k].label + ("" if kinds_across else f"\n{kinds[j]}"), fontsize=7)
+    _draw_state_legend(fig, runs, scores, width)
+    if coverage:
+        marker = trace.decisions[shown[0]].layer if decisions is not None and len(shown) == 1 else None
+        _coverage_chart(chart_area, runs, coverage, box, box_image, marker)
+    return fig
+
+
+def _box_on_picture(box: Box, box_image: int, pictures: list, sample: int) -> Box:
+    """``box`` checked against picture ``box_image`` of the sample (which must exist)."""
+    if not 0 <= box_image < len(pictures):
+        raise ValueError(f"box_image={box_image}: sample {sample} holds images 0..{len(pictures) - 1}")
+    return check_box(box, pictures[box_image].size)
+
+
+def _draw_state_legend(fig, runs: list[Run], scores: bool, width: float) -> None:
+    """The legend above the panels: only the states the runs' modes can show (prune: kept / removed,
+    reroute: kept / re-entered / deferred), plus the no-candidate colour when pruned scores are drawn."""
+    from matplotlib.patches import Patch
+
     shown_states = sorted({s for r in runs for s in ((0, 1, 2) if r.reroute else (0, 3))})
     handles = [
         Patch(fc=STATE_COLOURS[s], alpha=STATE_ALPHA[s], ec="none", label=STATES[s]) for s in shown_states
@@ -222,10 +238,6 @@ def trace_figure(
         handles.append(Patch(fc=NO_CANDIDATE, label="no candidate (scores)"))
     ncols = min(len(handles), max(1, int(width / 1.3)))
     fig.legend(handles=handles, loc="outside upper center", ncols=ncols, fontsize=7, frameon=False)
-    if coverage:
-        marker = trace.decisions[shown[0]].layer if decisions is not None and len(shown) == 1 else None
-        _coverage_chart(chart_area, runs, coverage, box, box_image, marker)
-    return fig
 
 
 def _coverage_chart(
