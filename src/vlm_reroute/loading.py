@@ -1,7 +1,7 @@
-"""Loading a checkpoint, images and prompts into model inputs, for the command line and the pipeline.
+"""Loading a checkpoint and its processor, and turning prompts into model inputs (images: ``images.py``).
 
 Every problem a person can fix (a bad path, no network, a folder without weights or processor, a
-device this machine lacks, an image PIL cannot decode) raises :class:`LoadError` with one line
+device this machine lacks) raises :class:`LoadError` with one line
 naming the value and what to do. Real Hub ids and local folders go through the same
 ``from_pretrained`` calls. A Hub id is checked first: when the Hub cannot be reached within a few
 seconds and the model is not in the Hugging Face cache, the error says so at once instead of
@@ -16,8 +16,6 @@ processor exactly as the processor would: chat template, one ``<|image_pad|>`` p
 from __future__ import annotations
 
 import importlib.util
-import io
-import os
 import socket
 import threading
 import urllib.parse
@@ -40,8 +38,6 @@ HUB_TIMEOUT_S = 3.0
 _WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-
-ImageLike = str | os.PathLike | Image.Image
 
 
 class LoadError(ValueError):
@@ -294,46 +290,6 @@ def load_model(
     return model.to(dev).eval()
 
 
-# ---- images ------------------------------------------------------------------------------------
-
-
-def load_image(source: ImageLike) -> Image.Image:
-    """An RGB image from a PIL image, a local path or an http(s) URL, fully decoded."""
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    text = os.fspath(source)
-    if text.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(text, timeout=20) as response:
-                data = response.read()
-        except (OSError, ValueError) as exc:
-            raise LoadError(
-                f"cannot download image {text!r} ({_first_line(exc)}); pass a local file"
-            ) from exc
-        return _decode(io.BytesIO(data), text)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        raise LoadError(f"image {text!r} is a folder; give an image file (PNG, JPEG, ...)")
-    if not path.is_file():
-        raise LoadError(f"image file not found: {text}")
-    return _decode(path, text)
-
-
-def _decode(file: Any, name: str) -> Image.Image:
-    try:
-        with Image.open(file) as image:
-            return image.convert("RGB")
-    except Image.DecompressionBombError as exc:
-        raise LoadError(
-            f"image {name!r} is too large to decode safely ({_first_line(exc).split(': ', 1)[-1]}); "
-            "downscale it first"
-        ) from exc
-    except Image.UnidentifiedImageError as exc:
-        raise LoadError(f"{name!r} is not an image PIL can read (PNG, JPEG, WebP, ...)") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise LoadError(f"cannot decode image {name!r} ({_first_line(exc)}); is the file complete?") from exc
-
-
 # ---- prompts -----------------------------------------------------------------------------------
 
 Sample = tuple[Sequence[Image.Image], str]
@@ -403,30 +359,6 @@ class PromptBuilder:
         if getattr(owner, "chat_template", None):
             return owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return "USER: " + "<image>\n" * num_images + f"{prompt} ASSISTANT:"  # LLaVA-1.5's format
-
-    def _qwen_inputs(self, images: list[Image.Image], texts: list[str], model: Any) -> dict[str, Any]:
-        pad = self.tokenizer.convert_ids_to_tokens(model.config.image_token_id)
-        vision: dict[str, Any] = {}
-        counts: list[int] = []
-        if images:
-            vision = dict(self.image_processor(images=images, return_tensors="pt"))
-            merge = self.image_processor.merge_size
-            counts = [int(g.prod()) // (merge * merge) for g in vision["image_grid_thw"]]
-        expanded, used = [], 0
-        for text in texts:
-            parts = text.split(pad)
-            if len(parts) - 1 > len(counts) - used:
-                raise LoadError(f"the chat template placed more image tokens {pad!r} than images were given")
-            out = parts[0]
-            for part in parts[1:]:
-                out += pad * counts[used] + part
-                used += 1
-            expanded.append(out)
-        if used != len(counts):
-            raise LoadError(f"the chat template did not place an image token {pad!r} for every image")
-        encoded = self.tokenizer(expanded, return_tensors="pt", padding=True)
-        mm_types = (encoded["input_ids"] == model.config.image_token_id).to(torch.int)
-        return {**encoded, **vision, "mm_token_type_ids": mm_types}
 
     def decode(self, ids: torch.Tensor) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -27,7 +27,8 @@ from PIL import Image
 
 from .adapters import adapter_for
 from .engine.trace import Trace
-from .loading import ImageLike, PromptBuilder, load_image, load_model, quiet_transformers, resolve_source
+from .images import ImageLike, load_image
+from .loading import PromptBuilder, load_model, quiet_transformers, resolve_source
 from .methods import TokenReduction, method_from_spec
 
 __all__ = ["Answer", "Pipeline", "pipeline"]

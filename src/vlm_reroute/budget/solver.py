@@ -19,18 +19,17 @@ are moved by ±1 (fewest changes, then closest; keep counts stay non-increasing)
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import pairwise
 from typing import Any
 
 from .flops import Budget, ModelShape, compute_budget, layer_flops, visual_tokens_per_layer
 from .published import PUBLISHED, PublishedSchedule, published_avg_t, published_schedule
 from .rules import round_half_up, rule_for, rule_names
 from .schedule import Schedule
+from .search import close_gap, closest_a
 from .target import BudgetTarget
 
 __all__ = [
@@ -139,72 +138,6 @@ def _rule(cls: type, reroute: bool, n: int, num_stages: int) -> Callable[[int], 
     return realise
 
 
-def _closest_a(n: int, value: Callable[[int], float], target: float) -> int:
-    """The ``a`` in ``1..n`` whose ``value(a)`` (non-decreasing in ``a``) is closest to ``target``."""
-    lo, hi = 1, n
-    while lo < hi:  # smallest a with value(a) >= target (or n)
-        mid = (lo + hi) // 2
-        if value(mid) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    if lo > 1 and abs(value(lo - 1) - target) <= abs(value(lo) - target):
-        return lo - 1
-    return lo
-
-
-def _close_gap(
-    keep: tuple[int, ...], lengths: Sequence[int], goal: float, tol: float, n: int, same_count: bool
-) -> tuple[int, ...]:
-    """Move stage counts by ±1 so that ``Σ lengths·keep`` is within ``tol`` of ``goal`` (layer-token units).
-
-    Tries every ±1 combination (fewest changes first, then closest); if none is close enough, walks
-    one unit at a time: a stage moves the total by its length, less than ``2·tol``.
-    """
-
-    def err(k: Sequence[int]) -> float:
-        return abs(sum(x * w for x, w in zip(k, lengths, strict=True)) - goal)
-
-    def ok(k: Sequence[int]) -> bool:
-        in_range = all(1 <= x <= n for x in k) and all(b <= a for a, b in pairwise(k))
-        return in_range and (not same_count or len(set(k)) == 1)
-
-    if err(keep) <= tol:
-        return keep
-    if len(keep) <= 8:
-        candidates = (
-            tuple(k + d for k, d in zip(keep, delta, strict=True))
-            for delta in itertools.product((-1, 0, 1), repeat=len(keep))
-        )
-        scored = [
-            (sum(abs(c - k) for c, k in zip(cand, keep, strict=True)), err(cand), cand)
-            for cand in candidates
-            if ok(cand) and err(cand) <= tol
-        ]
-        if scored:
-            return min(scored)[2]
-    cur = list(keep)
-    for _ in range(len(keep) * n):
-        total = sum(x * w for x, w in zip(cur, lengths, strict=True))
-        if abs(total - goal) <= tol:
-            break
-        step = 1 if total < goal else -1
-        if same_count:
-            cand = [x + step for x in cur]
-        else:  # raise the earliest stage that may grow, or lower the latest that may shrink
-            order = range(len(cur)) if step > 0 else reversed(range(len(cur)))
-            cand = None
-            for i in order:
-                trial = cur[:i] + [cur[i] + step] + cur[i + 1 :]
-                if ok(trial):
-                    cand = trial
-                    break
-        if cand is None or not ok(cand):
-            break
-        cur = cand
-    return tuple(cur)
-
-
 class _Problem:
     """One method's rule on one decoder and image size: avg_T and FLOPs as functions of ``a``."""
 
@@ -254,16 +187,16 @@ class _Problem:
         return self.shape
 
     def for_avg_t(self, target: float) -> SolvedSchedule:
-        a = _closest_a(self.n_visual, lambda a: self.avg(self.rule(a)), target)
+        a = closest_a(self.n_visual, lambda a: self.avg(self.rule(a)), target)
         goal, tol = target * self.num_layers - self.fixed, TOLERANCE * self.num_layers
-        keep = _close_gap(self.rule(a), self.lengths, goal, tol, self.n_visual, self.cls.same_count)
+        keep = close_gap(self.rule(a), self.lengths, goal, tol, self.n_visual, self.cls.same_count)
         if abs(self.avg(keep) - target) > TOLERANCE:  # pragma: no cover - guarded by the range checks
             raise ValueError(f"could not reach avg_T={target} within ±{TOLERANCE} for {self.label}")
         return self.solved(keep)
 
     def for_flops(self, target: float) -> SolvedSchedule:
         return self.solved(
-            self.rule(_closest_a(self.n_visual, lambda a: self.flops_ratio(self.rule(a)), target))
+            self.rule(closest_a(self.n_visual, lambda a: self.flops_ratio(self.rule(a)), target))
         )
 
     def solved(self, keep: Sequence[int]) -> SolvedSchedule:

@@ -139,7 +139,8 @@ class _LineError(Exception):
 
 def _answer(pipe: Any, chunk: list[Prompt], compare: bool, method: str) -> list[dict[str, Any]]:
     """The output rows of one batch: the input's keys, the answer, the routing and the cost."""
-    from ..loading import LoadError, load_image
+    from ..images import load_image
+    from ..loading import LoadError
 
     samples = []
     for p in chunk:

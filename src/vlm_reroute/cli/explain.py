@@ -234,7 +234,8 @@ class Drawing:
 
 def _load(model: str, image: list[str], dtype: str, device: str, attn: str) -> tuple[Any, Any, list]:
     """The pictures (first: a bad path fails before the model loads), the model and its prompt builder."""
-    from ..loading import PromptBuilder, load_image, load_model
+    from ..images import load_image
+    from ..loading import PromptBuilder, load_model
 
     pictures = [load_image(source) for source in image]
     loaded = load_model(model, dtype=dtype, device=device, attn=attn)

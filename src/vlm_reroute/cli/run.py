@@ -141,7 +141,8 @@ def _check_method(name: str) -> None:
 
 
 def _image(source: str) -> Any:
-    from ..loading import LoadError, load_image
+    from ..images import load_image
+    from ..loading import LoadError
 
     try:
         return load_image(source)
