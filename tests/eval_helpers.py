@@ -8,23 +8,44 @@ from pathlib import Path
 
 import torch
 
+from vlm_reroute.families import family_names
 from vlm_reroute.testing.checkpoints import save_tiny_checkpoint
 from vlm_reroute.testing.datasets import save_rec_dataset, save_vqa_dataset, write_vqa_task
 
 MAX_NEW_TOKENS = 12
 
 
+class Workspace(dict):
+    """Paths of an evaluation workspace; a family's tiny checkpoint is saved the first time it is asked for
+    (``ws["internvl"]``), so a session saves only the families its tests use, once."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, key: str) -> Path:
+        if key not in family_names():
+            raise KeyError(key)
+        self[key] = save_tiny_checkpoint(key, self.root / f"ckpt_{key}")
+        return self[key]
+
+
 @cache
-def workspace(root: Path) -> dict[str, Path]:
-    """Tiny checkpoints of every family, a REC and a VQA dataset, and a task folder, under ``root``."""
-    out = {f: save_tiny_checkpoint(f, root / f"ckpt_{f}") for f in ("llava", "qwen2_vl", "qwen2_5_vl")}
-    out["rec"] = save_rec_dataset(root / "rec", n=4)
-    out["vqa"] = save_vqa_dataset(root / "vqa", n=4)
+def workspace(root: Path) -> Workspace:
+    """A REC and a VQA dataset and a task folder under ``root``, and tiny checkpoints on demand."""
     from vlm_reroute.eval.tasks import write_task_dir
 
+    out = Workspace(root)
+    out["rec"] = save_rec_dataset(root / "rec", n=4)
+    out["vqa"] = save_vqa_dataset(root / "vqa", n=4)
     out["tasks"] = write_task_dir(root / "tasks", {"refcoco": str(out["rec"])})
     write_vqa_task(out["tasks"], out["vqa"])
     return out
+
+
+def shared_workspace(tmp_path_factory) -> Workspace:
+    """The session's workspace (one per test process): every eval test module shares its files."""
+    return workspace(tmp_path_factory.getbasetemp() / "eval-workspace")
 
 
 def rec_docs(path: Path, family: str) -> list[dict]:
@@ -32,8 +53,10 @@ def rec_docs(path: Path, family: str) -> list[dict]:
     import datasets
 
     from vlm_reroute.eval.tasks import refcoco
+    from vlm_reroute.families import get_family
 
-    preprocess = refcoco.preprocess_llava if family == "llava" else refcoco.preprocess_qwen
+    resized = refcoco.FORMATS[get_family(family).grounding].resized
+    preprocess = refcoco.preprocess_qwen if resized else refcoco.preprocess
     return list(preprocess(datasets.load_from_disk(str(path))["val"]))
 
 

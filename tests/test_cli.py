@@ -223,4 +223,5 @@ def test_version_and_python_dash_m_without_torch():
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines()[0] == f"vlm-reroute {__version__}"
-    assert [line.split()[0] for line in shown.stdout.splitlines()[1:]] == ["transformers", "torch", "lmms-eval"]
+    libraries = [line.split()[0] for line in shown.stdout.splitlines()[1:]]
+    assert libraries == ["transformers", "torch", "lmms-eval"]

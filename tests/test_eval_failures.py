@@ -110,9 +110,9 @@ pytest.importorskip("lmms_eval", reason="needs the eval extra: pip install -e '.
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from eval_helpers import workspace
+    from eval_helpers import shared_workspace
 
-    return workspace(tmp_path_factory.mktemp("failures"))
+    return shared_workspace(tmp_path_factory)
 
 
 def _launch(ws, out: Path, model_args: str, task: str = "tiny_pope") -> subprocess.CompletedProcess:

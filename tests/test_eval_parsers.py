@@ -155,17 +155,29 @@ def test_qwen2_vl_malformed_is_a_miss(text):
     assert parse_qwen2_vl(text) is None
 
 
-def test_parser_for_names_allowed_families():
-    assert parser_for("qwen2_vl") is parse_qwen2_vl
-    with pytest.raises(ValueError, match="allowed are llava, qwen2_vl, qwen2_5_vl"):
-        parser_for("llava_next")
+def test_parser_for_reads_each_family_in_its_format():
+    assert close(parser_for("qwen2_vl")("(120,340),(560,780)", 1, 1), (0.12, 0.34, 0.56, 0.78))
+    assert close(parser_for("llava")("[0.1, 0.2, 0.3, 0.4]", 1, 1), (0.1, 0.2, 0.3, 0.4))
+    assert close(parser_for("qwen2_5_vl")('{"bbox_2d": [10, 20, 30, 40]}', 100, 200), (0.1, 0.1, 0.3, 0.2))
+    with pytest.raises(ValueError, match="allowed are llava, llava_next"):
+        parser_for("llava_1.5")
 
 
-@pytest.mark.parametrize("junk", [None, 123, "\x00\x01", "[" * 10000, "(" * 5000 + "1,2),(3,4)"])
+@pytest.mark.parametrize("junk", [None, 123, "\x00\x01", "[" * 10000])
 def test_no_input_crashes_a_parser(junk):
     text = junk if isinstance(junk, str) else None
     assert parse_llava(text) is None
-    assert parse_qwen2_vl(text) in (None, (0.001, 0.002, 0.003, 0.004))
+    assert parse_qwen2_vl(text) is None
+    assert parse_qwen2_5_vl(text, 10, 10) is None
+
+
+def test_a_pair_after_thousands_of_open_parens_is_still_found():
+    # Qwen2-VL's rule is "the first (x1,y1),(x2,y2) pair, anything may precede it" (as in
+    # "the man(120, 340), (560, 780)"), so the pair at the end is the answer; the other formats
+    # (square brackets) find nothing in it
+    text = "(" * 5000 + "1,2),(3,4)"
+    assert close(parse_qwen2_vl(text), (0.001, 0.002, 0.003, 0.004))
+    assert parse_llava(text) is None
     assert parse_qwen2_5_vl(text, 10, 10) is None
 
 

@@ -11,7 +11,15 @@ import pytest
 from PIL import Image
 
 from vlm_reroute.eval.spec import MethodSpec, parse_list
-from vlm_reroute.eval.tasks import DATASETS, TASK_DIR, all_task_names, refcoco, task_yaml, write_task_dir
+from vlm_reroute.eval.tasks import (
+    DATASETS,
+    FAMILIES,
+    TASK_DIR,
+    all_task_names,
+    refcoco,
+    task_yaml,
+    write_task_dir,
+)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +82,8 @@ def test_spec_round_trips_through_model_args():
 def test_manifest_and_spec_import_neither_torch_nor_transformers():
     code = (
         "import sys; import vlm_reroute.eval.manifest, vlm_reroute.eval.spec, vlm_reroute.eval.parsers, "
-        "vlm_reroute.eval.metrics, vlm_reroute.eval.grid, vlm_reroute.eval.tasks.refcoco; "
+        "vlm_reroute.eval.metrics, vlm_reroute.eval.grid, vlm_reroute.eval.tasks.refcoco, "
+        "vlm_reroute.families; "
         "from vlm_reroute.eval.spec import MethodSpec; MethodSpec.from_args('pdrop', True, 64).build(); "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad"
     )
@@ -88,7 +97,7 @@ def test_shipped_yamls_are_the_generator_output(tmp_path):
     generated = {p.name: p.read_text() for p in tmp_path.glob("*.yaml")}
     assert shipped == generated
     assert sorted(Path(n).stem for n in shipped) == sorted(all_task_names())
-    assert len(shipped) == 3 * sum(len(splits) for _, splits in DATASETS.values())
+    assert len(shipped) == len(FAMILIES) * sum(len(splits) for _, splits in DATASETS.values()) == 81
 
 
 def test_dataset_location_is_a_setting(tmp_path):
@@ -148,3 +157,27 @@ def test_llava_prompt_is_lmms_eval_s():
     utils_rec = pytest.importorskip("lmms_eval.tasks.refcoco.utils_rec")
     doc = {"answer": "the man on the left"}
     assert refcoco.doc_to_text_llava(doc) == utils_rec.refcoco_bbox_rec_doc_to_text(doc)
+
+
+@pytest.mark.parametrize(
+    ("function", "expected"),
+    [
+        # the paper's (Nüwa / VScan) prompt, Qwen's wording in the Qwen3-VL fine-tuning README
+        (
+            "doc_to_text_qwen2_5_vl",
+            "Locate the man on the left in this image and output the bbox coordinates in JSON format.",
+        ),
+        (
+            "doc_to_text_qwen3_vl",
+            "Locate the man on the left in this image and output the bbox coordinates in JSON format.",
+        ),
+        # InternVL's evaluate_grounding.py prompt
+        (
+            "doc_to_text_internvl",
+            "Please provide the bounding box coordinate of the region this sentence describes: "
+            "<ref>the man on the left</ref>",
+        ),
+    ],
+)
+def test_each_format_asks_in_its_own_words(function, expected):
+    assert getattr(refcoco, function)({"answer": "the man on the left"}) == expected

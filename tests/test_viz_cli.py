@@ -13,11 +13,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import vlm_reroute.loading
+from vlm_reroute.adapters.layout import GridView, ImageLayout
 from vlm_reroute.adapters.llava import LlavaAdapter
 from vlm_reroute.budget import load_shape
 from vlm_reroute.budget.solver import UnreachableTargetWarning, solve_for_target
 from vlm_reroute.cli import app
-from vlm_reroute.adapters.layout import GridView, ImageLayout
 from vlm_reroute.methods import method_from_spec
 from vlm_reroute.testing.checkpoints import save_tiny_checkpoint
 

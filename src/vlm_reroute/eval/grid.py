@@ -49,12 +49,17 @@ PRIMARY_METRICS = {
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell; ``method="vanilla"`` (no reroute, no tier) is the baseline of its task."""
+    """One grid cell; ``method="vanilla"`` (no reroute, no tier) is the baseline of its task.
+
+    ``layers``: decision layers the tier is solved on (the method's defaults when ``None``); one choice per
+    grid (recorded in its settings), so it is not part of the cell's key.
+    """
 
     task: str
     method: str
     reroute: bool
     tier: float | None
+    layers: tuple[int, ...] | None = None
 
     @property
     def key(self) -> tuple:
@@ -69,13 +74,17 @@ class Cell:
     def spec(self) -> MethodSpec:
         if self.method == "vanilla":
             return MethodSpec(VANILLA)
-        return MethodSpec(self.method, reroute=self.reroute, tier=self.tier)
+        return MethodSpec(self.method, reroute=self.reroute, tier=self.tier, layers=self.layers)
 
 
 def plan(
-    tasks: Sequence[str], methods: Sequence[str], reroute: Sequence[bool], tiers: Sequence[float]
+    tasks: Sequence[str],
+    methods: Sequence[str],
+    reroute: Sequence[bool],
+    tiers: Sequence[float],
+    layers: Sequence[int] | None = None,
 ) -> list[Cell]:
-    """Vanilla for each task, then every method × reroute mode × tier, task by task."""
+    """Vanilla for each task, then every method × reroute mode × tier (on ``layers``), task by task."""
     if not tasks:
         raise ValueError("give at least one task")
     cells = []
@@ -84,7 +93,7 @@ def plan(
         for method in methods:
             for mode in reroute:
                 for tier in tiers:
-                    cell = Cell(task, method, mode, float(tier))
+                    cell = Cell(task, method, mode, float(tier), tuple(layers) if layers else None)
                     cell.spec()  # fail early on a bad method name or tier
                     cells.append(cell)
     return cells
@@ -140,14 +149,19 @@ def run_grid(
 
     An unknown task name is a ``ValueError`` before the model loads; a cell lmms-eval returns no
     results for is an :class:`~vlm_reroute.eval.failures.EvalFailed` (finished cells stay saved).
+    Under data parallelism (:mod:`.parallel`) every rank runs the same pending cells; rank 0 writes only
+    after lmms-eval gathered a cell from every rank, so no rank can read a results file ahead of another.
 
     ``model_factory()`` builds the lmms-eval model (a :class:`~vlm_reroute.eval.model.VlmReroute`),
     called once and only if a cell is left to run. ``settings`` (JSON-able: checkpoint, limit, model
     arguments) identify the run; a folder holding another run's results is refused.
     """
+    from .parallel import world
+
     out = Path(out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    _check_settings(out, {**settings, "limit": limit})
+    if world()[0] == 0:  # under data parallelism rank 0 alone writes (the others read the same results)
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+        _check_settings(out, {**settings, "limit": limit})
     results_path = out / "results.json"
     rows = load_results(results_path)
     done = {(r["task"], r["method"], r["reroute"], r["tier"]) for r in rows}
@@ -203,12 +217,20 @@ def evaluate_cell(model: Any, cell: Cell, limit: int | float | None, manager: An
     lmms-eval's failures (an import that breaks, a dataset that cannot load, a model error) become one
     line naming the cell, the error and where it was raised; the exception stays chained as the cause.
     """
+    import torch
     from lmms_eval.evaluator import simple_evaluate
 
     where = f"{cell.task}, {cell.spec().label}"
+    # as lmms-eval's own command line: a process group started by the launcher means its torchrun path
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     try:
         output = simple_evaluate(
-            model=model, tasks=[cell.task], limit=limit, log_samples=True, task_manager=manager
+            model=model,
+            tasks=[cell.task],
+            limit=limit,
+            log_samples=True,
+            task_manager=manager,
+            distributed_executor_backend="torchrun" if distributed else "accelerate",
         )
     except Exception as exc:
         frames = traceback.extract_tb(exc.__traceback__)

@@ -3,19 +3,23 @@
 A conversation is a list of ``{"role", "content"}`` messages whose content items are
 ``{"type": "text", "text": ...}`` or ``{"type": "image", "image": PIL.Image}`` (lmms-eval's
 ``ChatMessages.to_hf_messages()`` format). The checkpoint's processor builds the inputs when it can be
-loaded. ``Qwen2VLProcessor`` cannot be built without torchvision (it owns a video processor); then the
-inputs are assembled from the tokenizer and the image processor exactly as the processor would: chat
-template, one ``<|image_pad|>`` per merged patch for each image in order, ``mm_token_type_ids``.
+loaded. The Qwen, LLaVA-OneVision, InternVL and SmolVLM processors cannot be built without torchvision
+(they own a video processor); then the inputs are assembled from the tokenizer and the image processor
+exactly as the processor would (:func:`vlm_reroute.prompting.family_inputs`, the one expansion rule the
+pipeline and the CLI use too): chat template, each image placeholder expanded to the image's tokens.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
+
+from ..families import family_of_class
+from ..prompting import FAMILY_PROMPTS, family_inputs
 
 Conversation = list[dict[str, Any]]
 
@@ -66,18 +70,25 @@ class InputBuilder:
     processor: Any = None
     image_processor: Any = None
     image_token_id: int | None = None
+    model: Any = field(default=None, repr=False)
 
     @classmethod
     def from_pretrained(
         cls, name: str, model: Any, min_pixels: int | None = None, max_pixels: int | None = None
     ) -> InputBuilder:
+        """The checkpoint's processor, or (its processor needs torchvision) its tokenizer and image processor.
+
+        ``min_pixels`` / ``max_pixels`` bound the Qwen families' dynamic resolution; other families tile or
+        resize to fixed sizes, and passing them is an error naming the families they apply to.
+        """
         import transformers
 
         pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-        is_qwen = "Qwen" in type(model).__name__
-        if pixels and not is_qwen:
+        class_name = type(model).__name__
+        if pixels and not family_of_class(class_name).qwen_pixels:
             raise ValueError(
-                f"min_pixels/max_pixels apply to Qwen2-VL / Qwen2.5-VL only, not {type(model).__name__}"
+                "min_pixels/max_pixels apply to the Qwen families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, "
+                f"Qwen3.5), not {class_name}"
             )
         image_token_id = getattr(model.config, "image_token_id", None)
         if image_token_id is None:
@@ -86,14 +97,14 @@ class InputBuilder:
             processor = transformers.AutoProcessor.from_pretrained(name, **pixels)
             if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
                 processor.tokenizer.padding_side = "left"
-                return cls(tokenizer=processor.tokenizer, processor=processor, image_token_id=image_token_id)
-        except (OSError, ValueError, ImportError, AttributeError, TypeError):
-            if not is_qwen:
+                return cls(processor.tokenizer, processor, image_token_id=image_token_id, model=model)
+        except (OSError, ValueError, ImportError, AttributeError, TypeError, KeyError):
+            if class_name not in FAMILY_PROMPTS:
                 raise
         tokenizer = transformers.AutoTokenizer.from_pretrained(name)
         tokenizer.padding_side = "left"
         image_processor = transformers.AutoImageProcessor.from_pretrained(name, **pixels)
-        return cls(tokenizer=tokenizer, image_processor=image_processor, image_token_id=image_token_id)
+        return cls(tokenizer, image_processor=image_processor, image_token_id=image_token_id, model=model)
 
     def texts(self, conversations: list[Conversation]) -> list[str]:
         owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
@@ -106,37 +117,12 @@ class InputBuilder:
 
     def __call__(self, conversations: list[Conversation]) -> dict[str, torch.Tensor]:
         texts = self.texts(conversations)
-        images = [img for c in conversations for img in conversation_images(c)]
+        per_sample = [conversation_images(c) for c in conversations]
         if self.processor is not None:
+            images = [img for row in per_sample for img in row]
             kwargs = {"images": images} if images else {}
             return dict(self.processor(text=texts, padding=True, return_tensors="pt", **kwargs))
-        return self._qwen_inputs(texts, [conversation_images(c) for c in conversations])
-
-    def _qwen_inputs(self, texts: list[str], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
-        pad = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
-        flat = [img for per_sample in images for img in per_sample]
-        vision: dict[str, torch.Tensor] = {}
-        counts: list[int] = []
-        if flat:
-            vision = dict(self.image_processor(images=flat, return_tensors="pt"))
-            merge = self.image_processor.merge_size
-            counts = [int(g.prod()) // (merge * merge) for g in vision["image_grid_thw"]]
-        expanded, cursor = [], 0
-        for text, per_sample in zip(texts, images, strict=True):
-            pieces = text.split(pad)
-            if len(pieces) - 1 != len(per_sample):
-                raise ValueError(
-                    f"the chat template placed {len(pieces) - 1} image tokens {pad!r} for "
-                    f"{len(per_sample)} images"
-                )
-            out = pieces[0]
-            for piece in pieces[1:]:
-                out += pad * counts[cursor] + piece
-                cursor += 1
-            expanded.append(out)
-        encoded = dict(self.tokenizer(expanded, padding=True, return_tensors="pt"))
-        encoded["mm_token_type_ids"] = (encoded["input_ids"] == self.image_token_id).to(torch.int)
-        return {**encoded, **vision}
+        return family_inputs(self.model, self.tokenizer, self.image_processor, per_sample, texts)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -131,9 +132,18 @@ class VlmRerouteSimple(lmms):
 
         accelerator = Accelerator()
         cuda = torch.cuda.is_available()
-        if accelerator.num_processes > 1:
-            self._device = torch.device(f"cuda:{accelerator.local_process_index}" if cuda else "cpu")
-            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        rank, world, local = (
+            accelerator.process_index,
+            accelerator.num_processes,
+            accelerator.local_process_index,
+        )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # torchrun on CPU: the process group exists while accelerate reports a single process
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            local = int(os.environ.get("LOCAL_RANK", rank))
+        if world > 1:
+            self._device = torch.device(f"cuda:{local}" if cuda else "cpu")
+            self._rank, self._world_size = rank, world
         else:
             name = device or ("cuda" if cuda else "cpu")
             if name.startswith("cuda") and not cuda:

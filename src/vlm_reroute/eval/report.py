@@ -1,8 +1,11 @@
 """The paper-style table (Markdown and CSV) and the accuracy-vs-avg_T chart of a grid's ``results.json``.
 
 Rows are method and tier (vanilla first), columns are tasks: the absolute score (in % when the metric
-is a fraction) and its retention, the score as a percentage of vanilla's on the same task. The last
-columns are the measured avg_T and TFLOPs averaged over the row's tasks.
+is a fraction) and its retention, the score as a percentage of vanilla's on the same task. When the
+grid holds RefCOCO grounding splits, the paper's summary column follows: the **average ratio**, the
+mean over those splits of score ÷ vanilla score (in %; splits where vanilla scored 0 are left out, and
+the cell is empty when none is left). The last columns are the measured avg_T and TFLOPs averaged over
+the row's tasks.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .presets import is_grounding_task
 
 _DISPLAY = {"vanilla": "vanilla", "fastv": "FastV", "pdrop": "PDrop", "random": "Random"}
 
@@ -35,14 +40,28 @@ def _fraction_tasks(results: Sequence[dict[str, Any]]) -> set[str]:
     return {t for t, v in by_task.items() if all(0.0 <= x <= 1.0 for x in v)}
 
 
+def average_ratio(results: Sequence[dict[str, Any]], method: str, reroute: bool, tier: Any) -> float | None:
+    """Mean over the grounding splits of this row's score ÷ vanilla's, in % (``None``: no split counts)."""
+    by_key = {(r["task"], r["method"], r["reroute"], r["tier"]): r for r in results}
+    vanilla = {r["task"]: r["value"] for r in results if r["method"] == "vanilla"}
+    ratios = [
+        row["value"] / vanilla[task]
+        for (task, *key), row in by_key.items()
+        if tuple(key) == (method, reroute, tier) and is_grounding_task(task) and vanilla.get(task)
+    ]
+    return 100.0 * sum(ratios) / len(ratios) if ratios else None
+
+
 def table_rows(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows (numbers, ``None`` where a cell is missing) of the table."""
+    """Header and rows (numbers, ``None`` where a cell is missing) of the table: per task the score and its
+    retention, then ``average ratio %`` (when grounding splits are present), avg_T and TFLOPs."""
     tasks, keys, cell = _rows(results)
     percent = _fraction_tasks(results)
+    grounding = any(is_grounding_task(t) for t in tasks)
     header = ["method", "tier"]
     for task in tasks:
         header += [f"{task} ({cell_metric(results, task)})", f"{task} retention %"]
-    header += ["avg_T", "TFLOPs"]
+    header += [*(["average ratio %"] if grounding else []), "avg_T", "TFLOPs"]
     rows = []
     for method, reroute, tier in keys:
         row: list[Any] = [_name(method, reroute), tier]
@@ -57,6 +76,8 @@ def table_rows(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[
             retention = 100.0 * r["value"] / base["value"] if base and base["value"] else None
             row += [r["value"] * scale, retention]
             measured.append(r)
+        if grounding:
+            row.append(average_ratio(results, method, reroute, tier))
         row.append(sum(r["avg_visual_tokens"] for r in measured) / len(measured) if measured else None)
         row.append(sum(r["tflops"] for r in measured) / len(measured) if measured else None)
         rows.append(row)
@@ -77,8 +98,9 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 def markdown(results: Sequence[dict[str, Any]], title: str = "") -> str:
     header, rows = table_rows(results)
-    tasks = header[2:-2:2]
-    head = ["method", "tier", *(t.split(" (")[0] for t in tasks), "avg_T", "TFLOPs"]
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    ratio = "average ratio %" in header
+    head = ["method", "tier", *tasks, *(["avg ratio"] if ratio else []), "avg_T", "TFLOPs"]
     lines = [f"### {title}", ""] if title else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -87,14 +109,22 @@ def markdown(results: Sequence[dict[str, Any]], title: str = "") -> str:
             for i in range(len(tasks))
         ]
         tier = "–" if row[1] is None else f"{row[1]:g}"
-        lines.append("| " + " | ".join([row[0], tier, *scores, _fmt(row[-2]), _fmt(row[-1], 4)]) + " |")
-    metrics = ", ".join(f"{t.split(' (')[0]}: {t.split(' (')[1][:-1]}" for t in tasks)
+        extra = [f"{_fmt(row[-3])}%" if row[-3] is not None else "–"] if ratio else []
+        lines.append(
+            "| " + " | ".join([row[0], tier, *scores, *extra, _fmt(row[-2]), _fmt(row[-1], 4)]) + " |"
+        )
+    metrics = ", ".join(f"{t}: {cell_metric(results, t)}" for t in tasks)
     lines += [
         "",
         f"Scores ({metrics}) in % when the metric is a fraction, with retention (% of vanilla) in "
         "brackets; avg_T (visual tokens per decoder layer) and TFLOPs (FastV's convention, text + visual "
         "tokens) as executed, averaged over the row's tasks.",
     ]
+    if ratio:
+        lines[-1] += (
+            " avg ratio: the paper's summary, the mean over the RefCOCO splits of score ÷ vanilla score "
+            "(splits where vanilla scored 0 left out)."
+        )
     return "\n".join(lines) + "\n"
 
 

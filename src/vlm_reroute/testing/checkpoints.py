@@ -6,7 +6,12 @@ commands. The tokenizer is character-level (a BPE with no merges) plus the famil
 tokens at the ids the tiny configs use. Saving is quiet: the expected "falls back to the PIL
 image processor" notice (no torchvision) and the shard-writing bar are silenced.
 
+Every family of :data:`vlm_reroute.families.FAMILIES` is saved by :func:`save_tiny_checkpoint`: LLaVA-1.5,
+Qwen2-VL and Qwen2.5-VL by the first kit (:mod:`.models`, configurable ``image_size``), the others by
+:func:`.families.save_tiny_family_checkpoint` (8 layers, each family's layout rules at small sizes).
+
     python -m vlm_reroute.testing llava /tmp/tiny-llava
+    python -m vlm_reroute.testing internvl /tmp/tiny-internvl
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
+from ..families import get_family
 from ..loading import quiet_transformers
+from .models import FAMILIES as FIRST_KIT
 from .models import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, VOCAB, tiny_model
 
 LLAVA_TEMPLATE = (
@@ -57,9 +64,20 @@ def _tokenizer(specials: dict[str, int]) -> PreTrainedTokenizerFast:
 
 
 def save_tiny_checkpoint(family: str, path: str | Path, **model_kwargs) -> Path:
-    """Write a tiny ``family`` model and a matching processor to ``path`` (created), quietly."""
+    """Write a tiny ``family`` model and a matching processor to ``path`` (created), quietly.
+
+    ``family`` is any name of :func:`vlm_reroute.families.family_names`; ``model_kwargs`` go to the
+    family's tiny model (``shape=TextShape(layers=32)``, ``seed``, ``std``; ``image_size`` for LLaVA-1.5).
+    The folder loads with the Auto classes, :func:`vlm_reroute.pipeline`, every ``vlm-reroute`` command
+    and the lmms-eval model ``vlm_reroute``.
+    """
+    get_family(family)  # an unknown name: one error listing the families
     with quiet_transformers():
-        return _save(family, Path(path), **model_kwargs)
+        if family in FIRST_KIT:
+            return _save(family, Path(path), **model_kwargs)
+        from .families import save_tiny_family_checkpoint
+
+        return save_tiny_family_checkpoint(family, Path(path), **model_kwargs)
 
 
 def _save(family: str, path: Path, **model_kwargs) -> Path:

@@ -1,8 +1,9 @@
 """Tiny evaluation datasets with real images drawn by PIL, saved in the layout of lmms-eval's datasets.
 
 * :func:`save_rec_dataset`: referring-expression grounding in the schema of ``lmms-lab/RefCOCO``
-  (``question_id``, ``image``, ``question``, ``answer`` = list of expressions, ``bbox`` = ``[x, y, w, h]``
-  in pixels, ``file_name``): coloured shapes on a plain background, each expression names one shape.
+  (``question_id``, ``image``, ``question``, ``answer`` = list of expressions, ``segmentation`` = polygon,
+  ``bbox`` = ``[x, y, w, h]`` in pixels, ``iscrowd``, ``file_name``): coloured shapes on a plain
+  background, each expression names one shape.
 * :func:`save_vqa_dataset`: yes/no questions in the schema of ``lmms-lab/POPE`` (``question_id``,
   ``question``, ``answer`` ∈ {yes, no}, ``image``, ``category``, ``image_source``).
 
@@ -45,6 +46,12 @@ def _scene(seed: int, size: tuple[int, int]) -> tuple[Image.Image, list[tuple[st
     return image, objects
 
 
+def _polygon(box: list[float]) -> list[float]:
+    """The box outline as a COCO polygon ``[x1, y1, x2, y1, x2, y2, x1, y2]`` (RefCOCO's segmentation)."""
+    x, y, w, h = box
+    return [x, y, x + w, y, x + w, y + h, x, y + h]
+
+
 def save_rec_dataset(path: str | Path, n: int = 4, splits: tuple[str, ...] = ("val",), seed: int = 0) -> Path:
     """Write a RefCOCO-shaped dataset of ``n`` images per split (two expressions per image) to ``path``."""
     import datasets
@@ -56,7 +63,9 @@ def save_rec_dataset(path: str | Path, n: int = 4, splits: tuple[str, ...] = ("v
             "image": datasets.Image(),
             "question": datasets.Value("string"),
             "answer": datasets.Sequence(datasets.Value("string")),
+            "segmentation": datasets.Sequence(datasets.Value("float32")),
             "bbox": datasets.Sequence(datasets.Value("float32")),
+            "iscrowd": datasets.Value("int8"),
             "file_name": datasets.Value("string"),
         }
     )
@@ -73,7 +82,9 @@ def save_rec_dataset(path: str | Path, n: int = 4, splits: tuple[str, ...] = ("v
                     "question": "Please carefully observe the area circled in the image and come up with a "
                     "caption for the area.",
                     "answer": [f"the {colour} {shape}", f"{colour} one"],
+                    "segmentation": _polygon(box),
                     "bbox": box,
+                    "iscrowd": 0,
                     "file_name": f"{split}_{i}.png",
                 }
             )

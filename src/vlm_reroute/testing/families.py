@@ -16,6 +16,7 @@ from pathlib import Path
 
 import transformers as tf
 
+from ..families import family_of_config
 from .family_inputs import (
     OFFLINE_PROCESSORS,
     PROCESSORS,
@@ -51,24 +52,16 @@ __all__ = [
     "tiny_family_processor",
 ]
 
-_MODEL_TYPES = {
-    "qwen3_vl": "qwen3_vl",
-    "qwen3_vl_moe": "qwen3_vl_moe",
-    "qwen3_5": "qwen3_5",
-    "llava_next": "llava_next",
-    "llava_onevision": "llava_onevision",
-    "internvl": "internvl",
-    "idefics3": "idefics3",
-    "smolvlm": "smolvlm",
-}
-
 
 def family_of(config: tf.PreTrainedConfig) -> str:
-    """The family name of a model config (its ``model_type``), or a ValueError naming the known ones."""
-    for family, model_type in _MODEL_TYPES.items():
-        if config.model_type == model_type:
-            return family
-    raise ValueError(f"model_type={config.model_type!r} is none of {', '.join(NEW_FAMILIES)}")
+    """The family name of a newer-family model config, or a ValueError naming the known ones."""
+    try:
+        family = family_of_config(config).name
+    except ValueError:
+        family = None
+    if family not in NEW_FAMILIES:
+        raise ValueError(f"model_type={config.model_type!r} is none of {', '.join(NEW_FAMILIES)}")
+    return family
 
 
 def save_tiny_family_checkpoint(family: str, path: str | Path, **model_kwargs) -> Path:

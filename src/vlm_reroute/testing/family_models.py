@@ -15,18 +15,12 @@ import torch
 import transformers as tf
 from transformers import PreTrainedModel
 
+from ..families import FAMILIES
+from .models import FAMILIES as FIRST_KIT
 from .models import PAD_TOKEN, VOCAB, TextShape, _init_weights
 
-FAMILY_CLASSES = {
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-    "qwen3_5": "Qwen3_5ForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "internvl": "InternVLForConditionalGeneration",
-    "idefics3": "Idefics3ForConditionalGeneration",
-    "smolvlm": "SmolVLMForConditionalGeneration",
-}
+# the families this kit builds (the others are the first kit's, :mod:`.models`), classes from the table
+FAMILY_CLASSES = {f.name: f.model_class for f in FAMILIES if f.name not in FIRST_KIT}
 NEW_FAMILIES = tuple(FAMILY_CLASSES)
 
 _QWEN = {

@@ -1,11 +1,13 @@
 """RefCOCO / RefCOCO+ / RefCOCOg grounding (REC) for each model family, as lmms-eval task functions.
 
-The task YAMLs next to this module name these functions (``!function vlm_reroute.eval.tasks.refcoco.*``).
-Data preparation follows lmms-eval's ``refcoco_bbox_rec`` (ground truth ``[x, y, w, h]`` pixels →
-``[x1, y1, x2, y2]`` normalised by the original image, one row per referring expression), plus the
-size of the image the model sees:
+The task YAMLs next to this module name these functions (``!function vlm_reroute.eval.tasks.refcoco.*``),
+one set per grounding format (:data:`vlm_reroute.eval.parsers.FORMATS`; a family uses its format's
+functions). Data preparation follows lmms-eval's ``refcoco_bbox_rec`` (ground truth ``[x, y, w, h]``
+pixels → ``[x1, y1, x2, y2]`` normalised by the original image, one row per referring expression), plus
+the size of the image the model sees:
 
-* LLaVA-1.5: the original image and lmms-eval's prompt (normalised floats in brackets).
+* LLaVA-1.5 / NeXT / OneVision, Qwen3-VL / Qwen3.5, InternVL: the original image (their coordinates are
+  relative to the whole image, so the model's own resizing or tiling does not change their meaning).
 * Qwen2-VL / Qwen2.5-VL: the image resized by Qwen's own ``smart_resize`` (multiples of 28 pixels, at
   most ``max_pixels``; default 451584 = 576 visual tokens, the paper's setting) before it reaches the
   model, so the model's processor keeps that size and the box in pixels of that input (Qwen2.5-VL) maps
@@ -20,21 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ..metrics import METRICS, mean, sample_scores
-from ..parsers import parse_llava, parse_qwen2_5_vl, parse_qwen2_vl
+from ..parsers import FORMATS, LLAVA_PROMPT, QWEN2_VL_PROMPT, QWEN_JSON_PROMPT  # noqa: F401 (re-exported)
 
 QWEN_MAX_PIXELS = 451584  # 576 merged tokens of 28 x 28 pixels
 QWEN_MIN_PIXELS = 3136
 QWEN_FACTOR = 28
-
-LLAVA_PROMPT = (
-    "Bounding box coordinates are specified in the format (top-left x, top-left y, bottom-right x, "
-    "bottom-right y). All values are floating point numbers bounded between 0 and 1. Please provide the "
-    "bounding box coordinate of the region this sentence describes: {expression}"
-)  # lmms-eval's refcoco_bbox_rec prompt, verbatim
-QWEN2_5_VL_PROMPT = "Locate {expression} in the image, and output its bbox coordinates in JSON format."
-QWEN2_VL_PROMPT = (
-    "Output the bounding box of <|object_ref_start|>{expression}<|object_ref_end|> in the image."
-)
+QWEN2_5_VL_PROMPT = QWEN_JSON_PROMPT
 
 
 def qwen_input_size(width: int, height: int, max_pixels: int = QWEN_MAX_PIXELS) -> tuple[int, int]:
@@ -74,13 +67,14 @@ def make_preprocess(resize_for_qwen: bool, max_pixels: int = QWEN_MAX_PIXELS) ->
     return preprocess
 
 
-preprocess_llava = make_preprocess(resize_for_qwen=False)
+preprocess = make_preprocess(resize_for_qwen=False)
+preprocess_llava = preprocess  # the name the first shipped YAMLs used
 preprocess_qwen = make_preprocess(resize_for_qwen=True)
 
 
 # ---------------------------------------------------------------------------------------- visuals, prompts
 def doc_to_visual(doc: dict) -> list:
-    """The original image (LLaVA-1.5)."""
+    """The original image (every family but Qwen2-VL / Qwen2.5-VL)."""
     return [doc["image"].convert("RGB")]
 
 
@@ -93,16 +87,19 @@ def doc_to_visual_qwen(doc: dict) -> list:
     return [image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)]
 
 
-def doc_to_text_llava(doc: dict) -> str:
-    return LLAVA_PROMPT.format(expression=doc["answer"])
+def _doc_to_text(name: str) -> Callable[[dict], str]:
+    def doc_to_text(doc: dict) -> str:
+        return FORMATS[name].prompt.format(expression=doc["answer"])
+
+    doc_to_text.__name__ = f"doc_to_text_{name}"
+    return doc_to_text
 
 
-def doc_to_text_qwen2_5_vl(doc: dict) -> str:
-    return QWEN2_5_VL_PROMPT.format(expression=doc["answer"])
-
-
-def doc_to_text_qwen2_vl(doc: dict) -> str:
-    return QWEN2_VL_PROMPT.format(expression=doc["answer"])
+doc_to_text_llava = _doc_to_text("llava")
+doc_to_text_qwen2_vl = _doc_to_text("qwen2_vl")
+doc_to_text_qwen2_5_vl = _doc_to_text("qwen2_5_vl")
+doc_to_text_qwen3_vl = _doc_to_text("qwen3_vl")
+doc_to_text_internvl = _doc_to_text("internvl")
 
 
 # ---------------------------------------------------------------------------------------- scoring
@@ -117,17 +114,20 @@ def _result(doc: dict, results: list[str], box: Any) -> dict[str, dict]:
     return {f"refcoco_{metric}": record for metric in METRICS}
 
 
-def process_results_llava(doc: dict, results: list[str]) -> dict[str, dict]:
-    return _result(doc, results, parse_llava(results[0] if results else ""))
+def _process_results(name: str) -> Callable[[dict, list[str]], dict[str, dict]]:
+    def process_results(doc: dict, results: list[str]) -> dict[str, dict]:
+        text = results[0] if results else ""
+        return _result(doc, results, FORMATS[name].parse(text, doc["input_width"], doc["input_height"]))
+
+    process_results.__name__ = f"process_results_{name}"
+    return process_results
 
 
-def process_results_qwen2_5_vl(doc: dict, results: list[str]) -> dict[str, dict]:
-    text = results[0] if results else ""
-    return _result(doc, results, parse_qwen2_5_vl(text, doc["input_width"], doc["input_height"]))
-
-
-def process_results_qwen2_vl(doc: dict, results: list[str]) -> dict[str, dict]:
-    return _result(doc, results, parse_qwen2_vl(results[0] if results else ""))
+process_results_llava = _process_results("llava")
+process_results_qwen2_vl = _process_results("qwen2_vl")
+process_results_qwen2_5_vl = _process_results("qwen2_5_vl")
+process_results_qwen3_vl = _process_results("qwen3_vl")
+process_results_internvl = _process_results("internvl")
 
 
 def _aggregate(metric: str) -> Callable[[list[dict]], float]:
