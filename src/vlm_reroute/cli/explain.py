@@ -53,42 +53,11 @@ def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
     return values  # type: ignore[return-value]
 
 
-def _chat_text(builder: Any, n_images: int, prompt: str) -> str:
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
-    messages = [{"role": "user", "content": content}]
-    processor = builder.processor
-    owner = processor if processor is not None and processor.chat_template else builder.tokenizer
-    if getattr(owner, "chat_template", None):
-        return owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return "USER: " + "<image>\n" * n_images + f"{prompt} ASSISTANT:"  # LLaVA-1.5's format
-
-
 def build_inputs(builder: Any, pictures: list, prompts: list[str], model: Any) -> dict:
-    """A batch: one sample per prompt, each holding every picture, in the checkpoint's format."""
-    import torch
-
-    texts = [_chat_text(builder, len(pictures), p) for p in prompts]
-    images = pictures * len(prompts)
-    if builder.processor is not None:
-        inputs = builder.processor(images=images, text=texts, padding=True, return_tensors="pt")
-    else:  # Qwen without its full processor: assemble as the processor would (see loading.py)
-        vision = builder.image_processor(images=images, return_tensors="pt")
-        merge = builder.image_processor.merge_size
-        counts = iter((vision["image_grid_thw"].prod(dim=1) // merge**2).tolist())
-        pad = builder.tokenizer.convert_ids_to_tokens(model.config.image_token_id)
-        expanded = []
-        for text in texts:
-            pieces = text.split(pad)
-            if len(pieces) != len(pictures) + 1:
-                fail(
-                    f"the chat template placed {len(pieces) - 1} image tokens {pad!r} "
-                    f"for {len(pictures)} images"
-                )
-            expanded.append("".join(p + pad * next(counts) for p in pieces[:-1]) + pieces[-1])
-        encoded = builder.tokenizer(expanded, padding=True, return_tensors="pt")
-        mm_types = (encoded["input_ids"] == model.config.image_token_id).to(torch.int)
-        inputs = {**encoded, **vision, "mm_token_type_ids": mm_types}
-    return {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    """A batch: one sample per prompt, each holding every picture, in the checkpoint's format (the
+    prompt builder every command uses: processor, or tokenizer + image processor where the family's
+    processor needs torchvision)."""
+    return builder.batch([(pictures, prompt) for prompt in prompts], model)
 
 
 def _prefill_trace(model: Any, inputs: dict, method: Any) -> Any:
