@@ -1,13 +1,28 @@
 """A plain, slow float64 reference of routed execution, written from the method spec (method.md).
 
 It shares no code with ``vlm_reroute`` (nor with ``tests/reference.py``). From the model it takes
-what belongs to the model, not to the method: the merged input embeddings and the model's own
-position ids (captured on the decoder's input), the weights, the RMSNorm epsilons, the RoPE
-``inv_freq`` buffer and ``mrope_section``. Everything after that is computed here in float64, one
-sample at a time with its padding removed (padding is then neither a key nor a query): RMSNorm,
-Q/K/V/O projections, RoPE / Qwen MRoPE, GQA, causal attention, SwiGLU MLP, final norm, LM head,
-the last-token attention score, per-image top-k, prune / reroute stages, and decoding over each
-layer's own cache.
+what belongs to the model, not to the method: the merged input embeddings, the model's own
+position ids and (Qwen3-VL) its DeepStack rows (captured on the decoder's input), the weights, the
+RMSNorm epsilons, the RoPE ``inv_freq`` buffer, ``mrope_section`` and ``layer_types``. Everything
+after that is computed here in float64, one sample at a time with its padding removed (padding is
+then neither a key nor a query): RMSNorm, Q/K/V/O projections, RoPE / Qwen MRoPE, GQA, causal
+attention, SwiGLU MLP, final norm, LM head, the last-token attention score, per-image top-k,
+prune / reroute stages, and decoding over each layer's own cache.
+
+Family semantics, written from the models (``docs/families-notes.md`` cites the transformers lines):
+
+* decoder at ``model.model.language_model``, or ``model.model.text_model`` (Idefics3, SmolVLM);
+* Qwen2-VL / Qwen2.5-VL MRoPE: consecutive frequency chunks follow t, h, w; Qwen3-VL and Qwen3.5:
+  *interleaved* — frequency ``j`` follows h if ``j % 3 == 1`` and ``j < 3·section[1]``, w if
+  ``j % 3 == 2`` and ``j < 3·section[2]``, else t;
+* Qwen3-VL (and MoE): q/k RMSNorm per head before RoPE; DeepStack level ``i`` is added after decoder
+  layer ``i`` to the visual tokens, each its own row — under routing to the visual tokens present
+  in that layer only; the MoE MLP routes each token to its top-k experts (softmax, renormalised);
+* Qwen3.5: zero-centred RMSNorm ``x·rsqrt(mean x²+eps)·(1+w)`` (the gated norm of the linear layers
+  is plain); full-attention layers with a gated query (``q_proj`` gives query and gate per head),
+  q/k norms and partial RoPE (the first ``2·len(inv_freq)`` dims rotate); linear-attention layers:
+  causal depthwise convolution, SiLU, the gated delta rule, gated RMSNorm, output projection. Under
+  routing a linear layer runs on its stage's tokens in sequence order, as if the others were absent.
 
 Method: FastV (arXiv 2403.06764), PyramidDrop (arXiv 2410.17247), Reroute (arXiv 2606.12412).
 """
@@ -27,35 +42,46 @@ class _Captured(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# What the model provides: embeddings, position ids, weights
+# What the model provides: embeddings, position ids, DeepStack rows, weights
 # ---------------------------------------------------------------------------------------------
+def decoder_of(model):
+    """The language model: ``model.model.text_model`` (Idefics3, SmolVLM) or ``.language_model``."""
+    inner = model.model
+    return inner.text_model if hasattr(inner, "text_model") else inner.language_model
+
+
 @dataclass
 class Prompt:
     """One sample without its padding: ``embeds`` ``(n, D)``, ``positions`` ``(axes, n)`` (1 or 3
-    axes), ``visual`` ``(n,)`` bool and ``image`` ``(n,)`` image number (-1 off images)."""
+    axes), ``visual`` ``(n,)`` bool, ``image`` ``(n,)`` image number (-1 off images) and
+    ``deepstack``: per DeepStack level, one row ``(D,)`` per visual token of the sample, in order."""
 
     embeds: Tensor
     positions: Tensor
     visual: Tensor
     image: Tensor
     padding: int  # left padding removed from the batch row
+    deepstack: list[Tensor]
 
 
 def capture_prompts(
     model, inputs: dict, image_sizes: list[list[int]], generate: bool = False
 ) -> list[Prompt]:
-    """Merged embeddings and position ids as the model hands them to its decoder, split per sample.
+    """Merged embeddings, position ids and DeepStack rows as the model hands them to its decoder,
+    split per sample.
 
     ``generate=True`` captures the prefill of ``model.generate`` (its position ids come from the
     attention mask, unlike a plain forward). ``image_sizes[b]``: token count of each image of
     sample ``b`` in sequence order (the visual tokens are split into images by these counts).
     """
-    decoder = model.model.language_model
+    decoder = decoder_of(model)
     got: dict = {}
 
     def grab(module, args, kwargs):
         got["embeds"] = kwargs["inputs_embeds"].detach()
         got["positions"] = kwargs.get("position_ids")
+        got["deepstack"] = kwargs.get("deepstack_visual_embeds")
+        got["deepstack_mask"] = kwargs.get("visual_pos_masks")
         raise _Captured
 
     handle = decoder.register_forward_pre_hook(grab, with_kwargs=True)
@@ -75,12 +101,18 @@ def capture_prompts(
         pos = torch.arange(n)[None, None].expand(1, batch, n)
     elif pos.ndim == 2:
         pos = pos[None]
-    elif pos.shape[0] == 4:  # Qwen in generate: text positions first, then the 3 MRoPE axes
+    elif pos.shape[0] == 4:  # Qwen: text positions first, then the 3 MRoPE axes
         pos = pos[1:]
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
     image_token = int(model.config.image_token_id)
+    # DeepStack rows go to the True positions of the (B, S) mask in row-major order: sample b's rows
+    # follow those of the samples before it
+    levels, ds_mask = got["deepstack"] or [], got["deepstack_mask"]
+    first_row = [0] * (batch + 1)
+    if levels:
+        first_row = [0, *ds_mask.sum(dim=1).cumsum(0).tolist()]
     prompts = []
     for b in range(batch):
         keep = valid[b]
@@ -90,6 +122,9 @@ def capture_prompts(
         if int(visual.sum()) != sum(sizes):
             raise ValueError(f"sample {b}: {int(visual.sum())} image tokens, image sizes {sizes}")
         image[visual] = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        if levels and not torch.equal(ds_mask[b][keep], visual):
+            raise ValueError(f"sample {b}: the DeepStack mask is not the image-token mask")
+        rows = [level[first_row[b] : first_row[b + 1]].detach().to(F64) for level in levels]
         prompts.append(
             Prompt(
                 embeds=embeds[b][keep].to(F64),
@@ -97,24 +132,72 @@ def capture_prompts(
                 visual=visual,
                 image=image,
                 padding=int((~keep).sum()),
+                deepstack=rows,
             )
         )
     return prompts
 
 
 @dataclass
-class LayerWeights:
-    ln1: Tensor
-    eps1: float
+class AttentionWeights:
+    """A softmax-attention mixer. ``q`` gives ``heads·head_dim`` (or, gated, query and gate per head:
+    ``heads·2·head_dim``); ``q_norm`` / ``k_norm`` are per-head RMSNorm weights or None."""
+
     q: tuple[Tensor, Tensor | None]
     k: tuple[Tensor, Tensor | None]
     v: tuple[Tensor, Tensor | None]
     o: tuple[Tensor, Tensor | None]
+    q_norm: Tensor | None
+    k_norm: Tensor | None
+    qk_eps: float
+    gated: bool
+
+
+@dataclass
+class LinearWeights:
+    """A Gated DeltaNet mixer (Qwen3.5's linear attention)."""
+
+    qkv: Tensor
+    z: Tensor
+    b: Tensor
+    a: Tensor
+    conv: Tensor  # (channels, kernel): depthwise, causal
+    a_log: Tensor
+    dt_bias: Tensor
+    norm: Tensor
+    norm_eps: float
+    out: Tensor
+    k_heads: int
+    v_heads: int
+    k_dim: int
+    v_dim: int
+
+
+@dataclass
+class MlpWeights:
+    """SwiGLU; ``experts`` (E, 2I, D) / ``expert_down`` (E, D, I) with a ``router`` for a MoE block."""
+
+    gate: Tensor | None = None
+    up: Tensor | None = None
+    down: Tensor | None = None
+    router: Tensor | None = None
+    experts: Tensor | None = None
+    expert_down: Tensor | None = None
+    top_k: int = 0
+
+
+@dataclass
+class LayerWeights:
+    ln1: Tensor
+    eps1: float
+    mixer: AttentionWeights | LinearWeights
     ln2: Tensor
     eps2: float
-    gate: Tensor
-    up: Tensor
-    down: Tensor
+    mlp: MlpWeights
+
+    @property
+    def linear(self) -> bool:
+        return isinstance(self.mixer, LinearWeights)
 
 
 def _linear_weights(module) -> tuple[Tensor, Tensor | None]:
@@ -124,6 +207,60 @@ def _linear_weights(module) -> tuple[Tensor, Tensor | None]:
 
 def _eps(norm) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", None)))
+
+
+def _w(param) -> Tensor:
+    return param.detach().to(F64)
+
+
+def _mlp(mlp) -> MlpWeights:
+    if hasattr(mlp, "experts"):  # Qwen3-VL-MoE sparse block: router + stacked experts
+        return MlpWeights(
+            router=_w(mlp.gate.weight),
+            experts=_w(mlp.experts.gate_up_proj),
+            expert_down=_w(mlp.experts.down_proj),
+            top_k=int(mlp.gate.top_k),
+        )
+    return MlpWeights(gate=_w(mlp.gate_proj.weight), up=_w(mlp.up_proj.weight), down=_w(mlp.down_proj.weight))
+
+
+def _attention(attn, gated: bool) -> AttentionWeights:
+    q_norm = getattr(attn, "q_norm", None)
+    k_norm = getattr(attn, "k_norm", None)
+    return AttentionWeights(
+        q=_linear_weights(attn.q_proj),
+        k=_linear_weights(attn.k_proj),
+        v=_linear_weights(attn.v_proj),
+        o=_linear_weights(attn.o_proj),
+        q_norm=_w(q_norm.weight) if q_norm is not None else None,
+        k_norm=_w(k_norm.weight) if k_norm is not None else None,
+        qk_eps=_eps(q_norm) if q_norm is not None else 0.0,
+        gated=gated,
+    )
+
+
+def _linear_attention(mixer) -> LinearWeights:
+    return LinearWeights(
+        qkv=_w(mixer.in_proj_qkv.weight),
+        z=_w(mixer.in_proj_z.weight),
+        b=_w(mixer.in_proj_b.weight),
+        a=_w(mixer.in_proj_a.weight),
+        conv=_w(mixer.conv1d.weight)[:, 0],
+        a_log=_w(mixer.A_log),
+        dt_bias=_w(mixer.dt_bias),
+        norm=_w(mixer.norm.weight),
+        norm_eps=_eps(mixer.norm),
+        out=_w(mixer.out_proj.weight),
+        k_heads=mixer.num_k_heads,
+        v_heads=mixer.num_v_heads,
+        k_dim=mixer.head_k_dim,
+        v_dim=mixer.head_v_dim,
+    )
+
+
+INTERLEAVED_MROPE = ("qwen3_vl_text", "qwen3_vl_moe_text", "qwen3_5_text")
+ZERO_CENTRED_NORMS = ("qwen3_5_text",)
+GATED_QUERY = ("qwen3_5_text",)
 
 
 @dataclass
@@ -138,13 +275,15 @@ class Weights:
     heads: int
     kv_heads: int
     head_dim: int
-    inv_freq: Tensor  # (head_dim / 2,)
-    axis_of_freq: Tensor  # (head_dim / 2,): which position axis drives each frequency
+    inv_freq: Tensor  # (rotary_dim / 2,)
+    axis_of_freq: Tensor  # (rotary_dim / 2,): which position axis drives each frequency
+    zero_centred: bool = False  # RMSNorm scales by (1 + w)
 
     @classmethod
     def of(cls, model) -> Weights:
-        decoder = model.model.language_model
+        decoder = decoder_of(model)
         cfg = decoder.config
+        kind = cfg.model_type
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={cfg.hidden_act!r}: the reference implements SwiGLU (silu)")
         rope = dict(getattr(cfg, "rope_parameters", None) or {})
@@ -152,44 +291,54 @@ class Weights:
             raise ValueError(f"rope_type={rope.get('rope_type')!r}: the reference implements 'default'")
         layers = []
         for layer in decoder.layers:
-            attn, mlp = layer.self_attn, layer.mlp
+            if hasattr(layer, "linear_attn"):
+                mixer = _linear_attention(layer.linear_attn)
+            else:
+                mixer = _attention(layer.self_attn, gated=kind in GATED_QUERY)
             layers.append(
                 LayerWeights(
-                    ln1=layer.input_layernorm.weight.detach().to(F64),
+                    ln1=_w(layer.input_layernorm.weight),
                     eps1=_eps(layer.input_layernorm),
-                    q=_linear_weights(attn.q_proj),
-                    k=_linear_weights(attn.k_proj),
-                    v=_linear_weights(attn.v_proj),
-                    o=_linear_weights(attn.o_proj),
-                    ln2=layer.post_attention_layernorm.weight.detach().to(F64),
+                    mixer=mixer,
+                    ln2=_w(layer.post_attention_layernorm.weight),
                     eps2=_eps(layer.post_attention_layernorm),
-                    gate=mlp.gate_proj.weight.detach().to(F64),
-                    up=mlp.up_proj.weight.detach().to(F64),
-                    down=mlp.down_proj.weight.detach().to(F64),
+                    mlp=_mlp(layer.mlp),
                 )
             )
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         inv_freq = decoder.rotary_emb.inv_freq.detach().to(F64)
+        half = inv_freq.numel()  # rotary dims / 2 (all of head_dim but for partial RoPE)
         section = rope.get("mrope_section")
         if section is None:  # 1-D RoPE: every frequency follows the single position axis
-            axis = torch.zeros(head_dim // 2, dtype=torch.long)
-        else:  # MRoPE: consecutive frequency chunks follow the t, h, w axes in turn
-            if sum(section) != head_dim // 2:
-                raise ValueError(f"mrope_section={section} does not cover head_dim/2 = {head_dim // 2}")
+            axis = torch.zeros(half, dtype=torch.long)
+        elif kind in INTERLEAVED_MROPE:  # t by default; h on j ≡ 1, w on j ≡ 2 (mod 3) within 3·section
+            axis = torch.zeros(half, dtype=torch.long)
+            for j in range(half):
+                for a in (1, 2):
+                    if j % 3 == a and j < 3 * section[a]:
+                        axis[j] = a
+        else:  # Qwen2-VL MRoPE: consecutive frequency chunks follow the t, h, w axes in turn
+            if sum(section) != half:
+                raise ValueError(f"mrope_section={section} does not cover the {half} rotary frequencies")
             axis = torch.repeat_interleave(torch.arange(len(section)) % 3, torch.tensor(section))
         return cls(
             layers=layers,
-            norm=decoder.norm.weight.detach().to(F64),
+            norm=_w(decoder.norm.weight),
             norm_eps=_eps(decoder.norm),
-            head=model.lm_head.weight.detach().to(F64),
-            embed=decoder.embed_tokens.weight.detach().to(F64),
+            head=_w(model.lm_head.weight),
+            embed=_w(decoder.embed_tokens.weight),
             heads=heads,
             kv_heads=cfg.num_key_value_heads,
             head_dim=head_dim,
             inv_freq=inv_freq,
             axis_of_freq=axis,
+            zero_centred=kind in ZERO_CENTRED_NORMS,
         )
+
+    def rms(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """The family's RMSNorm: ``w·x̂`` or, zero-centred, ``(1 + w)·x̂``."""
+        return rms_norm(x, 1.0 + weight if self.zero_centred else weight, eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,19 +354,22 @@ def linear(x: Tensor, wb: tuple[Tensor, Tensor | None]) -> Tensor:
 
 
 def rope_tables(w: Weights, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """``cos``, ``sin`` ``(n, head_dim)`` for ``positions`` ``(axes, n)`` (1 axis or MRoPE's 3)."""
+    """``cos``, ``sin`` ``(n, rotary_dim)`` for ``positions`` ``(axes, n)`` (1 axis or MRoPE's 3)."""
     pos = positions.to(F64)
     axis = w.axis_of_freq.clamp(max=pos.shape[0] - 1)
-    angle = pos[axis].T * w.inv_freq  # (n, head_dim / 2): frequency j turns with axis[j]
+    angle = pos[axis].T * w.inv_freq  # (n, rotary_dim / 2): frequency j turns with axis[j]
     angle = torch.cat([angle, angle], dim=-1)
     return angle.cos(), angle.sin()
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE on ``x`` ``(heads, n, head_dim)``: pairs (i, i + head_dim/2) rotate by the angle."""
-    half = x.shape[-1] // 2
-    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + turned * sin
+    """RoPE on ``x`` ``(heads, n, head_dim)``: in the first ``rotary_dim`` dims, pairs
+    (i, i + rotary_dim/2) rotate by the angle; the other dims (partial RoPE) pass through."""
+    dim = cos.shape[-1]
+    rot, rest = x[..., :dim], x[..., dim:]
+    half = dim // 2
+    turned = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    return torch.cat([rot * cos + turned * sin, rest], dim=-1)
 
 
 def project_heads(x: Tensor, wb, heads: int, head_dim: int) -> Tensor:
@@ -229,16 +381,96 @@ def kv_head_of(w: Weights) -> Tensor:
     return torch.arange(w.heads) // (w.heads // w.kv_heads)
 
 
+def queries_keys(w: Weights, a: AttentionWeights, x: Tensor, cos: Tensor, sin: Tensor):
+    """Rotated queries ``(heads, n, d)``, keys ``(kv_heads, n, d)``, values and the output gate
+    (``(n, heads·d)`` or None) of normed inputs ``x`` ``(n, D)``."""
+    n, d = x.shape[0], w.head_dim
+    gate = None
+    if a.gated:  # per head: [query | gate]
+        both = linear(x, a.q).view(n, w.heads, 2 * d)
+        q, gate = both[..., :d].transpose(0, 1), both[..., d:].reshape(n, w.heads * d)
+    else:
+        q = project_heads(x, a.q, w.heads, d)
+    k = project_heads(x, a.k, w.kv_heads, d)
+    if a.q_norm is not None:
+        q, k = w.rms(q, a.q_norm, a.qk_eps), w.rms(k, a.k_norm, a.qk_eps)
+    v = project_heads(x, a.v, w.kv_heads, d)
+    return rotate(q, cos, sin), rotate(k, cos, sin), v, gate
+
+
 @dataclass
 class LayerCache:
-    """Rotated keys and values ``(kv_heads, c, head_dim)`` of the tokens that went through a layer."""
+    """Rotated keys and values ``(kv_heads, c, head_dim)`` of the tokens that went through a layer
+    (attention), or (linear attention, ``keys``) the layer's normed inputs ``(c, D)`` of those
+    tokens, in order: the conv window and the recurrent state are a function of them."""
 
     keys: Tensor
-    values: Tensor
+    values: Tensor | None = None
 
     @property
-    def length(self) -> int:
-        return self.keys.shape[1]
+    def length(self) -> int | None:
+        return self.keys.shape[1] if self.values is not None else None
+
+
+def gated_delta_net(lw: LinearWeights, x: Tensor) -> Tensor:
+    """Qwen3.5's linear-attention mixer on normed inputs ``x`` ``(t, D)`` in order: ``(t, D)``."""
+    t = x.shape[0]
+    mixed = x @ lw.qkv.T  # (t, channels)
+    kernel = lw.conv.shape[1]
+    padded = torch.cat([mixed.new_zeros(kernel - 1, mixed.shape[1]), mixed])
+    conv = sum(padded[i : i + t] * lw.conv[:, i] for i in range(kernel))  # causal depthwise
+    conv = torch.nn.functional.silu(conv)
+    kd, vd = lw.k_heads * lw.k_dim, lw.v_heads * lw.v_dim
+    q = conv[:, :kd].view(t, lw.k_heads, lw.k_dim)
+    k = conv[:, kd : 2 * kd].view(t, lw.k_heads, lw.k_dim)
+    v = conv[:, 2 * kd : 2 * kd + vd].view(t, lw.v_heads, lw.v_dim)
+    group = lw.v_heads // lw.k_heads  # value head h reads query/key head h // group
+    q, k = q.repeat_interleave(group, dim=1), k.repeat_interleave(group, dim=1)
+    q = q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6) * lw.k_dim**-0.5
+    k = k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)
+    beta = torch.sigmoid(x @ lw.b.T)  # (t, v_heads)
+    decay = -lw.a_log.exp() * torch.nn.functional.softplus(x @ lw.a.T + lw.dt_bias)  # log decay
+    state = x.new_zeros(lw.v_heads, lw.k_dim, lw.v_dim)
+    out = x.new_zeros(t, lw.v_heads, lw.v_dim)
+    for i in range(t):
+        state = state * decay[i].exp()[:, None, None]
+        remembered = torch.einsum("hkv,hk->hv", state, k[i])
+        delta = (v[i] - remembered) * beta[i][:, None]
+        state = state + torch.einsum("hk,hv->hkv", k[i], delta)
+        out[i] = torch.einsum("hkv,hk->hv", state, q[i])
+    z = (x @ lw.z.T).view(t, lw.v_heads, lw.v_dim)
+    normed = rms_norm(out, lw.norm, lw.norm_eps) * torch.nn.functional.silu(z)
+    return normed.reshape(t, -1) @ lw.out.T
+
+
+#: A MoE router whose k-th and (k+1)-th expert probabilities are closer than this has no answer the
+#: float32 model and this float64 reference must agree on (rounding can pick either expert).
+ROUTER_TIE = 1e-5
+
+
+class RouterTie(Exception):
+    """The reference met an expert choice that float rounding decides: the case cannot be checked."""
+
+
+def mlp(m: MlpWeights, x: Tensor) -> Tensor:
+    silu = torch.nn.functional.silu
+    if m.router is None:
+        return (silu(x @ m.gate.T) * (x @ m.up.T)) @ m.down.T
+    probs = (x @ m.router.T).softmax(-1)
+    if m.top_k < probs.shape[-1]:
+        ranked = probs.topk(m.top_k + 1, dim=-1).values
+        margin = float((ranked[:, -2] - ranked[:, -1]).min())
+        if margin < ROUTER_TIE:
+            raise RouterTie(f"expert probabilities {margin:.1e} apart at the top-{m.top_k} boundary")
+    top, chosen = probs.topk(m.top_k, dim=-1)
+    top = top / top.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    inner = m.experts.shape[1] // 2
+    for t in range(x.shape[0]):
+        for weight, e in zip(top[t].tolist(), chosen[t].tolist(), strict=True):
+            gate_up = m.experts[e] @ x[t]
+            out[t] += weight * (m.expert_down[e] @ (silu(gate_up[:inner]) * gate_up[inner:]))
+    return out
 
 
 def run_layer(
@@ -246,42 +478,49 @@ def run_layer(
 ) -> tuple[Tensor, LayerCache]:
     """One decoder layer on tokens ``h`` ``(t, D)`` (in sequence order) after ``cache``'s tokens.
 
-    Token i sees every cached token and new tokens 0..i. Returns the new states and the cache
-    extended by the new tokens.
+    Attention: token i sees every cached token and new tokens 0..i. Linear attention: the mixer runs
+    over the cached tokens and the new ones, in order. Returns the new states and the extended cache.
     """
     t = h.shape[0]
-    x = rms_norm(h, lw.ln1, lw.eps1)
-    q = rotate(project_heads(x, lw.q, w.heads, w.head_dim), cos, sin)
-    k = rotate(project_heads(x, lw.k, w.kv_heads, w.head_dim), cos, sin)
-    v = project_heads(x, lw.v, w.kv_heads, w.head_dim)
-    if cache is not None:
-        k, v = torch.cat([cache.keys, k], dim=1), torch.cat([cache.values, v], dim=1)
-    c = k.shape[1] - t
-    group = kv_head_of(w)
-    logits = q @ k[group].transpose(1, 2) / w.head_dim**0.5  # (heads, t, c + t)
-    allowed = torch.ones(t, c + t, dtype=torch.bool)
-    allowed[:, c:] = torch.ones(t, t, dtype=torch.bool).tril()
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    out = (logits.softmax(-1) @ v[group]).transpose(0, 1).reshape(t, -1)
-    h = h + linear(out, lw.o)
-    x = rms_norm(h, lw.ln2, lw.eps2)
-    h = h + (torch.nn.functional.silu(x @ lw.gate.T) * (x @ lw.up.T)) @ lw.down.T
-    return h, LayerCache(k, v)
+    x = w.rms(h, lw.ln1, lw.eps1)
+    if lw.linear:
+        seen = x if cache is None else torch.cat([cache.keys, x])
+        mixed = gated_delta_net(lw.mixer, seen)[-t:]
+        new_cache = LayerCache(seen)
+    else:
+        q, k, v, gate = queries_keys(w, lw.mixer, x, cos, sin)
+        if cache is not None:
+            k, v = torch.cat([cache.keys, k], dim=1), torch.cat([cache.values, v], dim=1)
+        c = k.shape[1] - t
+        group = kv_head_of(w)
+        logits = q @ k[group].transpose(1, 2) / w.head_dim**0.5  # (heads, t, c + t)
+        allowed = torch.ones(t, c + t, dtype=torch.bool)
+        allowed[:, c:] = torch.ones(t, t, dtype=torch.bool).tril()
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        out = (logits.softmax(-1) @ v[group]).transpose(0, 1).reshape(t, -1)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        mixed = linear(out, lw.mixer.o)
+        new_cache = LayerCache(k, v)
+    h = h + mixed
+    h = h + mlp(lw.mlp, w.rms(h, lw.ln2, lw.eps2))
+    return h, new_cache
 
 
 def last_token_scores(w: Weights, lw: LayerWeights, h: Tensor, positions: Tensor, keys: Tensor) -> Tensor:
     """Attention of the last token over ``keys`` (bool ``(n,)``) at layer ``lw``: softmax of that one
     row over the keys, mean over heads. Returns ``(n,)`` with 0 off the keys. The last token is the
     last of the sequence, so every key lies before it (the causal row)."""
+    if lw.linear:
+        raise ValueError("a linear-attention layer has no attention row to score with")
     idx = keys.nonzero().flatten()
     last = h.shape[0] - 1
     if int(idx[-1]) != last:
         raise ValueError("the last token must be a key")
-    x = rms_norm(h[idx], lw.ln1, lw.eps1)
+    x = w.rms(h[idx], lw.ln1, lw.eps1)
     cos, sin = rope_tables(w, positions[:, idx])
-    q = rotate(project_heads(x[-1:], lw.q, w.heads, w.head_dim), cos[-1:], sin[-1:])  # (H, 1, d)
-    k = rotate(project_heads(x, lw.k, w.kv_heads, w.head_dim), cos, sin)  # (KVH, m, d)
-    logits = (q @ k[kv_head_of(w)].transpose(1, 2))[:, 0] / w.head_dim**0.5  # (H, m)
+    q, k, _, _ = queries_keys(w, lw.mixer, x, cos, sin)
+    logits = (q[:, -1:] @ k[kv_head_of(w)].transpose(1, 2))[:, 0] / w.head_dim**0.5  # (H, m)
     row = logits.softmax(-1).mean(0)
     out = torch.zeros(h.shape[0], dtype=F64)
     out[idx] = row
@@ -341,7 +580,8 @@ class RoutedRun:
     steps: int = 0
     rope_delta: int = 0
 
-    def cache_lengths(self) -> list[int]:
+    def cache_lengths(self) -> list[int | None]:
+        """Tokens each layer caches (None for a linear-attention layer: a fixed-size state)."""
         return [c.length for c in self.caches]
 
     def decode(self, token: int) -> Tensor:
@@ -357,7 +597,7 @@ class RoutedRun:
         for j, lw in enumerate(w.layers):
             h, self.caches[j] = run_layer(w, lw, h, cos, sin, self.caches[j])
         self.steps += 1
-        return (rms_norm(h, w.norm, w.norm_eps) @ w.head.T)[0]
+        return (w.rms(h, w.norm, w.norm_eps) @ w.head.T)[0]
 
 
 def routed_prefill(
@@ -419,9 +659,14 @@ def routed_prefill(
         idx = stage.nonzero().flatten()
         cos, sin = rope_tables(w, prompt.positions[:, idx])
         out, cache = run_layer(w, lw, state[idx], cos, sin, None)
+        if j < len(prompt.deepstack):  # DeepStack: the visual tokens of this stage get their own rows
+            rows = prompt.deepstack[j]
+            present_rank = present.nonzero().flatten()
+            out = out.clone()
+            out[visual[idx]] += rows[present_rank]
         state[idx] = out
         caches.append(cache)
-    logits = rms_norm(state, w.norm, w.norm_eps) @ w.head.T
+    logits = w.rms(state, w.norm, w.norm_eps) @ w.head.T
     defined = ~visual.clone()
     defined[vis_idx[present]] = True
     delta = int(prompt.positions.max()) + 1 - n

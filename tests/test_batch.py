@@ -49,9 +49,13 @@ def test_multi_image_prompts_and_uneven_batches(family, reroute):
         generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
     torch.testing.assert_close(out.logits[0, -1], alone_two, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.logits[1, -1], alone_one, rtol=1e-4, atol=1e-4)
+    assert [d.layer for d in trace.decisions] == LAYERS
     for d, d2, d1 in zip(trace.decisions, decisions_two, decisions_one, strict=True):
         assert torch.equal(d.selected[0], d2.selected[0])
         assert torch.equal(d.selected[1], d1.selected[0])
-    with method(model):
+    with method(model):  # every sample of the batched generate equals its prompt generated alone
         gen_two = model.generate(**two, max_new_tokens=3, do_sample=False)
+        gen_one = model.generate(**one, max_new_tokens=3, do_sample=False)
+    assert generated.shape[0] == 2
     assert torch.equal(generated[0, -3:], gen_two[0, -3:])
+    assert torch.equal(generated[1, -3:], gen_one[0, -3:])

@@ -3,6 +3,7 @@ attention implementation; no state leaks from one prompt to the next."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import model_for
 
@@ -94,21 +95,21 @@ def test_a_failed_prefill_leaves_no_state(family):
     with method(model) as trace:
         handle = model.model.language_model.layers[3].register_forward_pre_hook(boom)
         try:
-            model(**inputs)
-        except RuntimeError:
-            pass
+            with pytest.raises(RuntimeError, match="layer failed"):
+                model(**inputs)
         finally:
             handle.remove()
-        assert trace.prefills == 0
+        assert trace.prefills == 0 and trace.decisions == []
         assert torch.equal(model(**inputs).logits, expected)
         assert trace.prefills == 1
+    assert [d.layer for d in trace.decisions] == [d.layer for d in fresh.decisions] == LAYERS
     for a, b in zip(trace.decisions, fresh.decisions, strict=True):
         assert torch.equal(a.selected[0], b.selected[0])
 
 
 def test_ties_go_to_the_earlier_token_for_equal_and_unequal_images():
     """Both selection paths (equal image sizes, and mixed sizes) break ties the same way."""
-    from vlm_reroute.engine.selection import top_k_per_image
+    from vlm_reroute.scoring.selection import top_k_per_image
 
     scores = torch.zeros(1, 10)
     scores[0, 7] = 1.0

@@ -49,6 +49,27 @@ SUPPORTED = {"nuwa": ("llava", "qwen2_5_vl")}
 OWN_REFERENCE = {"nuwa": "stage 1 rewrites image features; tests/test_nuwa_engine.py has Nüwa's reference"}
 MODES = {"prune": False, "reroute": True}
 DEPTH, TOKENS = 8, MATRIX_TOKENS  # 8 decoder layers, 64 visual tokens per image (about 64: conftest)
+# the decision layers each case must run at DEPTH 8 (written out, not asked of the method): the
+# published 32-layer layers scaled by 8/32 and rounded half up — FastV [3] -> [1], PDrop and the
+# reroute variants [2|3, 7, 15, 23] -> [1, 2, 4, 6]; Nüwa: its stage 1 enters at 0, then its
+# text-guided stage at 4 (prune) or at 4..7 (reroute). One line per method.
+DECISION_LAYERS = {
+    "fastv": {"prune": (1,), "reroute": (1, 2, 4, 6)},
+    "pdrop": {"prune": (1, 2, 4, 6), "reroute": (1, 2, 4, 6)},
+    "random": {"prune": (1, 2, 4, 6), "reroute": (1, 2, 4, 6)},
+    "nuwa": {"prune": (0, 4), "reroute": (0, 4, 5, 6, 7)},
+}
+
+
+def expected_layers(model, method: str, mode: str) -> list[int]:
+    """``DECISION_LAYERS``; on a hybrid model (linear-attention layers, from its config's
+    ``layer_types``) a decision moves to the next full-attention layer (layer 0, an entry, stays)."""
+    layers = DECISION_LAYERS[method][mode]
+    types = getattr(model.config.get_text_config(), "layer_types", None)
+    if not types or "linear_attention" not in types:
+        return list(layers)
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    return sorted({layer if layer == 0 else min(i for i in full if i >= layer) for layer in layers})
 
 
 def _case(family: str, method: str, mode: str, skip: dict[str, str] | None = None):
@@ -91,7 +112,7 @@ def tokens_per_image(inputs: dict) -> int:
 
 
 def test_the_matrix_covers_every_method_and_family():
-    assert sorted(METHODS) == sorted(method_names())
+    assert sorted(METHODS) == sorted(method_names()) == sorted(DECISION_LAYERS)
     classes = {name for adapter in ADAPTERS for name in adapter.model_classes}
     assert classes <= set(FAMILIES.values()), (
         f"families missing from the matrix: {classes - set(FAMILIES.values())}"
@@ -116,6 +137,7 @@ def test_keep_all_is_bit_identical(family, method, mode):
     with chosen(model) as trace:
         routed = model(**inputs).logits
         routed_gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert [d.layer for d in trace.decisions] == expected_layers(model, method, mode)
     assert all(d.kept == [tokens, tokens] for d in trace.decisions)
     assert torch.equal(vanilla, routed)
     assert torch.equal(vanilla_gen, routed_gen)
@@ -129,6 +151,7 @@ def test_batch_equals_one_by_one(family, method, mode):
     with chosen(model) as trace:
         batch_logits = model(**inputs).logits[:, -1]
     batch_decisions = trace.decisions
+    assert [d.layer for d in batch_decisions] == expected_layers(model, method, mode)
     for b in range(2):
         with chosen(model) as trace:
             alone = model(**split_sample(inputs, b)).logits[0, -1]
@@ -162,6 +185,7 @@ def test_matches_the_full_matrix_reference(family, method, mode):
         logits = model(**inputs).logits[0, -1]
     selected = [d.selected[0] for d in trace.decisions]
     layers = [d.layer for d in trace.decisions]
+    assert layers == expected_layers(model, method, mode)
     scorer = chosen.make_scorer()
     ref_logits, ref_scores = routed_reference(
         model, inputs, layers, selected, MODES[mode], score_from=scorer.score_from

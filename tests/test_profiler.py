@@ -6,13 +6,14 @@ Behaviour only (no speed claims): tiny 8-layer models, one repeat, no warm-up.
 from __future__ import annotations
 
 import json
+from statistics import median
 
 import pytest
 import torch
 from conftest import model_for
 
 from vlm_reroute import FastV, PDrop
-from vlm_reroute.bench.ideal import LayerTimer, layer_times
+from vlm_reroute.bench.ideal import LayerTimer, SpanTimer, layer_times
 from vlm_reroute.bench.plots import speedup_png, tokens_per_layer_png
 from vlm_reroute.bench.profiler import ProfileRow, profile
 from vlm_reroute.testing.models import tiny_inputs
@@ -118,7 +119,35 @@ def test_ideal_rows_cover_every_layer():
     )
     for row in report.rows:
         assert len(row.ideal_layer_s) == 8 and all(t > 0 for t in row.ideal_layer_s)
-        assert row.ideal_prefill_s == pytest.approx(row.ideal_fraction * row.prefill_s)
+
+
+def test_ideal_times_are_built_from_the_routed_token_counts(monkeypatch):
+    # a fake layer timer (1 ms per token) and a zero decoder span make every ideal number known in
+    # advance: ideal run r = the vanilla run r (all outside the decoder) + 1 ms × Σ tokens per layer
+    monkeypatch.setattr(LayerTimer, "time_pass", lambda self, counts: [1e-3 * n for n in counts])
+    monkeypatch.setattr(SpanTimer, "span", property(lambda self: 0.0))
+    model = model_for("llava")
+    report = quick(
+        model,
+        tiny_inputs(model, (20,)),
+        {"PDrop + Reroute": METHODS["PDrop + Reroute"]},
+        ideal=True,
+        repeats=3,
+    )
+    n, text = report.inputs["seq_len"], report.inputs["text_tokens"]
+    tokens = {
+        "vanilla": [n] * 8,
+        "PDrop + Reroute": [n] + [text + 16] * 3 + [text + 8] * 2 + [text + 4] * 2,
+    }
+    vanilla_runs = report.row("vanilla").prefill_runs_s
+    assert len(vanilla_runs) == 3 and report.outside_decoder_s == pytest.approx(median(vanilla_runs))
+    for row in report.rows:
+        assert row.ideal_layer_s == pytest.approx([1e-3 * k for k in tokens[row.name]])
+        runs = [v + 1e-3 * sum(tokens[row.name]) for v in vanilla_runs]
+        assert row.ideal_runs_s == pytest.approx(runs)
+        assert row.ideal_prefill_s == pytest.approx(median(runs))
+        assert row.ideal_fraction == pytest.approx(median(runs) / median(row.prefill_runs_s))
+        assert row.ideal_speedup == pytest.approx(median(vanilla_runs) / median(runs))
 
 
 def test_plots_are_valid_pngs(tmp_path):

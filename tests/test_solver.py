@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm_reroute.budget import compute_budget, load_shape
+from vlm_reroute.budget import load_shape
 from vlm_reroute.budget.presets import PRESET_MODELS, TIERS, preset, table
 from vlm_reroute.budget.solver import (
     PUBLISHED,
@@ -183,16 +183,62 @@ def test_target_argument_errors():
         solve(32, N, "pdrop", target_avg_t=64, layers=[7, 2])
 
 
+# decoder shapes copied from the official config.json files (text_config), not read from the package:
+# (num_layers, hidden d, FFN m, heads, kv heads, head_dim)
+HAND_SHAPES = {
+    "llava-1.5-7b": (32, 4096, 11008, 32, 32, 128),
+    "qwen2.5-vl-7b": (28, 3584, 18944, 28, 4, 128),
+}
+
+
+def visual_per_layer_by_hand(num_layers: int, n_visual: int, layers, keep) -> list[int]:
+    bounds = [*layers, num_layers]
+    per_layer = [n_visual] * bounds[0]
+    for i, k in enumerate(keep):
+        per_layer += [k] * (bounds[i + 1] - bounds[i])
+    assert len(per_layer) == num_layers
+    return per_layer
+
+
+def pdrop_macs_by_hand(model: str, n_visual: int, n_text: int, layers, keep, images: int = 1) -> int:
+    """PyramidDrop's MACs (4nd² + 2n²d + 3ndm per layer, n = text + visual), written out by hand."""
+    num_layers, d, m = HAND_SHAPES[model][:3]
+    per_layer = visual_per_layer_by_hand(num_layers, n_visual, layers, keep)
+    return sum(4 * n * d**2 + 2 * n**2 * d + 3 * n * d * m for n in (n_text + images * v for v in per_layer))
+
+
+def test_hand_macs_reproduce_the_published_facts():
+    # PyramidDrop's convention (image tokens only): vanilla LLaVA-1.5-7B is 3.82 T MACs, its own
+    # schedule [8, 16, 24] × [288, 144, 72] 1.78 T; KV per token 512 KiB and 56 KiB (fp16/bf16)
+    assert round(pdrop_macs_by_hand("llava-1.5-7b", 576, 0, [], []) / 1e12, 2) == 3.82
+    assert round(pdrop_macs_by_hand("llava-1.5-7b", 576, 0, [8, 16, 24], [288, 144, 72]) / 1e12, 2) == 1.78
+    for model, kib in (("llava-1.5-7b", 512), ("qwen2.5-vl-7b", 56)):
+        num_layers, *_, kv_heads, head_dim = HAND_SHAPES[model]
+        assert num_layers * 2 * kv_heads * head_dim * 2 == kib * 1024
+
+
 @pytest.mark.parametrize("model", ["llava-1.5-7b", "qwen2.5-vl-7b"])
 @pytest.mark.parametrize("method", ["fastv", "pdrop"])
 def test_flops_target(model, method):
     shape = load_shape(model)
+    num_layers, d, m, heads, kv_heads, head_dim = HAND_SHAPES[model]
+    assert (shape.num_layers, shape.hidden_size, shape.intermediate_size) == (num_layers, d, m)
     n_text = 50
+    vanilla = pdrop_macs_by_hand(model, N, n_text, [], [])
     pair = solve(shape, N, method, target_flops_fraction=0.4, n_text=n_text)
     for s in (pair.prune, pair.reroute):
-        b = compute_budget(shape, N, n_text, s.layers, s.keep, s.reroute)
-        assert abs(b.flops_pdrop_ratio - 0.4) < 0.005
-        assert s.budget(shape, n_text) == b
+        macs = pdrop_macs_by_hand(model, N, n_text, s.layers, s.keep)
+        assert abs(macs / vanilla - 0.4) < 0.005  # the solver hit the target, counted by hand
+        b = s.budget(shape, n_text)
+        assert (b.flops_pdrop, b.vanilla_flops_pdrop) == (macs, vanilla)
+        assert b.avg_visual_tokens == pytest.approx(avg_by_hand(num_layers, N, s.layers, s.keep))
+        vanilla_kv = num_layers * (n_text + N) * 2 * kv_heads * head_dim * 2
+        assert b.vanilla_kv_bytes == vanilla_kv
+        per_layer = visual_per_layer_by_hand(num_layers, N, s.layers, s.keep)
+        assert b.kv_bytes == sum((n_text + v) * 2 * kv_heads * head_dim * 2 for v in per_layer)
+        assert (b.num_images, b.layers, b.keep, b.reroute) == (1, s.layers, s.keep, s.reroute)
+        two = s.budget(shape, n_text, num_images=2)  # num_images is handed on: 2 images per layer
+        assert two.flops_pdrop == pdrop_macs_by_hand(model, N, n_text, s.layers, s.keep, images=2)
 
 
 # ---- presets --------------------------------------------------------------------------------
@@ -222,9 +268,9 @@ def test_preset_errors_and_table():
 
 def test_close_gap_walks_when_one_step_is_not_enough():
     # private helper: from a far start it walks stage by stage and ends within tolerance
-    from vlm_reroute.budget.solver import _close_gap
+    from vlm_reroute.budget.search import close_gap
 
-    keep = _close_gap((5, 5, 5, 5), [5, 8, 8, 9], goal=1000, tol=16, n=576, same_count=False)
+    keep = close_gap((5, 5, 5, 5), [5, 8, 8, 9], goal=1000, tol=16, n=576, same_count=False)
     assert abs(sum(k * w for k, w in zip(keep, [5, 8, 8, 9], strict=True)) - 1000) <= 16
     assert all(b <= a for a, b in itertools.pairwise(keep))
 
