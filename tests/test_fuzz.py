@@ -176,3 +176,13 @@ def test_decisions_differ_only_within_the_tie_margin():
     assert (near.failures, near.near_ties) == ([], 1)
     assert len(far.failures) == 1 and far.near_ties == 0
     assert (same.failures, same.near_ties) == ([], 0)
+
+
+def test_a_last_stage_of_linear_attention_layers_only():
+    """Regression (found by the long fuzz, seed 1 case 227): on a 5-layer Qwen3.5 a decision at the
+    last layer, a linear-attention one, opens a stage with no attention layer; it needs no attention
+    mask (its layers take the 2-D padding mask) and must route and decode like the reference."""
+    case = make_case(227, 1)
+    assert case.family == "qwen3_5" and case.schedule.layers[-1] == case.shape[0] - 1
+    outcome = run_case(case)
+    assert not outcome.failures and not outcome.unchecked, str(outcome)

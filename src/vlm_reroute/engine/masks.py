@@ -50,16 +50,21 @@ class StageMasks:
     num_layers: int
     recurrent: frozenset[int] = frozenset()
 
-    def cache_layer(self, first: int) -> int:
-        """The first layer from ``first`` on that caches keys: a stage of a hybrid decoder may start
-        at a linear-attention layer, whose cache has no length to build masks from."""
-        return next((j for j in range(first, self.num_layers) if j not in self.recurrent), first)
+    def cache_layer(self, first: int) -> int | None:
+        """The first layer from ``first`` on that caches keys (a stage of a hybrid decoder may start at
+        a linear-attention layer, whose cache has no length to build masks from); None when the stage
+        has only linear-attention layers."""
+        return next((j for j in range(first, self.num_layers) if j not in self.recurrent), None)
 
     def attention(
         self, key_mask: torch.Tensor, length: int, cache: Cache | None, first: int, dtype: torch.dtype
     ) -> torch.Tensor | None:
-        """The attention mask of a stage starting at layer ``first`` over ``length`` compact tokens."""
-        return stage_mask(self.config, key_mask, length, cache, self.cache_layer(first), dtype)
+        """The attention mask of a stage starting at layer ``first`` over ``length`` compact tokens
+        (None for a stage without attention layers: its linear-attention layers take ``padding``)."""
+        layer = self.cache_layer(first)
+        if layer is None:
+            return None
+        return stage_mask(self.config, key_mask, length, cache, layer, dtype)
 
     def padding(self, key_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
         """The 2-D mask linear-attention layers multiply into their input (zeroes padding and
