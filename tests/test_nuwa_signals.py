@@ -18,9 +18,9 @@ from conftest import model_for
 from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-from vlm_reroute.methods.nuwa_aggregate import llava_tau, qwen_tau, run_stage1
-from vlm_reroute.methods.nuwa_select import qwen_anchor_count
-from vlm_reroute.methods.nuwa_signals import (
+from vlm_reroute.methods.nuwa.aggregate import llava_tau, qwen_tau, run_stage1
+from vlm_reroute.methods.nuwa.select import qwen_anchor_count
+from vlm_reroute.methods.nuwa.signals import (
     clip_signals,
     clip_similarity_layers,
     llava_signals,

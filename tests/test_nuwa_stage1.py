@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlm_reroute.methods.nuwa_aggregate import (
+from vlm_reroute.methods.nuwa.aggregate import (
     WEIGHTINGS,
     Anchors,
     aggregate,
@@ -22,7 +22,7 @@ from vlm_reroute.methods.nuwa_aggregate import (
     qwen_tau,
     run_stage1,
 )
-from vlm_reroute.methods.nuwa_select import (
+from vlm_reroute.methods.nuwa.select import (
     candidate_count,
     qwen_anchor_count,
     select_anchors,

@@ -1,8 +1,8 @@
 """The vision-side cost of Nüwa's stage 1 (arXiv 2602.02951), kept apart from the decoder budget.
 
 Pure Python. Multiply-accumulates per image, as the decoder budget counts them, of what this
-library's stage 1 computes on top of the untouched vision tower (``nuwa_signals.py``,
-``nuwa_aggregate.py``; ``d`` the tower's width, ``N`` the image's tokens, ``K₁`` its anchors):
+library's stage 1 computes on top of the untouched vision tower (``methods/nuwa/signals.py``,
+``methods/nuwa/aggregate.py``; ``d`` the tower's width, ``N`` the image's tokens, ``K₁`` its anchors):
 
 * **salience** — LLaVA-1.5 (CLIP): the [CLS] query row and the keys of the feature-layer block,
   recomputed from its input because the tower's own attention does not return them:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .nuwa_select import Anchors, group_by_shape, padded_grid, select_anchors
+from .select import Anchors, group_by_shape, padded_grid, select_anchors
 
 #: How a low anchor's row of weights becomes its feature (``docs/nuwa-stage1.md``):
 #: ``"convex"`` (the fix, default): self weight 1, row divided by its sum; a convex combination.

@@ -3,10 +3,10 @@
 The engine's vision-side stage for Nüwa (arXiv 2602.02951; ``engine/vision.py`` explains how it
 enters the engine). Family by family (``nuwa.md`` §1.1, §3.1):
 
-- LLaVA-1.5: :class:`~.nuwa_signals.ClipSignalHooks` read the [CLS] row and the similarity features
+- LLaVA-1.5: :class:`~.signals.ClipSignalHooks` read the [CLS] row and the similarity features
   while the CLIP tower runs; a pre-hook on the multimodal projector selects the anchors and rewrites
   the aggregated ones *before* the projector, which then projects them as usual.
-- Qwen2.5-VL: :class:`~.nuwa_signals.QwenSignalHooks` read the received attention of the last
+- Qwen2.5-VL: :class:`~.signals.QwenSignalHooks` read the received attention of the last
   block and the similarity features; a hook on the tower's output rewrites the merged embeddings
   (aggregation *after* the patch merger).
 
@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..engine.vision import EncodedImage
-from .nuwa_aggregate import run_stage1
-from .nuwa_signals import ClipSignalHooks, QwenSignalHooks, check_image_grids, square_grid
+from ...engine.vision import EncodedImage
+from .aggregate import run_stage1
+from .signals import ClipSignalHooks, QwenSignalHooks, check_image_grids, square_grid
 
 if TYPE_CHECKING:
-    from .nuwa import ImagePlan, Nuwa
+    from .method import ImagePlan, Nuwa
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Nüwa (Huang et al., ICLR 2026, arXiv 2602.02951): spatial anchors before the language model, one
 attention-ranked cut inside it. ``nuwa.md`` is the spec; ``docs/nuwa.md`` the user's page.
 
-Stage 1 runs while the images are encoded (``nuwa_vision.py``): each 2×2 cell of an image's grid
+Stage 1 runs while the images are encoded (``vision.py``): each 2×2 cell of an image's grid
 proposes its ``n_per_cell`` most salient tokens, the K₁ most salient candidates become anchors (in
 raster order) and the anchors below a salience gate absorb similar, nearby tokens. Only the anchors
 enter the language model, each at its original position. Stage 2 keeps the K₂ anchors that the last
@@ -28,16 +28,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..budget.rules import round_half_up
-from ..budget.schedule import Keep, Schedule, check_keep_value
-from ..budget.target import BudgetTarget
-from .base import TokenReduction, scale_layers
-from .registry import register
+from ...budget.rules import round_half_up
+from ...budget.schedule import Keep, Schedule, check_keep_value
+from ...budget.target import BudgetTarget
+from ..base import TokenReduction, scale_layers
+from ..registry import register
 
 if TYPE_CHECKING:
-    from ..adapters.base import ModelAdapter
-    from ..engine.vision import VisionStage
-    from ..scoring.base import Scorer
+    from ...adapters.base import ModelAdapter
+    from ...engine.vision import VisionStage
+    from ...scoring.base import Scorer
 
 #: LLaVA-1.5 release: budget (layer-averaged visual tokens at 576) -> (K₁, K₂, n per cell)
 LLAVA_BUDGETS = {64: (112, 16, 1), 128: (224, 32, 2), 192: (336, 48, 3)}
@@ -59,7 +59,7 @@ class FamilySettings:
 
 
 def family_settings(family: str, official: bool) -> FamilySettings:
-    from .nuwa_aggregate import llava_tau
+    from .aggregate import llava_tau
 
     if family == "llava":
         return FamilySettings(0.55, "release_llava" if official else "convex", llava_tau(280.0))
@@ -218,8 +218,8 @@ class Nuwa(TokenReduction):
     # ---- binding to a model ---------------------------------------------------------------
     def bind(self, adapter: ModelAdapter) -> Nuwa:
         """This method for ``adapter``'s model: its family's settings, depth and (LLaVA) grid checked."""
-        from .nuwa_signals import check_llava_config
-        from .nuwa_vision import family_of
+        from .signals import check_llava_config
+        from .vision import family_of
 
         family = family_of(adapter.model)
         if family == "qwen2_5_vl" and self.budget is not None:
@@ -304,8 +304,8 @@ class Nuwa(TokenReduction):
 
     def plan_image(self, grid: tuple[int, int], shape: Any, num_layers: int) -> ImagePlan:
         """Stage 1 for an image of ``grid`` tokens (``shape``: the decoder's, for a target)."""
-        from .nuwa_aggregate import qwen_tau
-        from .nuwa_select import candidate_count, padded_grid
+        from .aggregate import qwen_tau
+        from .select import candidate_count, padded_grid
 
         height, width = grid
         n = height * width
@@ -363,7 +363,7 @@ class Nuwa(TokenReduction):
     def make_scorer(self) -> Scorer:
         """LLaVA: the last token's attention at the layer before the stage-2 layer, head mean; Qwen:
         the last three query rows, head max (without a causal mask among them when ``official``)."""
-        from ..scoring.attention import LastTokenAttention
+        from ...scoring.attention import LastTokenAttention
 
         if self.scorer is not None:
             return self.scorer
@@ -372,8 +372,8 @@ class Nuwa(TokenReduction):
         return LastTokenAttention(score_from="previous")
 
     def vision_stage(self, adapter: ModelAdapter) -> VisionStage:
-        from ..budget.shapes import ModelShape
-        from .nuwa_vision import NuwaVision
+        from ...budget.shapes import ModelShape
+        from .vision import NuwaVision
 
         shape = ModelShape.from_config(adapter.model.config) if self.target is not None else None
         depth = len(adapter.layers)
