@@ -57,7 +57,7 @@ def solved_methods(model: torch.nn.Module, n_visual: int, avg_t: float) -> dict[
 
 
 def _as_methods(shape: ModelShape | int, n_visual: int, avg_t: float) -> dict[str, TokenReduction]:
-    pairs = [solve(shape, n_visual, method, target_avg_t=avg_t) for method in ("fastv", "pdrop")]
+    pairs = [solve(shape, n_visual, method, avg_t=avg_t) for method in ("fastv", "pdrop")]
     return {s.name: s.to_method() for pair in pairs for s in (pair.prune, pair.reroute)}
 
 

@@ -14,8 +14,8 @@ pytest.importorskip("lmms_eval", reason="needs the eval extra: pip install -e '.
 from eval_helpers import shared_workspace  # noqa: E402
 
 from vlm_reroute.eval.parsers import parser_for  # noqa: E402
-from vlm_reroute.eval.spec import MethodSpec  # noqa: E402
 from vlm_reroute.families import FAMILIES, get_family  # noqa: E402
+from vlm_reroute.methods.spec import MethodSpec  # noqa: E402
 
 LIMIT = 3  # samples per run (the first images' expressions): enough for a batch of 2 and a remainder
 # decision layers every tiny family accepts (Qwen3.5's hybrid decoder scores at full-attention layers 1,3,5,7)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlm_reroute.eval.spec import MethodSpec, parse_list
 from vlm_reroute.eval.tasks import (
     DATASETS,
     FAMILIES,
@@ -20,6 +19,7 @@ from vlm_reroute.eval.tasks import (
     task_yaml,
     write_task_dir,
 )
+from vlm_reroute.methods.spec import MethodSpec, parse_list
 
 
 @pytest.mark.parametrize(
@@ -30,7 +30,7 @@ from vlm_reroute.eval.tasks import (
             {"method": "pdrop", "reroute": True, "layers": "[2,7,15,23]", "keep": "[0.5,0.3,0.2,0.1]"},
             MethodSpec("pdrop", True, layers=(2, 7, 15, 23), keep=(0.5, 0.3, 0.2, 0.1)),
         ),
-        ({"method": "fastv", "reroute": "false", "tier": 64}, MethodSpec("fastv", False, tier=64.0)),
+        ({"method": "fastv", "reroute": "false", "tier": 64}, MethodSpec("fastv", False, avg_t=64.0)),
         ({"method": "PDrop", "reroute": "true", "ratio": "0.111"}, MethodSpec("pdrop", True, ratio=0.111)),
         (
             {"method": "pdrop", "layers": "2;7", "keep": "100;50"},
@@ -76,15 +76,15 @@ def test_spec_round_trips_through_model_args():
     items = re.split(r",(?![^\[]*\])", spec.model_args())  # commas inside brackets stay, as in lmms-eval
     parsed = dict(item.split("=", 1) for item in items)
     assert MethodSpec.from_args(**{k: v for k, v in parsed.items()}) == spec
-    assert MethodSpec("fastv", True, tier=64.0).label == "FastV + Reroute @ avg_T 64"
+    assert MethodSpec("fastv", True, avg_t=64.0).label == "FastV + Reroute @ avg_T 64"
 
 
 def test_manifest_and_spec_import_neither_torch_nor_transformers():
     code = (
-        "import sys; import vlm_reroute.eval.manifest, vlm_reroute.eval.spec, vlm_reroute.eval.parsers, "
+        "import sys; import vlm_reroute.eval.manifest, vlm_reroute.methods.spec, vlm_reroute.eval.parsers, "
         "vlm_reroute.eval.metrics, vlm_reroute.eval.grid, vlm_reroute.eval.tasks.refcoco, "
         "vlm_reroute.families; "
-        "from vlm_reroute.eval.spec import MethodSpec; MethodSpec.from_args('pdrop', True, 64).build(); "
+        "from vlm_reroute.methods.spec import MethodSpec; MethodSpec.from_args('pdrop', True, 64).build(); "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": ":".join(sys.path)})

@@ -99,9 +99,7 @@ def build(method: str, mode: str, keep_all: bool = False, tokens: int = TOKENS, 
     if keep_all:
         return cls.from_schedule(Schedule(layers, (1.0,) * len(layers), reroute))
     explicit = layers if layers != default else None
-    return solve_schedule(
-        DEPTH, tokens, method, reroute, target_avg_t=tokens / 4, layers=explicit
-    ).to_method()
+    return solve_schedule(DEPTH, tokens, method, reroute, avg_t=tokens / 4, layers=explicit).to_method()
 
 
 def tokens_per_image(inputs: dict) -> int:

@@ -88,7 +88,7 @@ def test_method_from_spec_checks_the_model_early():
         lambda: FastV(layer=0, keep=8),
         lambda: Schedule.of([0], [8]),
         lambda: compute_budget(_SHAPE, 576, 0, [0], [8]),
-        lambda: solve_schedule(32, 576, "pdrop", layers=[0, 7], target_avg_t=64),
+        lambda: solve_schedule(32, 576, "pdrop", layers=[0, 7], avg_t=64),
     ],
 )
 def test_layer_zero_is_refused_everywhere_with_one_message(build):
@@ -123,7 +123,7 @@ def test_a_tier_is_solved_per_image_size():
         model(**batch)
     shape = ModelShape.from_config(model.config)
     for b, n in ((0, 144), (1, 64)):
-        expected = solve_schedule(shape, n, "pdrop", True, target_avg_t=20)
+        expected = solve_schedule(shape, n, "pdrop", True, avg_t=20)
         assert [d.kept[b] for d in trace.decisions] == list(expected.keep)
         assert [d.layer for d in trace.decisions] == list(expected.layers)
     with method(model) as alone:

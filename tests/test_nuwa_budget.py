@@ -29,7 +29,7 @@ def test_solver_reproduces_the_llava_release(tier):
 
 def test_reroute_has_the_prune_budget_and_scores_among_the_anchors():
     shape = load_shape("llava-1.5-7b")
-    pair = solve(shape, 576, "nuwa", target_avg_t=64, n_text=40)
+    pair = solve(shape, 576, "nuwa", avg_t=64, n_text=40)
     prune, reroute = pair.prune.budget(shape, n_text=40), pair.reroute.budget(shape, n_text=40)
     assert [r.visual_tokens for r in prune.rows] == [r.visual_tokens for r in reroute.rows]
     assert (prune.kv_bytes, prune.flops_pdrop) == (reroute.kv_bytes, reroute.flops_pdrop)

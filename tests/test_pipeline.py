@@ -40,7 +40,7 @@ def test_answers_equal_a_hand_written_reference(checkpoints, images):
     processor = transformers.AutoProcessor.from_pretrained(checkpoints["llava"])
     prompt = "USER: <image>\nWhere is the red box? ASSISTANT:"
     inputs = processor(images=Image.open(images["big"]).convert("RGB"), text=prompt, return_tensors="pt")
-    solved = solve_schedule(ModelShape.from_config(model.config), 576, "pdrop", True, target_avg_t=0.25 * 576)
+    solved = solve_schedule(ModelShape.from_config(model.config), 576, "pdrop", True, avg_t=0.25 * 576)
     with torch.no_grad(), PDrop(layers=solved.layers, keep=solved.keep, reroute=True)(model) as trace:
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert answer.token_ids == out[0, inputs["input_ids"].shape[1] :].tolist()

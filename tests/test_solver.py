@@ -112,7 +112,7 @@ def test_published_lookup_error():
 @pytest.mark.parametrize("num_layers", [28, 32, 36, 40])
 @pytest.mark.parametrize("method", ["fastv", "pdrop"])
 def test_solver_hits_targets(num_layers, method):
-    pair0 = solve(num_layers, N, method, target_avg_t=300)
+    pair0 = solve(num_layers, N, method, avg_t=300)
     for s in (pair0.prune, pair0.reroute):
         l0 = s.layers[0]
         lo = (l0 * N + (num_layers - l0)) / num_layers
@@ -122,12 +122,12 @@ def test_solver_hits_targets(num_layers, method):
             else avg_by_hand(num_layers, N, s.layers, [N, N, N / 2, N / 4])
         )
         for target in [lo + 0.5, *range(int(lo) + 1, int(hi), 11), hi - 0.5, 64, 128, 192]:
-            check_schedule(solve_schedule(num_layers, N, method, s.reroute, target_avg_t=target), target)
+            check_schedule(solve_schedule(num_layers, N, method, s.reroute, avg_t=target), target)
 
 
 def test_solver_fractional_targets_and_other_image_sizes():
     for n, target in [(256, 40.3), (1024, 333.3), (64, 20.7), (10, 5.2)]:
-        pair = solve(32, n, "pdrop", target_avg_t=target)
+        pair = solve(32, n, "pdrop", avg_t=target)
         check_schedule(pair.prune, target)
         check_schedule(pair.reroute, target)
 
@@ -137,7 +137,7 @@ def test_solved_pdrop_follows_the_published_rule():
     # the solver's counts must land within one token of the published counts int(576·f).
     for tier in (192, 128):
         for reroute in (False, True):
-            solved = solve_schedule(32, N, "pdrop", reroute, target_avg_t=tier)
+            solved = solve_schedule(32, N, "pdrop", reroute, avg_t=tier)
             published = published_schedule("llava-1.5", tier, "pdrop", reroute)
             assert solved.layers == published.layers
             assert all(abs(a - b) <= 1 for a, b in zip(solved.keep, published.keep, strict=True)), (
@@ -147,11 +147,11 @@ def test_solved_pdrop_follows_the_published_rule():
 
 
 def test_fastv_pair_uses_its_own_layers():
-    pair = solve(32, N, "fastv", target_avg_t=128)
+    pair = solve(32, N, "fastv", avg_t=128)
     assert pair.prune.layers == (3,) and pair.reroute.layers == (3, 7, 15, 23)
     assert pair.prune.keep[0] == pair.reroute.keep[0]  # same first layer => same count
     assert pair.prune.name == "FastV" and pair.reroute.name == "FastV + Reroute"
-    custom = solve(32, N, "fastv", target_avg_t=100, layers=[5, 10])
+    custom = solve(32, N, "fastv", avg_t=100, layers=[5, 10])
     assert custom.prune.layers == (5,) and custom.reroute.layers == (5, 10)
     check_schedule(custom.prune, 100)
     check_schedule(custom.reroute, 100)
@@ -167,20 +167,20 @@ def test_fastv_pair_uses_its_own_layers():
 )
 def test_unreachable_targets(method, reroute, target, match):
     with pytest.raises(ValueError, match=match):
-        solve_schedule(32, N, method, reroute, target_avg_t=target)
+        solve_schedule(32, N, method, reroute, avg_t=target)
 
 
 def test_target_argument_errors():
     with pytest.raises(ValueError, match="exactly one"):
         solve(32, N, "fastv")
     with pytest.raises(ValueError, match="exactly one"):
-        solve(32, N, "fastv", target_avg_t=64, target_flops_fraction=0.2)
+        solve(32, N, "fastv", avg_t=64, flops_fraction=0.2)
     with pytest.raises(ValueError, match="needs a ModelShape"):
-        solve(32, N, "fastv", target_flops_fraction=0.2)
+        solve(32, N, "fastv", flops_fraction=0.2)
     with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
-        solve(load_shape("llava-1.5-7b"), N, "fastv", target_flops_fraction=1.5)
+        solve(load_shape("llava-1.5-7b"), N, "fastv", flops_fraction=1.5)
     with pytest.raises(ValueError, match="strictly increasing"):
-        solve(32, N, "pdrop", target_avg_t=64, layers=[7, 2])
+        solve(32, N, "pdrop", avg_t=64, layers=[7, 2])
 
 
 # decoder shapes copied from the official config.json files (text_config), not read from the package:
@@ -225,7 +225,7 @@ def test_flops_target(model, method):
     assert (shape.num_layers, shape.hidden_size, shape.intermediate_size) == (num_layers, d, m)
     n_text = 50
     vanilla = pdrop_macs_by_hand(model, N, n_text, [], [])
-    pair = solve(shape, N, method, target_flops_fraction=0.4, n_text=n_text)
+    pair = solve(shape, N, method, flops_fraction=0.4, n_text=n_text)
     for s in (pair.prune, pair.reroute):
         macs = pdrop_macs_by_hand(model, N, n_text, s.layers, s.keep)
         assert abs(macs / vanilla - 0.4) < 0.005  # the solver hit the target, counted by hand

@@ -21,6 +21,8 @@ _EXPORTS = {
     "PDrop": "methods",
     "Random": "methods",
     "TokenReduction": "methods",
+    "MethodSpec": "methods",
+    "ScoreFrom": "kinds",
     "method_from_spec": "methods",
     "method_names": "methods",
     "BudgetTarget": "budget.target",
@@ -45,11 +47,13 @@ __all__ = [
     "FastV",
     "ImageLayout",
     "LastTokenAttention",
+    "MethodSpec",
     "Nuwa",
     "PDrop",
     "Random",
     "RandomScores",
     "Schedule",
+    "ScoreFrom",
     "TokenReduction",
     "method_from_spec",
     "method_names",
@@ -70,7 +74,17 @@ if TYPE_CHECKING:
     from .budget.target import BudgetTarget
     from .engine.cache import kv_bytes, kv_lengths
     from .engine.trace import Decision, Trace
-    from .methods import FastV, Nuwa, PDrop, Random, TokenReduction, method_from_spec, method_names
+    from .kinds import ScoreFrom
+    from .methods import (
+        FastV,
+        MethodSpec,
+        Nuwa,
+        PDrop,
+        Random,
+        TokenReduction,
+        method_from_spec,
+        method_names,
+    )
     from .pipelines import Pipeline, pipeline
     from .scoring.attention import LastTokenAttention
     from .scoring.random import RandomScores

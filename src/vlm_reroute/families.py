@@ -7,8 +7,9 @@ how its image resolution is set, and which grounding (RefCOCO) answer format it 
 and is evaluated on VQA tasks only. Adding a family is one entry here plus its adapter (and, for the
 tests, its tiny model in :mod:`vlm_reroute.testing`).
 
-Torch-free on purpose: ``vlm-reroute eval --dry-run`` and the lmms-eval manifest read it without
-importing a model library.
+Torch-free on purpose: ``vlm-reroute eval --dry-run``, ``vlm-reroute budget``, the lmms-eval manifest and
+the torch-free methods read it without importing a model library. Code outside the adapters asks this
+table (or the model's adapter) what a family is, and never compares family names itself.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from .budget.stage1 import CLIP, WINDOWED_VIT
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,11 @@ class Family:
     ``grounding`` is the key of the family's RefCOCO answer format (several families share one: LLaVA-NeXT
     and OneVision answer as LLaVA-1.5 does), ``None`` for VQA-only families. ``qwen_pixels``: the image
     resolution is bounded by ``min_pixels`` / ``max_pixels`` (Qwen's dynamic resolution); the other
-    families tile or resize to their own fixed sizes.
+    families tile or resize to their own fixed sizes. ``fixed_grid``: every image is the vision tower's
+    ``(image_size / patch_size)²`` patch grid whatever its size, so the config alone gives the count.
+    ``vision``: the kind of vision tower a vision-side stage reads (Nüwa's stage 1:
+    :data:`~vlm_reroute.budget.stage1.CLIP` or :data:`~vlm_reroute.budget.stage1.WINDOWED_VIT`), ``None``
+    when no vision-side stage is defined for the family.
     """
 
     name: str
@@ -35,10 +42,21 @@ class Family:
     adapter: str
     grounding: str | None
     qwen_pixels: bool = False
+    fixed_grid: bool = False
+    vision: str | None = None
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("llava", "LLaVA-1.5", "LlavaForConditionalGeneration", "llava", "LlavaAdapter", "llava"),
+    Family(
+        "llava",
+        "LLaVA-1.5",
+        "LlavaForConditionalGeneration",
+        "llava",
+        "LlavaAdapter",
+        "llava",
+        fixed_grid=True,
+        vision=CLIP,
+    ),
     Family(
         "llava_next",
         "LLaVA-NeXT",
@@ -72,6 +90,7 @@ FAMILIES: tuple[Family, ...] = (
         "Qwen2VLAdapter",
         "qwen2_5_vl",
         True,
+        vision=WINDOWED_VIT,
     ),
     Family(
         "qwen3_vl",
@@ -131,6 +150,16 @@ def family_of_class(class_name: str) -> Family:
     )
 
 
+def family_of_model_type(model_type: str | None) -> Family | None:
+    """The family whose configs have ``model_type``, or None (a config of any other model)."""
+    return next((f for f in FAMILIES if f.model_type == model_type), None)
+
+
+def vision_families(kind: str) -> tuple[Family, ...]:
+    """The families whose vision tower is of ``kind`` (see :attr:`Family.vision`), in table order."""
+    return tuple(f for f in FAMILIES if f.vision == kind)
+
+
 def family_of_config(config: Any) -> Family:
     """The family of a model config: its first supported ``architectures`` entry, else its ``model_type``.
 
@@ -143,9 +172,9 @@ def family_of_config(config: Any) -> Family:
         if name in classes:
             return classes[name]
     model_type = getattr(config, "model_type", None)
-    for family in FAMILIES:
-        if family.model_type == model_type:
-            return family
+    family = family_of_model_type(model_type)
+    if family is not None:
+        return family
     found = ", ".join(architectures) or str(model_type)
     raise ValueError(
         f"a {found} checkpoint is none of the supported families "

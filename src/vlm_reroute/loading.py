@@ -251,6 +251,34 @@ def _check_folder(path: Path, name: str) -> None:
 # ---- the model ---------------------------------------------------------------------------------
 
 
+def checkpoint_class(config: Any, what: str, error: type[ValueError] = LoadError) -> Any:
+    """The ``transformers`` class that loads a checkpoint of ``config``: the first of its architectures
+    that vlm-reroute routes. Shared by :func:`load_model` and the lmms-eval plugin's loader
+    (``eval/checkpoint.py``): ``what`` names the checkpoint as each caller's user gave it, ``error`` is
+    the caller's error type."""
+    import transformers
+
+    architectures = getattr(config, "architectures", None) or []
+    supported = [a for a in architectures if a in SUPPORTED_MODELS]
+    if not supported:
+        raise error(
+            f"{what} is a {', '.join(architectures) or config.model_type} checkpoint; supported classes "
+            f"are {', '.join(SUPPORTED_MODELS)}"
+        )
+    return getattr(transformers, supported[0])
+
+
+def pretrained_kwargs(dtype: str, attn: str | None, device_map: str | None = None) -> dict[str, Any]:
+    """``from_pretrained`` keywords for a checked ``dtype`` name, an attention implementation (``None``:
+    transformers' choice) and an optional ``device_map`` (sharding over devices)."""
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
+    if device_map:
+        kwargs["device_map"] = device_map
+    return kwargs
+
+
 def load_model(
     name: str,
     dtype: str = "auto",
@@ -264,7 +292,7 @@ def load_model(
     """
     import transformers
 
-    torch_dtype = check_dtype(dtype)
+    check_dtype(dtype)
     dev = resolve_device(device)
     check_attention(attn, dev)
     source = source or resolve_source(name)
@@ -273,18 +301,11 @@ def load_model(
         config = transformers.AutoConfig.from_pretrained(source.name, **offline)
     except (OSError, ValueError, KeyError) as exc:
         raise LoadError(f"cannot read the config of {name!r} ({_first_line(exc)})") from exc
-    architectures = getattr(config, "architectures", None) or []
-    supported = [a for a in architectures if a in SUPPORTED_MODELS]
-    if not supported:
-        raise LoadError(
-            f"{name!r} is a {', '.join(architectures) or config.model_type} checkpoint; supported classes "
-            f"are {', '.join(SUPPORTED_MODELS)}"
-        )
+    cls = checkpoint_class(config, repr(name))
     if source.local:
         _check_folder(Path(source.name), name)
-    cls = getattr(transformers, supported[0])
     try:
-        model = cls.from_pretrained(source.name, dtype=torch_dtype, attn_implementation=attn, **offline)
+        model = cls.from_pretrained(source.name, **pretrained_kwargs(dtype, attn), **offline)
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
         raise LoadError(f"cannot load the weights of {name!r} ({_first_line(exc)})") from exc
     return model.to(dev).eval()

@@ -9,9 +9,10 @@
 The pipeline loads the checkpoint and its processor, writes the prompt in the checkpoint's chat
 format with one placeholder per image, handles the family's quirks (Qwen without torchvision:
 inputs assembled from the tokenizer and image processor, see :mod:`vlm_reroute.loading`) and runs
-greedy ``generate`` inside the method's block. A budget (``tier``, ``ratio``, ``flops_fraction``)
-is solved per prompt for each image's token count. The module is named ``pipelines`` so that the
-function ``vlm_reroute.pipeline`` is never shadowed by a submodule of the same name.
+greedy ``generate`` inside the method's block. A budget (``tier`` = avg_T, ``ratio``,
+``flops_fraction``) is solved per prompt for each image's token count. The module is named
+``pipelines`` so that the function ``vlm_reroute.pipeline`` is never shadowed by a submodule of the
+same name.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .adapters import adapter_for
 from .engine.trace import Trace
 from .images import ImageLike, load_image
 from .loading import PromptBuilder, load_model, quiet_transformers, resolve_source
-from .methods import TokenReduction, method_from_spec
+from .methods import MethodSpec, TokenReduction
 
 __all__ = ["Answer", "Pipeline", "pipeline"]
 
@@ -156,7 +157,7 @@ def visual_tokens_per_image(model: Any, inputs: dict[str, Any]) -> list[list[int
 
 def pipeline(
     model: str | os.PathLike | Any,
-    method: str | TokenReduction | None = None,
+    method: str | MethodSpec | TokenReduction | None = None,
     *,
     reroute: bool = False,
     tier: float | None = None,
@@ -174,15 +175,28 @@ def pipeline(
 ) -> Pipeline:
     """A :class:`Pipeline` for ``model`` (Hub id, local folder or a loaded model) and ``method``.
 
-        ``method``: ``None`` (vanilla), a method object (``PDrop(...)``), or a registered name
-        (``"fastv"``, ``"pdrop"``, ``"pdrop+reroute"``, ...) built with :func:`method_from_spec` from
-        ``reroute``, one budget (``tier`` = avg_T, ``ratio`` of visual tokens kept on average,
-        ``flops_fraction``; ``strict`` makes an unreachable budget an error instead of a clamp) or an
-        explicit ``layers``/``keep`` schedule, and ``settings`` (e.g. ``seed=`` for ``"random"``).
-        ``processor``: where to load the processor from when ``model`` is an already loaded model
-        (default: its ``name_or_path``). Loading problems raise :class:`~vlm_reroute.loading.LoadError`;
+        ``method``: ``None`` (vanilla), a method object (``PDrop(...)``), a
+        :class:`~vlm_reroute.methods.spec.MethodSpec`, or a registered name (``"fastv"``, ``"pdrop"``,
+        ``"pdrop+reroute"``, ...) read by :meth:`MethodSpec.parse` with ``reroute``, one budget
+        (``tier`` = avg_T, ``ratio`` of visual tokens kept on average, ``flops_fraction``; ``strict``
+        makes an unreachable budget an error instead of a clamp) or an explicit ``layers``/``keep``
+        schedule, and ``settings`` (e.g. ``seed=`` for ``"random"``); a name is checked before the
+        model loads. ``processor``: where to load the processor from when ``model`` is an already
+        loaded model (default: its ``name_or_path``). Loading problems raise
+        :class:`~vlm_reroute.loading.LoadError`;
     the libraries' loading bars and expected notices are silenced while loading.
     """
+    spec = {"tier": tier, "ratio": ratio, "flops_fraction": flops_fraction, "layers": layers, "keep": keep}
+    given: dict[str, Any] = {k: v for k, v in spec.items() if v is not None}
+    if isinstance(method, str):
+        method = MethodSpec.parse(method, reroute=reroute, strict=strict, **given, **settings)
+    elif not (method is None or isinstance(method, MethodSpec | TokenReduction)):
+        raise TypeError(f"pipeline(method={method!r}): give None, a method name or a method object")
+    elif given or settings:
+        raise ValueError(
+            f"pipeline(method={method!r}) with {', '.join({**given, **settings})}: budgets and settings "
+            "build a method from its name (method='pdrop', ...); a method object carries its own"
+        )
     with quiet_transformers():  # the expected torchvision fallback notices and loading bars
         if isinstance(model, str | os.PathLike):
             name = os.fspath(model)
@@ -193,21 +207,7 @@ def pipeline(
             loaded = model
             name = os.fspath(processor) if processor is not None else getattr(model, "name_or_path", "")
             builder = PromptBuilder.from_pretrained(name, loaded)
-    spec = {"tier": tier, "ratio": ratio, "flops_fraction": flops_fraction, "layers": layers, "keep": keep}
-    given = {k: v for k, v in spec.items() if v is not None}
-    if isinstance(method, str):
-        chosen: TokenReduction | None = method_from_spec(
-            method, reroute=reroute, strict=strict, model=loaded, **given, **settings
-        )
-    elif method is None or isinstance(method, TokenReduction):
-        if given or settings:
-            raise ValueError(
-                f"pipeline(method={method!r}) with {', '.join({**given, **settings})}: budgets and settings "
-                "build a method from its name (method='pdrop', ...); a method object carries its own"
-            )
-        chosen = method
-    else:
-        raise TypeError(f"pipeline(method={method!r}): give None, a method name or a method object")
+    chosen = method.build(loaded) if isinstance(method, MethodSpec) else method
     if chosen is not None:
         adapter_for(loaded)  # refuse an unsupported model now, not at the first call
     return Pipeline(loaded, builder, chosen, {"max_new_tokens": max_new_tokens})

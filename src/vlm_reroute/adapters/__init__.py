@@ -23,15 +23,21 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     Qwen3_5Adapter,
 )
 SUPPORTED_MODELS: tuple[str, ...] = tuple(name for a in ADAPTERS for name in a.model_classes)
+#: Model classes whose prompts the adapters build without the checkpoint's processor (``expand_images``).
+PROMPT_CLASSES: tuple[str, ...] = tuple(name for a in ADAPTERS for name in a.prompt_classes)
 
 
-def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The adapter for ``model``'s class, or a ``TypeError`` listing the supported classes."""
+def adapter_for(model: nn.Module, check: bool = True) -> ModelAdapter:
+    """The adapter for ``model``'s class, or a ``TypeError`` listing the supported classes.
+
+    ``check=False`` skips refusing configurations routing cannot handle, for callers that only read the
+    family's facts (prompt building, pictures) and do not route."""
     name = type(model).__name__
     for adapter_cls in ADAPTERS:
         if name in adapter_cls.model_classes:
             adapter = adapter_cls(model)
-            adapter.check()
+            if check:
+                adapter.check()
             return adapter
     raise TypeError(
         f"model class {name} is not supported; supported classes are {', '.join(SUPPORTED_MODELS)} "
@@ -47,6 +53,7 @@ __all__ = [
     "LlavaAdapter",
     "LlavaNextAdapter",
     "ModelAdapter",
+    "PROMPT_CLASSES",
     "Qwen2VLAdapter",
     "Qwen3VLAdapter",
     "Qwen3_5Adapter",

@@ -9,11 +9,13 @@ rotary embedding). Everything else (gather, scatter, masks, cache) is shared by 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..kinds import ScoreFrom
 from .layout import ImageLayout, single_view_layouts
 
 
@@ -72,17 +74,44 @@ class ModelAdapter(ABC):
         """Per sample, per image: span, grid and offsets (see :class:`ImageLayout`)."""
         return single_view_layouts(image_ids, self.image_grids(image_ids, model_kwargs))
 
+    def fixed_grid(self) -> tuple[int, int] | None:
+        """The grid every image has whatever its size (LLaVA-1.5's patch grid), or None when the grid
+        depends on the image: lets a method check a budget against the grid before any image arrives."""
+        return None
+
+    # ---- prompts without the checkpoint's processor (``prompting.family_inputs``) ---------------
+    #: Model classes whose inputs :meth:`expand_images` rebuilds (their processors own a video
+    #: processor, which needs torchvision; the other families' processors load without it).
+    prompt_classes: tuple[str, ...] = ()
+    #: The family's processor also returns ``mm_token_type_ids`` (1 on image tokens).
+    token_type_ids: bool = False
+
+    def expand_images(
+        self, tokenizer: Any, image_processor: Any, images: Sequence[Sequence[Any]], placeholder: str
+    ) -> tuple[dict[str, Any], list[str]]:
+        """What the family's processor does with the images of a batch (``images[b]``: prompt ``b``'s,
+        at least one image in all): the image processor's outputs, and per image in order the text its
+        ``placeholder`` becomes in the prompt."""
+        raise NotImplementedError(f"{type(self.model).__name__}: prompts are built by its own processor")
+
+    # ---- pictures (``viz.geometry``): how the family's image processors place pixels ----------------
+    #: Image-processor class name (without its ``Fast`` / ``Pil`` suffix) -> how it maps the picture to
+    #: the single grid: ``"resize_crop"`` (resize, optional centre crop), ``"pad_resize_crop"`` (the same
+    #: after a pad to a square), ``"smart_resize"`` (resize to a multiple of the merged patch; the grid
+    #: covers the whole picture). Families whose layouts have several views declare none.
+    image_placements: ClassVar[Mapping[str, str]] = {}
+
     # ---- hybrid decoders (Qwen3.5): where decisions may be scored, which layers are recurrent -----
     #: Layers without attention (linear attention / recurrent): they take a 2-D padding mask, no KV cache.
     recurrent_layers: tuple[int, ...] = ()
     #: The layer whose cache length ``Cache.get_seq_length()`` (no argument) reports.
     length_layer: int = 0
 
-    def allowed_decision_layers(self, score_from: str = "current") -> tuple[int, ...]:
+    def allowed_decision_layers(self, score_from: ScoreFrom = ScoreFrom.CURRENT) -> tuple[int, ...]:
         """Layers a decision may be made at (every layer but the first, unless the family says otherwise)."""
         return tuple(range(1, len(self.layers)))
 
-    def check_plan(self, layers: tuple[int, ...], score_from: str) -> None:
+    def check_plan(self, layers: tuple[int, ...], score_from: ScoreFrom) -> None:
         """Refuse decision layers the family cannot score at (a clear error listing the allowed ones)."""
         allowed = self.allowed_decision_layers(score_from)
         bad = [layer for layer in layers if layer not in allowed]

@@ -20,6 +20,7 @@ is in the same row, one that follows a newline starts a new row.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -34,6 +35,29 @@ from .views import ImageShape, layouts_with_views
 
 class Idefics3Adapter(ModelAdapter):
     model_classes = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+    prompt_classes = model_classes
+
+    def expand_images(
+        self, tokenizer: Any, image_processor: Any, images: Sequence[Sequence[Any]], placeholder: str
+    ) -> tuple[dict[str, Any], list[str]]:
+        """``get_image_prompt_string`` per image: its tiles row by row, then the global view."""
+        from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+        vision = dict(
+            image_processor(
+                images=[list(row) for row in images], return_tensors="pt", return_row_col_info=True
+            )
+        )
+        fake = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
+        global_token = getattr(tokenizer, "global_image_token", "<global-img>")
+        per_tile = int(self.model.model.image_seq_len)
+        grids = zip(
+            [r for row in vision.pop("rows") for r in row],
+            [c for col in vision.pop("cols") for c in col],
+            strict=True,
+        )
+        pieces = [get_image_prompt_string(r, c, per_tile, fake, placeholder, global_token) for r, c in grids]
+        return vision, pieces
 
     @property
     def decoder(self) -> nn.Module:

@@ -16,6 +16,7 @@ its tiles and the thumbnail. Video frames (``Frame{i}: <img>…</img>``) are one
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,6 +36,17 @@ def runs_of(visual: torch.Tensor) -> torch.Tensor:
 
 class InternVLAdapter(ModelAdapter):
     model_classes = ("InternVLForConditionalGeneration",)
+    prompt_classes = model_classes
+
+    def expand_images(
+        self, tokenizer: Any, image_processor: Any, images: Sequence[Sequence[Any]], placeholder: str
+    ) -> tuple[dict[str, Any], list[str]]:
+        """``<img>`` + ``<IMG_CONTEXT>`` × (tokens per tile · tiles) + ``</img>`` per image."""
+        vision = dict(image_processor(images=[image for row in images for image in row], return_tensors="pt"))
+        rows, cols = self.tile_grid
+        start = getattr(tokenizer, "start_image_token", "<img>")
+        end = getattr(tokenizer, "end_image_token", "</img>")
+        return vision, [start + placeholder * rows * cols * int(n) + end for n in vision.pop("num_patches")]
 
     @property
     def tile_grid(self) -> tuple[int, int]:

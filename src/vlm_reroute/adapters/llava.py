@@ -16,6 +16,7 @@ from .base import ModelAdapter
 
 class LlavaAdapter(ModelAdapter):
     model_classes = ("LlavaForConditionalGeneration",)
+    image_placements = {"CLIPImageProcessor": "resize_crop", "LlavaImageProcessor": "pad_resize_crop"}
 
     @property
     def grid_side(self) -> int:
@@ -62,3 +63,7 @@ class LlavaAdapter(ModelAdapter):
     def image_grids(self, image_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[tuple[int, int]]:
         n_images = int(image_ids.max()) + 1
         return [(self.grid_side, self.grid_side)] * n_images
+
+    def fixed_grid(self) -> tuple[int, int]:
+        """Every image is the tower's ``side × side`` patch grid, whatever its size."""
+        return self.grid_side, self.grid_side

@@ -27,6 +27,7 @@ exactly the model's ``image_newline`` vector. Video tokens (OneVision's ``<video
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -50,6 +51,7 @@ def unpadded_size(image_size: tuple[int, int], height: int, width: int) -> tuple
 
 class LlavaNextAdapter(ModelAdapter):
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
+    prompt_classes = ("LlavaOnevisionForConditionalGeneration",)  # LlavaNextProcessor has no video processor
 
     @property
     def onevision(self) -> bool:
@@ -142,6 +144,14 @@ class LlavaNextAdapter(ModelAdapter):
                 "pixel_values) to lay out each image's base view and crops"
             )
         return self._shapes_from_sizes(model_kwargs)
+
+    def expand_images(
+        self, tokenizer: Any, image_processor: Any, images: Sequence[Sequence[Any]], placeholder: str
+    ) -> tuple[dict[str, Any], list[str]]:
+        """LLaVA-OneVision: ``<image>`` × (base view + unpadded crop grid + one newline per row), or
+        base view + one newline for images that share a prompt (``batch_num_images``)."""
+        vision = dict(image_processor(images=[list(row) for row in images], return_tensors="pt"))
+        return vision, [placeholder * shape.length for shape in self.image_shapes(vision)]
 
     # ---- the adapter contract -------------------------------------------------------------------
     def image_ids(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> torch.Tensor:

@@ -7,6 +7,7 @@ its grid ``image_grid_thw / spatial_merge_size`` in raster order. Video tokens a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,6 +17,18 @@ from .base import ModelAdapter
 
 class Qwen2VLAdapter(ModelAdapter):
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    prompt_classes = model_classes
+    token_type_ids = True
+    image_placements = {"Qwen2VLImageProcessor": "smart_resize"}
+
+    def expand_images(
+        self, tokenizer: Any, image_processor: Any, images: Sequence[Sequence[Any]], placeholder: str
+    ) -> tuple[dict[str, Any], list[str]]:
+        """``<|image_pad|>`` × ``t·h·w / merge²`` per image (the Qwen2-VL / Qwen2.5-VL / Qwen3-VL /
+        Qwen3.5 processors' rule)."""
+        vision = dict(image_processor(images=[image for row in images for image in row], return_tensors="pt"))
+        merge = image_processor.merge_size
+        return vision, [placeholder * (int(g.prod()) // merge**2) for g in vision["image_grid_thw"]]
 
     def image_ids(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> torch.Tensor:
         visual = self.visual_mask(input_ids)

@@ -28,11 +28,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kinds import ScoreFrom
 from .qwen2_vl import Qwen2VLAdapter
 
 
 class Qwen3_5Adapter(Qwen2VLAdapter):
     model_classes = ("Qwen3_5ForConditionalGeneration",)
+    prompt_classes = model_classes
 
     @property
     def layer_types(self) -> list[str]:
@@ -61,17 +63,18 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
                 "'full_attention' and 'linear_attention' layers, with at least one full-attention layer"
             )
 
-    def allowed_decision_layers(self, score_from: str = "current") -> tuple[int, ...]:
+    def allowed_decision_layers(self, score_from: ScoreFrom = ScoreFrom.CURRENT) -> tuple[int, ...]:
         full = [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
-        if score_from == "previous":
+        if score_from == ScoreFrom.PREVIOUS:
             return tuple(i + 1 for i in full if 0 < i + 1 < len(self.layer_types))
         return tuple(i for i in full if i > 0)
 
-    def check_plan(self, layers: tuple[int, ...], score_from: str) -> None:
+    def check_plan(self, layers: tuple[int, ...], score_from: ScoreFrom) -> None:
         allowed = self.allowed_decision_layers(score_from)
         bad = [layer for layer in layers if layer not in allowed]
         if bad:
-            where = "decision layer itself" if score_from == "current" else "layer before each decision"
+            ahead = score_from == ScoreFrom.PREVIOUS
+            where = "layer before each decision" if ahead else "decision layer itself"
             raise ValueError(
                 f"decision layers {bad}: on {type(self.model).__name__} a decision is scored at a "
                 f"full-attention layer (the {where}; the others are linear attention), so the allowed "

@@ -32,6 +32,7 @@ from .qwen2_vl import Qwen2VLAdapter
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+    prompt_classes = model_classes
 
     @property
     def addition_layers(self) -> tuple[int, ...]:

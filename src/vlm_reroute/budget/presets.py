@@ -39,7 +39,7 @@ def preset(model: str, tier: int, method: str, reroute: bool = False) -> SolvedS
 @cache
 def _preset(model: str, tier: int, method: str, reroute: bool) -> SolvedSchedule:
     info = load_model_info(model)
-    return solve_schedule(info.shape, info.default_visual_tokens, method, reroute, target_avg_t=tier)
+    return solve_schedule(info.shape, info.default_visual_tokens, method, reroute, avg_t=tier)
 
 
 def table(

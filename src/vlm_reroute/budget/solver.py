@@ -121,12 +121,13 @@ class SolvedSchedule:
 
 @dataclass(frozen=True)
 class SolvedPair:
-    """A prune schedule and the reroute schedule solved for the same target."""
+    """A prune schedule and the reroute schedule solved for the same target: ``avg_t`` or
+    ``flops_fraction`` as asked (what each schedule achieves is its own ``avg_t``)."""
 
     prune: SolvedSchedule
     reroute: SolvedSchedule
-    target_avg_t: float | None
-    target_flops_fraction: float | None
+    avg_t: float | None
+    flops_fraction: float | None
 
 
 def _rule(cls: type, reroute: bool, n: int, num_stages: int) -> Callable[[int], tuple[int, ...]]:
@@ -236,31 +237,32 @@ def solve_schedule(
     n_visual: int,
     method: str | type,
     reroute: bool = False,
-    target_avg_t: float | None = None,
-    target_flops_fraction: float | None = None,
+    avg_t: float | None = None,
+    flops_fraction: float | None = None,
     layers: Sequence[int] | None = None,
     n_text: int = 0,
 ) -> SolvedSchedule:
     """Solve one schedule (prune or reroute) for exactly one of the two targets; unreachable → error.
 
-    ``target_avg_t`` is hit within ±0.5 token. ``target_flops_fraction`` in (0, 1] picks the ``a``
-    whose PDrop-convention FLOPs ratio to vanilla is closest, with ``n`` = ``n_text`` + visual tokens
-    (needs a :class:`ModelShape`). ``layers`` defaults to the method's :func:`default_layers`.
+    ``avg_t`` (visual tokens per layer, the quantity the command line calls ``--tier``) is hit within
+    ±0.5 token. ``flops_fraction`` in (0, 1] picks the ``a`` whose PDrop-convention FLOPs ratio to
+    vanilla is closest, with ``n`` = ``n_text`` + visual tokens (needs a :class:`ModelShape`).
+    ``layers`` defaults to the method's :func:`default_layers`.
     """
     problem = _Problem(shape_or_num_layers, n_visual, method, reroute, layers, n_text)
-    if (target_avg_t is None) == (target_flops_fraction is None):
-        raise ValueError("give exactly one of target_avg_t and target_flops_fraction")
-    if target_avg_t is not None:
+    if (avg_t is None) == (flops_fraction is None):
+        raise ValueError("give exactly one of avg_t and flops_fraction")
+    if avg_t is not None:
         lo, hi = problem.avg_range()
-        if not lo - TOLERANCE <= target_avg_t <= hi + TOLERANCE:
-            raise ValueError(problem.avg_t_message(target_avg_t))
-        return problem.for_avg_t(target_avg_t)
-    if not 0 < target_flops_fraction <= 1:
-        raise ValueError(f"target_flops_fraction={target_flops_fraction} must be in (0, 1]")
+        if not lo - TOLERANCE <= avg_t <= hi + TOLERANCE:
+            raise ValueError(problem.avg_t_message(avg_t))
+        return problem.for_avg_t(avg_t)
+    if not 0 < flops_fraction <= 1:
+        raise ValueError(f"flops_fraction={flops_fraction} must be in (0, 1]")
     lo, hi = problem.flops_range()
-    if not lo <= target_flops_fraction <= hi:
-        raise ValueError(problem.flops_message(target_flops_fraction))
-    return problem.for_flops(target_flops_fraction)
+    if not lo <= flops_fraction <= hi:
+        raise ValueError(problem.flops_message(flops_fraction))
+    return problem.for_flops(flops_fraction)
 
 
 class UnreachableTargetWarning(UserWarning):
@@ -317,8 +319,8 @@ def solve(
     shape_or_num_layers: ModelShape | int,
     n_visual: int,
     method: str | type,
-    target_avg_t: float | None = None,
-    target_flops_fraction: float | None = None,
+    avg_t: float | None = None,
+    flops_fraction: float | None = None,
     layers: Sequence[int] | None = None,
     n_text: int = 0,
 ) -> SolvedPair:
@@ -333,10 +335,10 @@ def solve(
         layers = tuple(layers)
         reroute_layers = layers
         prune_layers = layers[: cls.prune_decisions] if cls.prune_decisions else layers
-    kwargs = dict(target_avg_t=target_avg_t, target_flops_fraction=target_flops_fraction, n_text=n_text)
+    kwargs = dict(avg_t=avg_t, flops_fraction=flops_fraction, n_text=n_text)
     return SolvedPair(
         prune=solve_schedule(shape_or_num_layers, n_visual, cls, False, layers=prune_layers, **kwargs),
         reroute=solve_schedule(shape_or_num_layers, n_visual, cls, True, layers=reroute_layers, **kwargs),
-        target_avg_t=target_avg_t,
-        target_flops_fraction=target_flops_fraction,
+        avg_t=avg_t,
+        flops_fraction=flops_fraction,
     )

@@ -4,19 +4,25 @@ Pure Python. Multiply-accumulates per image, as the decoder budget counts them, 
 library's stage 1 computes on top of the untouched vision tower (``methods/nuwa/signals.py``,
 ``methods/nuwa/aggregate.py``; ``d`` the tower's width, ``N`` the image's tokens, ``K₁`` its anchors):
 
-* **salience** — LLaVA-1.5 (CLIP): the [CLS] query row and the keys of the feature-layer block,
+* **salience** — a CLIP tower (LLaVA-1.5): the [CLS] query row and the keys of the feature-layer block,
   recomputed from its input because the tower's own attention does not return them:
-  ``(N + 2)·d² + (N + 1)·d``. Qwen2.5-VL: the attention every patch *receives* in the last block
-  needs every query row: the block's ``qkv`` projection again (``3·P·d²`` for ``P = 4N`` patches)
-  and ``P²·d`` scores (the last block attends over the whole image).
-* **similarity** — CLIP: running sums of block outputs only (no MACs). Qwen: the patch merger on the
-  averaged block outputs, ``N·(4d·4d + 4d·D)`` with ``D`` the language model's width.
+  ``(N + 2)·d² + (N + 1)·d``. A windowed ViT with a patch merger (Qwen2.5-VL): the attention every
+  patch *receives* in the last block needs every query row: the block's ``qkv`` projection again
+  (``3·P·d²`` for ``P = mN`` patches, ``m`` = 4 patches merged per token) and ``P²·d`` scores (the
+  last block attends over the whole image).
+* **similarity** — CLIP: running sums of block outputs only (no MACs). Windowed ViT: the patch
+  merger on the averaged block outputs, ``N·(md·md + md·D)`` with ``D`` the language model's width.
 * **aggregation** — the ``L = ⌈q·(K₁ − 1)⌉`` anchors below the gate quantile ``q`` (linear
   interpolation over distinct saliences) build one cosine row and one weighted sum each:
-  ``L·N·(Ds + Df) + N·Ds`` (``Ds`` similarity width, ``Df`` feature width: CLIP's ``d`` for LLaVA,
-  whose aggregation precedes the projector; ``D`` for Qwen, whose follows the merger).
+  ``L·N·(Ds + Df) + N·Ds`` (``Ds`` similarity width, ``Df`` feature width: the tower's ``d`` for a
+  CLIP tower, whose aggregation precedes the projector; ``D`` for a windowed ViT, whose follows the
+  merger).
 
 Norms, softmax, distances and sorting are not counted (linear in ``N`` or ``L·N`` without a width).
+
+What a family's tower is, this package does not know (it imports nothing of the package): a caller
+hands in a :class:`VisionTower`, or names one registered with :func:`add_tower` (Nüwa registers its
+released towers under the names of the families in the family table).
 """
 
 from __future__ import annotations
@@ -26,10 +32,40 @@ from dataclasses import dataclass
 
 from .shapes import ModelShape
 
-__all__ = ["NUWA_TOWERS", "Stage1Cost", "stage1_macs"]
+__all__ = ["CLIP", "NUWA_TOWERS", "WINDOWED_VIT", "Stage1Cost", "VisionTower", "add_tower", "stage1_macs"]
 
-#: vision tower width and released gate quantile per family (CLIP ViT-L/14-336; Qwen2.5-VL's ViT)
-NUWA_TOWERS = {"llava": (1024, 0.55), "qwen2_5_vl": (1280, 0.1)}
+#: A CLIP tower whose patch features go through a multimodal projector (salience: the [CLS] row).
+CLIP = "clip"
+#: A windowed ViT whose patches are merged into tokens by a patch merger (salience: received attention).
+WINDOWED_VIT = "windowed_vit"
+TOWER_KINDS = (CLIP, WINDOWED_VIT)
+
+
+@dataclass(frozen=True)
+class VisionTower:
+    """A vision tower as the stage-1 cost sees it: its ``kind`` (:data:`CLIP` or :data:`WINDOWED_VIT`),
+    its width ``d``, the gate quantile its release used, and ``merge`` patches per token (windowed ViT)."""
+
+    kind: str
+    width: int
+    gate_quantile: float
+    merge: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in TOWER_KINDS:
+            raise ValueError(f"VisionTower(kind={self.kind!r}): allowed are {', '.join(TOWER_KINDS)}")
+
+
+#: The registered towers by name (a family's name: registered by ``methods/nuwa/release.py``).
+NUWA_TOWERS: dict[str, VisionTower] = {}
+
+
+def add_tower(name: str, tower: VisionTower) -> None:
+    """Make ``tower`` reachable by ``name`` in :func:`stage1_macs` (a different tower under a taken name
+    is refused: two callers disagree on what a family's tower is)."""
+    if NUWA_TOWERS.get(name, tower) != tower:
+        raise ValueError(f"a different vision tower is already registered as {name!r}")
+    NUWA_TOWERS[name] = tower
 
 
 @dataclass(frozen=True)
@@ -48,30 +84,32 @@ class Stage1Cost:
 
 def stage1_macs(
     shape: ModelShape,
-    family: str,
+    family: str | VisionTower,
     n_visual: int,
     k1: int,
     gate_quantile: float | None = None,
     vision_hidden: int | None = None,
 ) -> Stage1Cost:
     """Stage-1 MACs for one image of ``n_visual`` tokens keeping ``k1`` anchors on a model of ``shape``
-    (its decoder width is Qwen's aggregation width). ``family`` is ``"llava"`` or ``"qwen2_5_vl"``."""
-    if family not in NUWA_TOWERS:
+    (its decoder width is a windowed ViT's aggregation width). ``family``: a :class:`VisionTower`, or the
+    name of a registered one (:data:`NUWA_TOWERS`: the families Nüwa's stage 1 is defined for)."""
+    tower = family if isinstance(family, VisionTower) else NUWA_TOWERS.get(family)
+    if tower is None:
         raise ValueError(f"family={family!r}: Nüwa's stage 1 is defined for {', '.join(NUWA_TOWERS)}")
     if not 1 <= k1 <= n_visual:
         raise ValueError(f"k1={k1!r}: anchors per image must be in 1..{n_visual}")
-    width, released_q = NUWA_TOWERS[family]
-    d = width if vision_hidden is None else vision_hidden
-    q = released_q if gate_quantile is None else gate_quantile
+    d = tower.width if vision_hidden is None else vision_hidden
+    q = tower.gate_quantile if gate_quantile is None else gate_quantile
     n = n_visual
     low = math.ceil(q * (k1 - 1)) if k1 < n else 0  # an image whose K₁ covers it skips stage 1
-    if family == "llava":
+    if tower.kind == CLIP:
         salience = (n + 2) * d * d + (n + 1) * d
         similarity = 0
         aggregation = low * n * 2 * d + n * d if low else 0
     else:
-        patches = 4 * n
+        m = tower.merge
+        patches = m * n
         salience = 3 * patches * d * d + patches * patches * d
-        similarity = n * (4 * d * 4 * d + 4 * d * shape.hidden_size)
+        similarity = n * (m * d * m * d + m * d * shape.hidden_size)
         aggregation = low * n * 2 * shape.hidden_size + n * shape.hidden_size if low else 0
     return Stage1Cost(salience=salience, similarity=similarity, aggregation=aggregation, low_anchors=low)

@@ -17,23 +17,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
 from .. import __version__
+from ..methods.spec_parsing import DEFAULT_RATIO
 from ..versions import report_lines
+
+if TYPE_CHECKING:
+    from ..methods.spec import MethodSpec
 
 try:  # recent typer vendors click; older releases use click itself
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click.exceptions import ClickException, NoArgsIsHelpError
 Abort = getattr(typer, "Abort", RuntimeError)
-
-#: the budget when none is given: keep 11.1 % of the visual tokens on average (64 of LLaVA's 576)
-DEFAULT_RATIO = 0.111
 
 
 class OneLineErrors(TyperGroup):
@@ -173,58 +174,54 @@ Threads = Annotated[
 ]
 
 
-def budget_spec(
-    tier: float | None, ratio: float | None, flops_fraction: float | None, strict: bool, explicit_keep: bool
-) -> dict[str, Any]:
-    """The budget keyword for ``method_from_spec`` (at most one), checked with the options' names."""
-    given = {
-        name: value
-        for name, value in (("tier", tier), ("ratio", ratio), ("flops-fraction", flops_fraction))
-        if value is not None
-    }
-    if len(given) > 1:
-        fail(f"{', '.join(f'--{k} {v:g}' for k, v in given.items())}: give one budget, not several")
-    if explicit_keep:
-        if given:
-            ((name, value),) = given.items()
-            fail(
-                f"--{name} {value:g} with --keep: give a budget to solve keep counts for, or --keep, not both"
-            )
-        if strict:
-            fail("--strict applies to a budget (--tier, --ratio, --flops-fraction), not to explicit --keep")
-        return {}
-    if not given:
-        given = {"ratio": DEFAULT_RATIO}
-    ((name, value),) = given.items()
-    if name == "tier" and not value > 0:
-        fail(f"--tier {value:g}: visual tokens per layer must be > 0")
-    if name != "tier" and not 0 < value <= 1:
-        fail(f"--{name} {value:g}: a fraction must be in (0, 1]")
-    return {name.replace("-", "_"): value}
-
-
-def schedule_options(
-    layers: str | None,
-    keep: str | None,
+def method_spec(
+    method: str,
+    reroute: bool,
     tier: float | None,
     ratio: float | None,
     flops_fraction: float | None,
     strict: bool,
-) -> tuple[list[int] | None, list[int | float] | None, dict[str, Any]]:
-    """``--layers``, ``--keep`` and the budget options of a command that routes (``run``,
-    ``explain``), parsed and checked the same way for each: ``(layers, keep, budget keyword)``."""
-    layer_list, keep_list = parse_layers(layers), parse_keep(keep)
-    if keep_list is not None and layer_list is None:
-        fail("--keep needs --layers (the decision layers its counts apply to)")
-    spec = budget_spec(tier, ratio, flops_fraction, strict, explicit_keep=keep_list is not None)
-    return layer_list, keep_list, spec
+    layers: str | None = None,
+    keep: str | None = None,
+) -> MethodSpec:
+    """The method the options ask for (``--method``, ``--reroute/--prune``, a budget or ``--layers``
+    with ``--keep``), parsed and checked by :meth:`MethodSpec.from_options` before any work: a bad
+    value is one line naming the option."""
+    from ..methods.spec import MethodSpec
+
+    try:
+        return MethodSpec.from_options(
+            method,
+            reroute,
+            tier=tier,
+            ratio=ratio,
+            flops_fraction=flops_fraction,
+            strict=strict,
+            layers=layers,
+            keep=keep,
+        )
+    except (ValueError, TypeError) as exc:
+        fail(str(exc))
+
+
+def budget_spec(
+    tier: float | None, ratio: float | None, flops_fraction: float | None, strict: bool, explicit_keep: bool
+) -> dict[str, Any]:
+    """The budget options alone, as keywords (``{"tier": 64}``), for commands that build no single
+    method (``budget``, ``demo``); checked as :meth:`MethodSpec.from_options` checks them."""
+    from ..methods.spec_parsing import option_budget
+
+    try:
+        return option_budget(tier, ratio, flops_fraction, strict, explicit_keep)
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def describe_budget(spec: dict[str, Any]) -> str:
-    if not spec:
-        return "explicit keep counts"
-    ((name, value),) = spec.items()
-    return {"tier": "avg_T", "ratio": "ratio", "flops_fraction": "FLOPs fraction"}[name] + f" = {value:g}"
+    """``avg_T = 64`` for ``{"tier": 64}`` (``MethodSpec.describe_budget`` for a whole spec)."""
+    from ..methods.spec import describe_budget
+
+    return describe_budget(spec)
 
 
 def check_output(path: Path | None, what: str = "--output") -> Path | None:
@@ -254,36 +251,6 @@ def check_folder(path: Path | None, what: str) -> Path | None:
     if not os.access(path, os.W_OK):
         fail(f"{what} {str(path)!r}: not writable")
     return path
-
-
-def parse_layers(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        fail(f"--layers {text!r}: give comma-separated decoder layer indices, e.g. 2,7,15,23")
-
-
-def parse_keep(text: str | None) -> list[int | float] | None:
-    """Counts (``46,46,23,12``) or fractions of each image's tokens (``0.5,0.25``)."""
-    if text is None:
-        return None
-    out: list[int | float] = []
-    for item in text.replace(" ", "").split(","):
-        if not item:
-            continue
-        try:
-            out.append(int(item))
-        except ValueError:
-            try:
-                out.append(float(item))
-            except ValueError:
-                fail(
-                    f"--keep {text!r}: give comma-separated token counts (e.g. 46,46,23,12) or fractions "
-                    "of each image's tokens in (0, 1] (e.g. 0.5,0.25)"
-                )
-    return out
 
 
 @contextmanager
@@ -335,3 +302,4 @@ command_module("run")
 command_module("bench")
 command_module("explain")
 command_module("eval")
+command_module("demo")

@@ -8,7 +8,7 @@ the quartiles allow. A warning names the configurations whose times spread too w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -27,11 +27,10 @@ from .app import (
     Threads,
     Tier,
     app,
-    budget_spec,
     check_folder,
     check_output,
-    describe_budget,
     fail,
+    method_spec,
     our_warnings,
     print_json,
     threads_text,
@@ -39,6 +38,9 @@ from .app import (
     warn,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from ..methods.spec import MethodSpec
 
 
 @app.command()
@@ -70,14 +72,12 @@ def bench(
     output = check_output(output)
     if not image:
         fail("give --image (repeat it for several images)")
-    spec = budget_spec(tier, ratio, flops_fraction, strict, explicit_keep=False)
-    keys = _method_keys(method)
+    specs = _specs(method, tier, ratio, flops_fraction, strict)
     plots = check_folder(plots, "--plots")
 
     from ..bench.plots import speedup_png, tokens_per_layer_png
     from ..bench.profiler import profile
     from ..loading import LoadError, quiet_transformers
-    from ..methods import method_from_spec
     from ..pipelines import pipeline
 
     console = Console(highlight=False)
@@ -85,11 +85,8 @@ def bench(
         try:
             pipe = pipeline(model, None, dtype=dtype, device=device, attn=attn)
             inputs = pipe.inputs([(image, prompt)])
-            methods = {}
-            for key in keys:
-                for reroute in (False, True):
-                    chosen = method_from_spec(key, reroute=reroute, strict=strict, model=pipe.model, **spec)
-                    methods[chosen.name] = chosen
+            built = {spec.name: spec.build(pipe.model) for spec in specs}
+            methods = {name: routed for name, routed in built.items() if routed is not None}
             report = profile(
                 pipe.model,
                 inputs,
@@ -101,13 +98,13 @@ def bench(
             )
         except (LoadError, ValueError, TypeError) as exc:
             fail(str(exc))
-        report.settings.update(budget=spec, threads_default=default, warnings=shown)
+        report.settings.update(budget=specs[0].budget(), threads_default=default, warnings=shown)
         data = report.to_dict()
         write_json(output, data)
         if as_json:
             print_json(data)
         else:
-            console.print(f"budget: {describe_budget(spec)}; {threads_text(n_threads, default)}")
+            console.print(f"budget: {specs[0].describe_budget()}; {threads_text(n_threads, default)}")
             report.print(console)
             if output is not None:
                 console.print(f"JSON: {output}")
@@ -123,19 +120,21 @@ def bench(
                     console.print(f"plot: {png}")
 
 
-def _method_keys(names: list[str] | None) -> list[str]:
-    """Registry keys to time (prune and reroute each): the tabulated methods by default."""
+def _specs(
+    names: list[str] | None,
+    tier: float | None,
+    ratio: float | None,
+    flops_fraction: float | None,
+    strict: bool,
+) -> list[MethodSpec]:
+    """Each method to time, prune and reroute (default: the tabulated methods), with the budget options;
+    a method named twice (``pdrop`` and ``pdrop+reroute``) is timed once."""
     from ..budget.solver import tabulated_methods
-    from ..methods.registry import method_class
 
-    if not names:
-        return list(tabulated_methods())
-    keys = []
-    for name in names:
-        try:
-            cls, reroute = method_class(name)
-        except ValueError as exc:
-            fail(str(exc))
-        if cls.key not in keys:
-            keys.append(cls.key)
-    return keys
+    specs: list[MethodSpec] = []
+    for name in names or tabulated_methods():
+        spec = method_spec(name, False, tier, ratio, flops_fraction, strict)
+        for twin in (spec.replace(reroute=False), spec.replace(reroute=True)):
+            if twin not in specs:
+                specs.append(twin)
+    return specs

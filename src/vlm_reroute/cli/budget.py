@@ -21,6 +21,7 @@ from rich.table import Table
 from ..budget import Budget, ModelShape, compute_budget, known_models, load_model_info, load_shape
 from ..budget.solver import SolvedSchedule, solve_for_target, solve_schedule, tabulated_methods
 from ..budget.target import BudgetTarget
+from ..families import family_of_model_type
 from .app import (
     AsJson,
     FlopsFraction,
@@ -88,9 +89,12 @@ def model_facts(model: str) -> ModelFacts:
 
 
 def _folder_visual_tokens(config: dict[str, Any], folder: Path) -> tuple[int | None, str]:
-    """Visual tokens per image from a local folder: LLaVA's fixed patch grid, Qwen's pixel cap."""
+    """Visual tokens per image from a local folder: a fixed patch grid (LLaVA-1.5), else the processor's
+    pixel cap (Qwen)."""
     vision = config.get("vision_config") or {}
-    if config.get("model_type") == "llava" and vision.get("image_size") and vision.get("patch_size"):
+    family = family_of_model_type(config.get("model_type"))
+    fixed = family is not None and family.fixed_grid
+    if fixed and vision.get("image_size") and vision.get("patch_size"):
         side = vision["image_size"] // vision["patch_size"]
         extra = 1 if config.get("vision_feature_select_strategy") == "full" else 0
         return side * side + extra, f"{side}x{side} patches of the vision tower (fixed)"
@@ -151,10 +155,10 @@ def method_row(
     asked = target.avg_t_for(n_visual)
     try:
         if asked is not None:
-            solved = solve_schedule(shape, n_visual, key, reroute, target_avg_t=asked)
+            solved = solve_schedule(shape, n_visual, key, reroute, avg_t=asked)
         else:
             solved = solve_schedule(
-                shape, n_visual, key, reroute, target_flops_fraction=target.flops_fraction, n_text=n_text
+                shape, n_visual, key, reroute, flops_fraction=target.flops_fraction, n_text=n_text
             )
         reachable, reason = True, None
     except ValueError:

@@ -155,7 +155,7 @@ def eval_command(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
     attn: Annotated[str, typer.Option(help="sdpa, eager or flash_attention_2")] = "sdpa",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available)")] = None,
-    max_pixels: Annotated[int | None, typer.Option(help="Qwen families: image resolution cap")] = None,
+    max_pixels: Annotated[int | None, typer.Option(help="image resolution cap of the Qwen families")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="override the tasks' generation length")] = None,
     dry_run: Annotated[bool, typer.Option(help="list the tasks and cells, run nothing")] = False,
 ) -> None:

@@ -33,9 +33,9 @@ from .app import (
     check_output,
     console,
     fail,
+    method_spec,
     our_warnings,
     print_json,
-    schedule_options,
 )
 
 
@@ -160,18 +160,16 @@ def explain(
     target = parse_box(box)
     if sample is not None and not 0 <= sample < len(prompt):
         fail(f"--sample {sample}: the batch has {len(prompt)} prompts (samples 0..{len(prompt) - 1})")
-    layer_list, keep_list, spec = schedule_options(layers, keep, tier, ratio, flops_fraction, strict)
+    spec = method_spec(method, reroute, tier, ratio, flops_fraction, strict, layers, keep)
     from ..comparison import prune_and_reroute
     from ..loading import LoadError, quiet_transformers
-    from ..methods import method_from_spec
 
     drawing = Drawing(target, box_image, sample, scores, dpi, gif)
     with quiet_transformers(), our_warnings():
         try:
             loaded, builder, pictures = _load(model, image, dtype, device, attn)
             inputs = build_inputs(builder, pictures, prompt, loaded)
-            schedule = {"layers": layer_list, "keep": keep_list, **spec}
-            chosen = method_from_spec(method, reroute=reroute, strict=strict, model=loaded, **schedule)
+            chosen = spec.build(loaded)
             runs = [
                 (label, _prefill_trace(loaded, inputs, m), m.reroute)
                 for label, m in prune_and_reroute(chosen, compare, loaded, inputs)

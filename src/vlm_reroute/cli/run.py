@@ -37,11 +37,10 @@ from .app import (
     Tier,
     app,
     check_output,
-    describe_budget,
     fail,
+    method_spec,
     our_warnings,
     print_json,
-    schedule_options,
     threads_text,
     torch_threads,
     warn,
@@ -85,8 +84,7 @@ def run(
         fail("--input reads images and prompts from a JSONL file; drop --image and --prompt")
     if input is None and (not image or prompt is None):
         fail("give --image (repeat it for several images) and --prompt, or --input prompts.jsonl")
-    layer_list, keep_list, spec = schedule_options(layers, keep, tier, ratio, flops_fraction, strict)
-    _check_method(method)
+    spec = method_spec(method, reroute, tier, ratio, flops_fraction, strict, layers, keep)
     prompts = read_prompts(input) if input is not None else None
     pictures = None if prompts is not None else [_image(source) for source in image]
 
@@ -95,19 +93,7 @@ def run(
 
     with quiet_transformers(), our_warnings() as shown, torch_threads(threads) as (n_threads, default):
         try:
-            pipe = pipeline(
-                model,
-                method,
-                reroute=reroute,
-                strict=strict,
-                layers=layer_list,
-                keep=keep_list,
-                dtype=dtype,
-                device=device,
-                attn=attn,
-                max_new_tokens=max_new_tokens,
-                **spec,
-            )
+            pipe = pipeline(model, spec, dtype=dtype, device=device, attn=attn, max_new_tokens=max_new_tokens)
             if prompts is not None:
                 run_dataset(pipe, prompts, batch_size, compare, output, model)
                 return
@@ -118,7 +104,7 @@ def run(
             model=model,
             images=list(image),
             prompt=prompt,
-            budget=spec or None,
+            budget=spec.budget() or None,
             threads=n_threads,
             warnings=shown,
         )
@@ -126,18 +112,9 @@ def run(
         if as_json:
             print_json(report)
         else:
-            _print(report, describe_budget(spec), threads_text(n_threads, default))
+            _print(report, spec.describe_budget(), threads_text(n_threads, default))
         if report.get("spread_warning"):
             warn(report["spread_warning"])
-
-
-def _check_method(name: str) -> None:
-    from ..methods.registry import method_class
-
-    try:
-        method_class(name)
-    except ValueError as exc:
-        fail(str(exc))
 
 
 def _image(source: str) -> Any:

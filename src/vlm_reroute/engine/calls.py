@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,11 +36,19 @@ class Generation:
     decided: list[torch.Tensor] | None = None
 
 
+class CallMode(StrEnum):
+    """What a routed forward is (a vanilla call has no mode: ``None``). A ``StrEnum`` so that messages
+    which name the mode (``compiled.SKIPPED_HOOKS``) print ``prefill``/``decode`` as before."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
 @dataclass
 class Call:
     """One forward of the routed model."""
 
-    mode: str | None = None  # "prefill", "decode" or None (vanilla)
+    mode: CallMode | None = None  # None: vanilla (text only, or no routing needed)
     prefill: Prefill | None = None
     cache: RoutedCache | None = None  # the routed cache this call fills or continues
     mask2d: torch.Tensor | None = None  # decode: the 2-D attention mask of the call
@@ -95,7 +104,7 @@ def classify(executor: RoutingExecutor, call: Call, args: tuple, kwargs: dict) -
                 "new images on top of a routed KV cache are not supported: run the whole prompt "
                 "with its images in one prefill"
             )
-        call.mode, call.cache, call.mask2d = "decode", past, mask2d(kwargs)
+        call.mode, call.cache, call.mask2d = CallMode.DECODE, past, mask2d(kwargs)
         return
     located = locate_visual(executor, args, kwargs)
     if located is None:
@@ -132,4 +141,4 @@ def classify(executor: RoutingExecutor, call: Call, args: tuple, kwargs: dict) -
     call.prefill = start_prefill(
         executor.adapter, executor.plan.counts, tokens, visual, kwargs, prompt_length, reuse
     )
-    call.mode = "prefill"
+    call.mode = CallMode.PREFILL

@@ -34,9 +34,10 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from ..adapters.base import ModelAdapter
-from ..scoring.base import ScoringContext
+from ..kinds import ScoreFrom
+from ..scoring.base import ScoringContext, scores_from
 from .cache import claim
-from .calls import Call, CallState, classify
+from .calls import Call, CallMode, CallState, classify
 from .compat import cache_argument, check_internals
 from .compiled import SKIPPED_HOOKS
 from .decode import decode_mask
@@ -59,11 +60,11 @@ class RoutingExecutor:
         self.model, self.adapter, self.plan, self.trace = model, adapter, plan, trace
         self.cache_keyword = check_internals(model, list(adapter.layers))
         self.decision_of = {layer: i for i, layer in enumerate(plan.layers)}
-        self.score_ahead = (
-            {layer - 1: layer for layer in plan.layers} if plan.scorer.score_from == "previous" else {}
-        )
+        score_from = scores_from(plan.scorer)
+        ahead = score_from is ScoreFrom.PREVIOUS  # decision at l scored at l - 1
+        self.score_ahead = {layer - 1: layer for layer in plan.layers} if ahead else {}
         self.first_decision = 0 if plan.vision is not None else plan.layers[0]
-        adapter.check_plan(plan.layers, plan.scorer.score_from)
+        adapter.check_plan(plan.layers, score_from)
         self.recurrent = frozenset(adapter.recurrent_layers)  # linear attention: no KV, a 2-D mask
         self.masks = StageMasks(adapter.text_config, len(adapter.layers), self.recurrent)
         self.reports = Reports() if plan.vision is not None else None
@@ -121,7 +122,7 @@ class RoutingExecutor:
             return
         if output is None:  # the call raised (always_call hooks run with no output)
             error = sys.exc_info()[1]
-            if call.mode == "prefill" and error is not None:
+            if call.mode is CallMode.PREFILL and error is not None:
                 error.add_note(
                     "vlm-reroute: this routed prefill did not complete; the trace still shows the previous "
                     "complete prefill"
@@ -136,7 +137,7 @@ class RoutingExecutor:
                     layers=len(self.adapter.layers),
                 )
             )
-        if call.mode == "prefill":
+        if call.mode is CallMode.PREFILL:
             self._commit(call)
 
     def _commit(self, call: Call) -> None:
@@ -160,7 +161,7 @@ class RoutingExecutor:
                 f"inside a vlm-reroute block, call the model the method was applied to "
                 f"({type(self.model).__name__}), not its decoder: the decoder alone cannot be routed"
             )
-        if call is None or call.mode != "prefill":
+        if call is None or call.mode is not CallMode.PREFILL:
             return None
         # inputs the decoder adds to the full sequence inside its own loop (Qwen3-VL's DeepStack)
         # are taken out here and added by _add_after_layer to the tokens that ran the layer
@@ -175,7 +176,7 @@ class RoutingExecutor:
             return None
         call.layers_run += 1
         hidden = args[0] if args else kwargs["hidden_states"]
-        if call.mode == "decode":
+        if call.mode is CallMode.DECODE:
             if i < self.first_decision or i in self.recurrent:  # recurrent layers: the model's own mask
                 return None
             kwargs["attention_mask"] = decode_mask(self.adapter.text_config, call, i, hidden)
@@ -204,7 +205,7 @@ class RoutingExecutor:
     @torch.compiler.disable
     def _after_last_layer(self, layer: nn.Module, args: tuple, output: Any) -> Any:
         call = self.calls.call
-        if call is None or call.mode != "prefill" or call.prefill.index is None:
+        if call is None or call.mode is not CallMode.PREFILL or call.prefill.index is None:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         full = call.prefill.full_view(hidden)[:, : call.prefill.n]
@@ -214,7 +215,7 @@ class RoutingExecutor:
     def _add_after_layer(self, i: int, layer: nn.Module, args: tuple, output: Any) -> Any:
         """Add row ``rank`` of ``additions[i]`` to each token of its mask that ran layer ``i``."""
         call = self.calls.call
-        if call is None or call.mode != "prefill" or i not in call.prefill.additions:
+        if call is None or call.mode is not CallMode.PREFILL or i not in call.prefill.additions:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         hidden = call.prefill.add_rows(i, hidden)

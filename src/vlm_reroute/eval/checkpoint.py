@@ -1,21 +1,22 @@
 """Loading the checkpoint behind the lmms-eval model ``vlm_reroute``.
 
-Separate from :func:`vlm_reroute.loading.load_model` on purpose: lmms-eval's ``--model_args`` allow
-``device_map`` (sharding a large model over GPUs) and ``attn_implementation=None`` (transformers'
-choice), and a run never probes the Hub first; errors are ``ValueError`` naming what is allowed, which
-lmms-eval and ``vlm-reroute eval`` report as one line.
+The class lookup and the ``from_pretrained`` keywords are :mod:`vlm_reroute.loading`'s (one rule for
+which class loads a checkpoint); this front end keeps the plugin's own contract, which
+:func:`~vlm_reroute.loading.load_model` does not have: lmms-eval's ``--model_args`` allow ``device_map``
+(sharding a large model over GPUs) and ``attn_implementation=None`` (transformers' choice), a run never
+probes the Hub first, the model stays where ``from_pretrained`` put it (the plugin places it), and errors
+are ``ValueError`` naming the ``model_args`` value, or the libraries' own exceptions, which lmms-eval and
+``vlm-reroute eval`` report as one line (``load_model`` wraps them in a ``LoadError`` instead).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
+from ..loading import ATTENTION as _ATTENTION
+from ..loading import DTYPES, checkpoint_class, pretrained_kwargs
 
-from ..adapters import SUPPORTED_MODELS
-
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTENTION = (None, "sdpa", "eager", "flash_attention_2")
+ATTENTION = (None, *_ATTENTION)
 
 
 def load_vlm(pretrained: str, dtype: str, attn_implementation: str | None, device_map: str | None) -> Any:
@@ -25,21 +26,7 @@ def load_vlm(pretrained: str, dtype: str, attn_implementation: str | None, devic
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: allowed are {', '.join(DTYPES)}")
     if attn_implementation not in ATTENTION:
-        raise ValueError(
-            f"attn_implementation={attn_implementation!r}: allowed are sdpa, eager, flash_attention_2"
-        )
+        raise ValueError(f"attn_implementation={attn_implementation!r}: allowed are {', '.join(_ATTENTION)}")
     config = transformers.AutoConfig.from_pretrained(pretrained)
-    architectures = getattr(config, "architectures", None) or []
-    supported = [a for a in architectures if a in SUPPORTED_MODELS]
-    if not supported:
-        raise ValueError(
-            f"pretrained={pretrained!r} is a {', '.join(architectures) or config.model_type} checkpoint; "
-            f"supported classes are {', '.join(SUPPORTED_MODELS)}"
-        )
-    cls = getattr(transformers, supported[0])
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    if device_map:
-        kwargs["device_map"] = device_map
-    return cls.from_pretrained(pretrained, **kwargs).eval()
+    cls = checkpoint_class(config, f"pretrained={pretrained!r}", error=ValueError)
+    return cls.from_pretrained(pretrained, **pretrained_kwargs(dtype, attn_implementation, device_map)).eval()

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..methods.spec import VANILLA, MethodSpec
 from .failures import EvalFailed, describe_exception, unknown_tasks
-from .spec import VANILLA, MethodSpec
 
 FIELDS = (
     "task",
@@ -74,7 +74,7 @@ class Cell:
     def spec(self) -> MethodSpec:
         if self.method == "vanilla":
             return MethodSpec(VANILLA)
-        return MethodSpec(self.method, reroute=self.reroute, tier=self.tier, layers=self.layers)
+        return MethodSpec(self.method, reroute=self.reroute, avg_t=self.tier, layers=self.layers)
 
 
 def plan(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..families import family_of_class
+from ..families import FAMILIES, family_of_class
 from ..prompting import FAMILY_PROMPTS, family_inputs
 
 Conversation = list[dict[str, Any]]
@@ -86,9 +86,9 @@ class InputBuilder:
         pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         class_name = type(model).__name__
         if pixels and not family_of_class(class_name).qwen_pixels:
+            bounded = ", ".join(f.label for f in FAMILIES if f.qwen_pixels)
             raise ValueError(
-                "min_pixels/max_pixels apply to the Qwen families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, "
-                f"Qwen3.5), not {class_name}"
+                f"min_pixels/max_pixels apply to the Qwen families ({bounded}), not {class_name}"
             )
         image_token_id = getattr(model.config, "image_token_id", None)
         if image_token_id is None:

@@ -9,8 +9,9 @@ environment variable is needed::
 Two classes share one implementation: :class:`VlmReroute` (chat, the default: lmms-eval hands it each
 document's messages) and :class:`VlmRerouteSimple` (``--force_simple``; it also answers
 ``loglikelihood`` requests, which lmms-eval 0.7 issues only to simple models). Batches are left-padded;
-a sample gets the same answer alone or batched, because the method decides per sample and tier
-budgets are solved per image (``vlm_reroute.methods.method_from_spec``).
+a sample gets the same answer alone or batched, because the method decides per sample and tier (avg_T)
+budgets are solved per image. The method arguments are read by ``MethodSpec.from_args``
+(``vlm_reroute.methods.spec``), the one parser every entry point shares.
 
 Each answer carries its cost (:mod:`.cost`) in its ``token_counts`` (written by ``--log_samples``), and
 ``cost_log=path.jsonl`` appends one line per sample.
@@ -36,11 +37,11 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.protocol import ChatMessages
 from tqdm import tqdm
 
+from ..methods.spec import MethodSpec
 from .checkpoint import load_vlm
 from .cost import PrefillTimer, model_shape, peak_memory, sample_costs, summarise
 from .generation import Force, count_generated, log_warning, reported_clamps, truncate
 from .inputs import Conversation, InputBuilder, simple_conversation
-from .spec import MethodSpec
 
 _LMMS_EXTRA = ("max_batch_size",)  # passed by lmms-eval's CLI, unused here
 _DEFAULT_MAX_NEW_TOKENS = 128

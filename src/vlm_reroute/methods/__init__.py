@@ -9,6 +9,7 @@ from .fastv import FastV
 from .pdrop import PDrop
 from .random import Random
 from .registry import METHODS, method_class, method_from_spec, method_names, register
+from .spec import MethodSpec
 
 # isort: split
 from .nuwa import Nuwa  # registered last: budget tables list it after FastV and PDrop
@@ -16,6 +17,7 @@ from .nuwa import Nuwa  # registered last: budget tables list it after FastV and
 __all__ = [
     "METHODS",
     "FastV",
+    "MethodSpec",
     "Nuwa",
     "PDrop",
     "Random",

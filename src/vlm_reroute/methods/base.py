@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..budget.rules import round_half_up
 from ..budget.schedule import Keep, Schedule
 from ..budget.target import BudgetTarget
+from ..kinds import ScoreFrom
 
 if TYPE_CHECKING:
     from torch import nn
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from ..engine.vision import VisionStage
     from ..scoring.base import Scorer
 
-SCORE_FROM = ("current", "previous")
 _REFERENCE_DEPTH = 32
 _ACTIVE: weakref.WeakSet = weakref.WeakSet()
 
@@ -126,13 +126,16 @@ class TokenReduction:
         """A validated copy with ``changes`` (settings are immutable)."""
         return dataclasses.replace(self, **changes)
 
-    def _check_score_from(self, score_from: str) -> None:
-        if score_from not in SCORE_FROM:
+    def _check_score_from(self) -> None:
+        """``score_from`` given as a string (the public edge) or the enum, held as the enum."""
+        score_from = ScoreFrom.of(self.score_from)
+        if score_from is None:
             raise ValueError(
-                f"{type(self).__name__}(score_from={score_from!r}): allowed are 'current' (layer l's own "
-                "attention decides layer l, the paper's convention) and 'previous' (layer l-1 decides, "
+                f"{type(self).__name__}(score_from={self.score_from!r}): allowed are 'current' (layer l's "
+                "own attention decides layer l, the paper's convention) and 'previous' (layer l-1 decides, "
                 "the original FastV convention)"
             )
+        object.__setattr__(self, "score_from", score_from)
 
     def _check_target(self, target: BudgetTarget | None) -> None:
         if target is not None and not isinstance(target, BudgetTarget):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..budget.schedule import Keep, Schedule
 from ..budget.target import BudgetTarget
+from ..kinds import ScoreFrom
 from .base import TokenReduction, check_layer_list
 from .registry import register
 
@@ -40,13 +41,13 @@ class PDrop(TokenReduction):
     layers: Sequence[int] | None = None
     keep: Sequence[Keep] | None = None
     reroute: bool = False
-    score_from: str = "current"
+    score_from: ScoreFrom = ScoreFrom.CURRENT
     scorer: Scorer | None = None
     target: BudgetTarget | None = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        self._check_score_from(self.score_from)
+        self._check_score_from()
         self._check_target(self.target)
         if self.target is not None:
             if self.keep is not None:

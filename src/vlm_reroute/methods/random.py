@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from ..kinds import ScoreFrom
 from .pdrop import PDrop
 from .registry import register
 
@@ -35,7 +36,7 @@ class Random(PDrop):
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"Random(seed={self.seed!r}): the seed is an int ≥ 0")
-        if self.scorer is not None or self.score_from != "current":
+        if self.scorer is not None or self.score_from != ScoreFrom.CURRENT:
             raise ValueError("Random(scorer=..., score_from=...): the random baseline has its own scorer")
         super().__post_init__()
 

@@ -1,8 +1,9 @@
 """The registry of methods: one place that maps a name to its class (no name strings elsewhere).
 
-``method_from_spec("pdrop", reroute=True, tier=64)`` builds a method from strings and numbers, for
-the command line and the lmms-eval plugin; a tier (or ratio, or FLOPs fraction) is solved per
-prompt for that prompt's image sizes when the model runs.
+``method_from_spec("pdrop", reroute=True, tier=64)`` builds a method from strings and numbers through
+:class:`~vlm_reroute.methods.spec.MethodSpec` (which the command line, the pipeline and the lmms-eval
+plugin use directly); a budget (avg_T, ratio or FLOPs fraction) is solved per prompt for that
+prompt's image sizes when the model runs.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..budget.rules import RULES, add_rule, rule_for
-from ..budget.schedule import Keep, Schedule
-from ..budget.target import BudgetTarget
+from ..budget.schedule import Keep
 
 if TYPE_CHECKING:
     from .base import TokenReduction
@@ -60,37 +60,24 @@ def method_from_spec(
     **settings: Any,
 ) -> TokenReduction:
     """A method from its name and either a budget (``tier`` = avg_T, ``ratio``, ``flops_fraction``)
-    or an explicit schedule (``layers`` and ``keep``).
+    or an explicit schedule (``layers`` and ``keep``): ``MethodSpec.parse(...).build(model)``.
 
     With a budget the keep counts are solved per prompt, for each image's token count, on the
     decision layers ``layers`` (default: the method's published layers scaled to the model's
     depth). ``model`` (optional) is checked now instead of at the first call. ``settings`` go to
     the method's class (e.g. ``seed=`` for ``random``, ``score_from=``).
     """
-    cls, reroute = method_class(name, reroute)
-    budgets = {"tier": tier, "ratio": ratio, "flops_fraction": flops_fraction}
-    given = {k: v for k, v in budgets.items() if v is not None}
-    if len(given) > 1:
-        raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in given.items())}: give one budget, not several")
-    if given and keep is not None:
-        ((what, value),) = given.items()
-        raise ValueError(
-            f"{what}={value!r} with keep={list(keep)!r}: give a budget to solve the keep counts from, "
-            "or explicit keep counts, not both"
-        )
-    if given:
-        target = BudgetTarget(avg_t=tier, ratio=ratio, flops_fraction=flops_fraction, strict=strict)
-        method = cls(reroute=reroute, target=target, layers=layers, **settings)
-    elif keep is not None:
-        if layers is None:
-            raise ValueError(f"keep={list(keep)!r} without layers: give the decision layers too")
-        method = cls.from_schedule(Schedule.of(layers, keep, reroute, owner=cls.__name__), **settings)
-    elif layers is not None:
-        raise ValueError(f"layers={list(layers)!r} without keep or a budget: give keep= or tier=/ratio=")
-    else:
-        method = cls(reroute=reroute, **settings)
-    if model is not None:
-        from ..adapters import adapter_for
+    from .spec import MethodSpec  # the spec resolves names through this module
 
-        method.check_depth(len(adapter_for(model).layers))
-    return method
+    spec = MethodSpec.parse(
+        name,
+        reroute=reroute,
+        tier=tier,
+        ratio=ratio,
+        flops_fraction=flops_fraction,
+        strict=strict,
+        layers=layers,
+        keep=keep,
+        **settings,
+    )
+    return spec.build(model)  # type: ignore[return-value]  (parse never gives vanilla)

@@ -15,10 +15,19 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kinds import Choice, ScoreFrom
 from .base import ScoringContext
 from .selection import compact_index
 
-HEAD_REDUCTIONS = ("mean", "max")
+
+class HeadReduction(Choice):
+    """How the attention of a key is reduced over the heads (``heads=``; given as its string too)."""
+
+    MEAN = "mean"
+    MAX = "max"
+
+
+HEAD_REDUCTIONS = tuple(HeadReduction)
 
 
 @dataclass(frozen=True)
@@ -30,8 +39,8 @@ class LastTokenAttention:
     """
 
     rows: int = 1
-    heads: str = "mean"
-    score_from: str = "current"
+    heads: HeadReduction = HeadReduction.MEAN
+    score_from: ScoreFrom = ScoreFrom.CURRENT
     causal: bool = True
 
     def __post_init__(self) -> None:
@@ -39,12 +48,15 @@ class LastTokenAttention:
             raise ValueError(
                 f"LastTokenAttention(rows={self.rows!r}): the number of query rows is an int ≥ 1"
             )
-        if self.heads not in HEAD_REDUCTIONS:
+        heads, score_from = HeadReduction.of(self.heads), ScoreFrom.of(self.score_from)
+        if heads is None:
             raise ValueError(f"LastTokenAttention(heads={self.heads!r}): allowed are 'mean' and 'max'")
-        if self.score_from not in ("current", "previous"):
+        if score_from is None:
             raise ValueError(
                 f"LastTokenAttention(score_from={self.score_from!r}): allowed are 'current' and 'previous'"
             )
+        object.__setattr__(self, "heads", heads)  # the strings of the public edge, as enums inside
+        object.__setattr__(self, "score_from", score_from)
 
     def score(self, ctx: ScoringContext) -> torch.Tensor:
         n = ctx.visual.shape[1]
@@ -100,6 +112,6 @@ class LastTokenAttention:
             allowed = allowed & (positions.expand(batch, -1)[:, None, :] <= query_pos[:, :, None])
         logits = logits.masked_fill(~allowed[:, :, None, None, :], float("-inf"))
         probs = logits.softmax(dim=-1).mean(dim=1)  # (B, KVH, G, K): mean over query rows
-        if self.heads == "mean":
+        if self.heads is HeadReduction.MEAN:
             return probs.mean(dim=(1, 2))
         return probs.amax(dim=(1, 2))

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from ..kinds import ScoreFrom
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -50,10 +52,23 @@ class ScoringContext:
 class Scorer(Protocol):
     """Returns float scores ``(B, N)``; only the entries of ``ctx.candidates`` are read.
 
-    ``score_from`` is ``"current"`` (called with the decision layer itself) or ``"previous"``
-    (called with layer ``l - 1`` and its input, for a decision at ``l``: FastV's convention).
+    ``score_from`` is :attr:`ScoreFrom.CURRENT` (called with the decision layer itself) or
+    :attr:`ScoreFrom.PREVIOUS` (called with layer ``l - 1`` and its input, for a decision at ``l``:
+    FastV's convention); a scorer written elsewhere may hold the plain string ``"current"`` or
+    ``"previous"``, which the executor reads as the enum.
     """
 
-    score_from: str
+    score_from: ScoreFrom
 
     def score(self, ctx: ScoringContext) -> torch.Tensor: ...
+
+
+def scores_from(scorer: Scorer) -> ScoreFrom:
+    """``scorer.score_from`` as the enum (a scorer written elsewhere may hold the plain string); any
+    other value is refused here rather than silently scored at the decision layer itself."""
+    score_from = ScoreFrom.of(scorer.score_from)
+    if score_from is None:
+        raise ValueError(
+            f"{type(scorer).__name__}(score_from={scorer.score_from!r}): allowed are 'current' and 'previous'"
+        )
+    return score_from

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kinds import ScoreFrom
 from .base import ScoringContext
 
 _MIX = 1_000_003
@@ -18,7 +19,7 @@ class RandomScores:
     every run and in any batch."""
 
     seed: int = 0
-    score_from: str = "current"
+    score_from: ScoreFrom = ScoreFrom.CURRENT
 
     def score(self, ctx: ScoringContext) -> torch.Tensor:
         valid = ctx.valid[:, : ctx.visual.shape[1]]

@@ -13,8 +13,9 @@ image processor's own settings and undoes what it did, for the processors it kno
   map proportionally. The grid recorded in the trace is checked against the processor's
   smart-resize of this picture's size.
 
-Anything else (other processors, multi-view or crop layouts, separator tokens) is refused with a
-message, never drawn wrong.
+Which processor does which is the family adapters' declaration (``image_placements``); this module
+knows the three placements. Anything else (other processors, multi-view or crop layouts, separator
+tokens) is refused with a message, never drawn wrong.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from ..adapters import ADAPTERS
 from ..adapters.layout import GridView, ImageLayout
 
 Box = tuple[float, float, float, float]
 
-CLIP_LIKE = ("CLIPImageProcessor", "LlavaImageProcessor")
-QWEN_LIKE = ("Qwen2VLImageProcessor",)
-KNOWN = CLIP_LIKE + QWEN_LIKE
+#: Image-processor class -> placement, as the family adapters declare them (``image_placements``).
+PLACEMENTS: dict[str, str] = {name: rule for a in ADAPTERS for name, rule in a.image_placements.items()}
+KNOWN = tuple(PLACEMENTS)
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,8 @@ def check_single_grid(layout: ImageLayout) -> None:
     if len(layout.views) != 1 or layout.extras or layout.views[0].box != GridView(1, 1).box:
         raise ValueError(
             f"image {layout.image} of sample {layout.sample} has {len(layout.views)} views and "
-            f"{len(layout.extras)} extra tokens: pictures know single-grid layouts (LLaVA-1.5, Qwen2-VL, "
-            "Qwen2.5-VL) only and refuse to draw this one wrong"
+            f"{len(layout.extras)} extra tokens: pictures know single-grid layouts (LLaVA-1.5, "
+            "Qwen2-VL, Qwen2.5-VL) only and refuse to draw this one wrong"
         )
 
 
@@ -114,11 +116,11 @@ def placement_for(processor: Any, image_size: tuple[int, int], layout: ImageLayo
             "picture: LLaVA crops or pads, Qwen resizes"
         )
     check_single_grid(layout)
-    kind = processor_kind(processor)
+    rule = PLACEMENTS[processor_kind(processor)]
     image_processor = getattr(processor, "image_processor", processor)
-    if kind in QWEN_LIKE:
+    if rule == "smart_resize":
         return _qwen_placement(image_processor, image_size, layout)
-    return _clip_placement(image_processor, image_size, layout, pad_to_square=kind == "LlavaImageProcessor")
+    return _clip_placement(image_processor, image_size, layout, pad_to_square=rule == "pad_resize_crop")
 
 
 def _size_get(size: Any, key: str) -> Any:
@@ -164,7 +166,7 @@ def _clip_placement(
     if do_pad and not pad_to_square:
         raise ValueError(
             f"{type(image_processor).__name__} with do_pad=True pads after processing; pictures know "
-            "LlavaImageProcessor's pad-to-square only"
+            "a pad to a square before the resize only (LlavaImageProcessor's)"
         )
     if do_pad:
         side = max(width, height)

@@ -40,7 +40,8 @@ def llava_tau(dist_sq: float = 280.0) -> float:
 
 
 def qwen_tau(height: int, width: int, scale: float = 0.8) -> float:
-    """Qwen2.5-VL's radius: ``scale`` × the diagonal of the even-padded grid (``nuwa.md`` §3.1)."""
+    """The windowed-ViT release's radius (Qwen2.5-VL): ``scale`` × the diagonal of the even-padded grid
+    (``nuwa.md`` §3.1)."""
     ph, pw = padded_grid(height, width)
     return scale * math.sqrt((ph - 1) ** 2 + (pw - 1) ** 2)
 

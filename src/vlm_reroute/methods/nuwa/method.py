@@ -33,37 +33,27 @@ from ...budget.schedule import Keep, Schedule, check_keep_value
 from ...budget.target import BudgetTarget
 from ..base import TokenReduction, scale_layers
 from ..registry import register
+from .release import (
+    BY_SETTING,
+    DEFAULT,
+    LLAVA_BUDGETS,
+    QWEN_RATIOS,
+    RELEASES,
+    FamilySettings,
+    Release,
+    check_release_setting,
+    release_for,
+)
 
 if TYPE_CHECKING:
     from ...adapters.base import ModelAdapter
     from ...engine.vision import VisionStage
     from ...scoring.base import Scorer
 
-#: LLaVA-1.5 release: budget (layer-averaged visual tokens at 576) -> (K₁, K₂, n per cell)
-LLAVA_BUDGETS = {64: (112, 16, 1), 128: (224, 32, 2), 192: (336, 48, 3)}
-#: Qwen2.5-VL release: ratio (layer-averaged retention) -> (s₁, s₂ of the anchors, n per cell)
-QWEN_RATIOS = {0.25: (0.35, 0.42, 3), 0.5: (0.60, 0.66, 3), 0.75: (0.85, 0.70, 4)}
-#: where each release's stage 2 applies from: (layer, depth)
-RELEASE_STAGE2 = {"llava": (16, 32), "qwen2_5_vl": (15, 28)}
+__all__ = ["LLAVA_BUDGETS", "QWEN_RATIOS", "FamilySettings", "ImagePlan", "Nuwa", "spread"]
+
 REROUTE_DECISIONS = 4  # default stage-2 decisions under reroute (as many as FastV / PDrop + Reroute)
 K2_PER_K1 = 1 / 7  # the LLaVA release's K₂ = K₁ / 7, the solver's rule
-
-
-@dataclass(frozen=True)
-class FamilySettings:
-    """Stage-1 constants of one family as released (``nuwa.md`` §1.4, §3.1, §5)."""
-
-    gate_quantile: float
-    weighting: str
-    tau: float | None  # kernel radius in grid cells; None: 0.8 × the padded grid's diagonal
-
-
-def family_settings(family: str, official: bool) -> FamilySettings:
-    from .aggregate import llava_tau
-
-    if family == "llava":
-        return FamilySettings(0.55, "release_llava" if official else "convex", llava_tau(280.0))
-    return FamilySettings(0.1, "release_qwen" if official else "convex", None)
 
 
 @dataclass(frozen=True)
@@ -129,7 +119,7 @@ class Nuwa(TokenReduction):
     tau: float | None = None
     scorer: Scorer | None = None
     target: BudgetTarget | None = None
-    family: str | None = field(default=None, init=False, compare=False, repr=False)
+    vision: str | None = field(default=None, init=False, compare=False, repr=False)
     depth: int | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -217,37 +207,31 @@ class Nuwa(TokenReduction):
 
     # ---- binding to a model ---------------------------------------------------------------
     def bind(self, adapter: ModelAdapter) -> Nuwa:
-        """This method for ``adapter``'s model: its family's settings, depth and (LLaVA) grid checked."""
-        from .signals import check_llava_config
-        from .vision import family_of
+        """This method for ``adapter``'s model: its tower's release, its depth, and (a fixed grid) the
+        budget checked against the grid now rather than at the first image."""
+        from .vision import check_tower
 
-        family = family_of(adapter.model)
-        if family == "qwen2_5_vl" and self.budget is not None:
-            raise ValueError(
-                f"Nuwa(budget={self.budget}) is the LLaVA-1.5 release's setting; on Qwen2.5-VL give "
-                "ratio=0.25 / 0.5 / 0.75 (its release's), k1= and k2=, or target="
-            )
-        if family == "llava" and self.ratio is not None:
-            raise ValueError(
-                f"Nuwa(ratio={self.ratio}) is the Qwen2.5-VL release's setting; on LLaVA-1.5 give "
-                "budget=64 / 128 / 192 (its release's), k1= and k2=, or target="
-            )
+        family, release = release_for(adapter.model)
+        check_release_setting("budget", self.budget, family, release)
+        check_release_setting("ratio", self.ratio, family, release)
         bound = dataclasses.replace(self)
-        object.__setattr__(bound, "family", family)
+        object.__setattr__(bound, "vision", family.vision)
         object.__setattr__(bound, "depth", len(adapter.layers))
-        if family == "llava":
-            check_llava_config(adapter.model.config)
-            side = int(adapter.model.config.vision_config.image_size) // int(
-                adapter.model.config.vision_config.patch_size
-            )
-            if self.target is None:
-                bound.plan_image((side, side), None, bound.depth)  # a budget the grid cannot meet fails here
+        check_tower(family.vision, adapter.model)
+        grid = adapter.fixed_grid()
+        if grid is not None and self.target is None:
+            bound.plan_image(grid, None, bound.depth)  # a budget the grid cannot meet fails here
         return bound
 
     @property
+    def release(self) -> Release:
+        """The bound model's release (the first release, LLaVA-1.5's, when unbound)."""
+        return DEFAULT if self.vision is None else RELEASES[self.vision]
+
+    @property
     def settings(self) -> FamilySettings:
-        """Stage-1 constants of the bound family (LLaVA's when unbound), with the overrides."""
-        base = family_settings(self.family or "llava", self.official)
+        """Stage-1 constants of the bound model's release, with the overrides."""
+        base = self.release.settings(self.official)
         return dataclasses.replace(
             base,
             gate_quantile=base.gate_quantile if self.gate_quantile is None else float(self.gate_quantile),
@@ -262,9 +246,7 @@ class Nuwa(TokenReduction):
             return QWEN_RATIOS[self.ratio]
         if self.k1 is not None:
             return self.k1, self.k2, None
-        if (self.family or "llava") == "llava":
-            return LLAVA_BUDGETS[64]
-        return QWEN_RATIOS[0.25]
+        return self.release.presets[self.release.default]
 
     def layers_for(self, num_layers: int) -> tuple[int, ...]:
         """The stage-2 decision layers on a ``num_layers``-deep decoder."""
@@ -275,8 +257,8 @@ class Nuwa(TokenReduction):
         elif self.target is not None:
             return self.default_layers(num_layers, self.reroute)
         else:
-            published = "qwen2_5_vl" if self.ratio is not None or self.family == "qwen2_5_vl" else "llava"
-            layer, depth = RELEASE_STAGE2[published]
+            published = BY_SETTING["ratio"] if self.ratio is not None else self.release
+            layer, depth = published.stage2
             first = min(max(round_half_up(layer * num_layers / depth), 1), num_layers - 1)
         if not self.reroute:
             return (first,)
@@ -361,15 +343,12 @@ class Nuwa(TokenReduction):
         return Schedule(layers, plan.counts(plan.k1), self.reroute, owner=self.name, entry=plan.k1)
 
     def make_scorer(self) -> Scorer:
-        """LLaVA: the last token's attention at the layer before the stage-2 layer, head mean; Qwen:
-        the last three query rows, head max (without a causal mask among them when ``official``)."""
-        from ...scoring.attention import LastTokenAttention
-
+        """The release's: at the layer before the stage-2 layer, LLaVA-1.5's last token with the head
+        mean; Qwen2.5-VL's last three query rows with the head max (without a causal mask among them
+        when ``official``)."""
         if self.scorer is not None:
             return self.scorer
-        if self.family == "qwen2_5_vl":
-            return LastTokenAttention(rows=3, heads="max", score_from="previous", causal=not self.official)
-        return LastTokenAttention(score_from="previous")
+        return self.release.scorer(self.official)
 
     def vision_stage(self, adapter: ModelAdapter) -> VisionStage:
         from ...budget.shapes import ModelShape

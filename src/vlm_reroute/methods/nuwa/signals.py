@@ -25,6 +25,9 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
 
+from ...budget.stage1 import WINDOWED_VIT
+from ...families import vision_families
+
 
 @dataclass(frozen=True)
 class VisionSignals:
@@ -339,8 +342,8 @@ def qwen_vision_signals(
 def qwen_signals(
     model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs
 ) -> VisionSignals:
-    """:func:`qwen_vision_signals` for a ``Qwen2_5_VLForConditionalGeneration``."""
-    name = type(model).__name__
-    if name != "Qwen2_5_VLForConditionalGeneration":
-        raise TypeError(f"{name}: Nüwa's Qwen stage 1 is defined for Qwen2_5_VLForConditionalGeneration")
+    """:func:`qwen_vision_signals` for a model whose family's tower is a windowed ViT (Qwen2.5-VL)."""
+    name, classes = type(model).__name__, [f.model_class for f in vision_families(WINDOWED_VIT)]
+    if name not in classes:
+        raise TypeError(f"{name}: Nüwa's Qwen stage 1 is defined for {', '.join(classes)}")
     return qwen_vision_signals(model.model.visual, pixel_values, image_grid_thw, **kwargs)

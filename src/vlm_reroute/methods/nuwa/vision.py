@@ -1,14 +1,15 @@
 """Nüwa stage 1 inside a model: hooks that select and aggregate anchors while the images are encoded.
 
 The engine's vision-side stage for Nüwa (arXiv 2602.02951; ``engine/vision.py`` explains how it
-enters the engine). Family by family (``nuwa.md`` §1.1, §3.1):
+enters the engine). One installer per tower kind, the kind the family table declares for the model
+(``Family.vision``; ``nuwa.md`` §1.1, §3.1):
 
-- LLaVA-1.5: :class:`~.signals.ClipSignalHooks` read the [CLS] row and the similarity features
-  while the CLIP tower runs; a pre-hook on the multimodal projector selects the anchors and rewrites
-  the aggregated ones *before* the projector, which then projects them as usual.
-- Qwen2.5-VL: :class:`~.signals.QwenSignalHooks` read the received attention of the last
-  block and the similarity features; a hook on the tower's output rewrites the merged embeddings
-  (aggregation *after* the patch merger).
+- a CLIP tower (LLaVA-1.5): :class:`~.signals.ClipSignalHooks` read the [CLS] row and the
+  similarity features while the tower runs; a pre-hook on the multimodal projector selects the
+  anchors and rewrites the aggregated ones *before* the projector, which then projects them as usual.
+- a windowed ViT (Qwen2.5-VL): :class:`~.signals.QwenSignalHooks` read the received attention of
+  the last block and the similarity features; a hook on the tower's output rewrites the merged
+  embeddings (aggregation *after* the patch merger).
 
 Each encoding reports every image (:class:`~vlm_reroute.engine.vision.EncodedImage`): the features
 the language model receives, the anchors as the tokens that enter it, the salience, the stage-2
@@ -21,14 +22,15 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from ...budget.stage1 import CLIP, WINDOWED_VIT
 from ...engine.vision import EncodedImage
 from .aggregate import run_stage1
-from .signals import ClipSignalHooks, QwenSignalHooks, check_image_grids, square_grid
+from .signals import ClipSignalHooks, QwenSignalHooks, check_image_grids, check_llava_config, square_grid
 
 if TYPE_CHECKING:
     from .method import ImagePlan, Nuwa
@@ -53,8 +55,15 @@ class Stage1Record:
     n_per_cell: int
 
 
+def check_tower(kind: str | None, model: nn.Module) -> None:
+    """Refuse a model whose tower of ``kind`` the hooks cannot read (a CLIP tower: no [CLS] row, or
+    several feature layers); called when the method is bound, before any image is encoded."""
+    if kind == CLIP:
+        check_llava_config(model.config)
+
+
 class NuwaVision:
-    """The vision-side stage of a :class:`~.nuwa.Nuwa` bound to a LLaVA-1.5 or Qwen2.5-VL model."""
+    """The vision-side stage of a :class:`~.nuwa.Nuwa` bound to a model whose tower it can read."""
 
     def __init__(self, method: Nuwa, plan_image: Callable[[tuple[int, int]], ImagePlan]) -> None:
         self.method = method
@@ -63,12 +72,11 @@ class NuwaVision:
     def install(
         self, model: nn.Module, report: Callable[[list[EncodedImage]], None]
     ) -> list[torch.utils.hooks.RemovableHandle]:
-        if self.method.family == "llava":
-            return self._install_llava(model, report)
-        return self._install_qwen(model, report)
+        installers = {CLIP: self._install_clip, WINDOWED_VIT: self._install_windowed}
+        return installers[self.method.vision](model, report)  # type: ignore[index]
 
-    # ---- per family ---------------------------------------------------------------------------
-    def _install_llava(self, model: nn.Module, report: Callable) -> list:
+    # ---- per tower kind -------------------------------------------------------------------------
+    def _install_clip(self, model: nn.Module, report: Callable) -> list:
         signals = ClipSignalHooks(model.model.vision_tower, feature_layer=model.config.vision_feature_layer)
         projector = model.model.multi_modal_projector
         pending = threading.local()
@@ -91,7 +99,7 @@ class NuwaVision:
         handles.append(projector.register_forward_hook(after_projector))
         return handles
 
-    def _install_qwen(self, model: nn.Module, report: Callable) -> list:
+    def _install_windowed(self, model: nn.Module, report: Callable) -> list:
         visual = model.model.visual
         signals = QwenSignalHooks(visual)
         official = self.method.official
@@ -177,15 +185,3 @@ class _Image:
         return EncodedImage(
             features=features, kept=kept, scores=self.salience.float(), counts=self.counts, record=self.record
         )
-
-
-def family_of(model: Any) -> str:
-    """``"llava"`` or ``"qwen2_5_vl"``: the families Nüwa is defined for, else a TypeError."""
-    name = type(model).__name__
-    families = {"LlavaForConditionalGeneration": "llava", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
-    if name not in families:
-        raise TypeError(
-            f"Nüwa is defined for LLaVA-1.5 (LlavaForConditionalGeneration) and Qwen2.5-VL "
-            f"(Qwen2_5_VLForConditionalGeneration); {name} needs its own stage-1 signals"
-        )
-    return families[name]
