@@ -157,3 +157,23 @@ def test_the_family_name_reader_sees_names():
     assert expected <= set(inside)
     assert _names_a_family("Qwen") and _names_a_family("Qwen2VLImageProcessor") and _names_a_family("llava")
     assert not _names_a_family("release_llava") and not _names_a_family("LLaVA-1.5 release")
+
+
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80
+
+
+def test_no_file_over_400_lines_and_no_function_over_80():
+    """One screen per function, one concept per file: what outgrows it is split, not squeezed."""
+    long_files, long_functions = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        where = path.relative_to(PACKAGE)
+        if text.count("\n") > MAX_FILE_LINES:
+            long_files.append((str(where), text.count("\n")))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long_functions.append((f"{where}:{node.name}", length))
+    assert long_files == [], f"files over {MAX_FILE_LINES} lines: {long_files}"
+    assert long_functions == [], f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
