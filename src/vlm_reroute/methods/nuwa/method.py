@@ -294,7 +294,7 @@ class Nuwa(TokenReduction):
         layers = self.layers_for(num_layers)
         preset_n = None
         if self.target is not None:
-            from ..budget.solver import solve_for_target
+            from ...budget.solver import solve_for_target
 
             solved = solve_for_target(shape, n, type(self), self.reroute, self.target, layers)
             k1, keep = solved.keep[0], tuple(solved.keep[1:])
