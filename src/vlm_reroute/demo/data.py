@@ -1,0 +1,112 @@
+"""Training batches for the demo model: a curriculum over scenes, token ids, labels and patch targets.
+
+A training sequence is exactly what the processor builds for the prompt (chat template, 196
+``<image>`` tokens), followed by the answer's tokens and ``</s>``; only the answer is scored.
+Each visual token also gets per-patch targets (colour, shape and the normalised box of the object
+under it, or background), the auxiliary objective that makes every patch of an object carry what
+the object is and where it ends. Batches are a pure function of ``(seed, step)``: resuming gives
+the same data as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .draw import COLORS, SHAPES, SIZE
+from .scenes import FAMILIES, Scene, make_scene
+from .vocab import PAD_ID, answer_ids, box_text
+
+COLOR_CLASSES = ("background", *COLORS)
+SHAPE_CLASSES = ("background", *SHAPES)
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """Objects per scene grow with the step; the share of grounding scenes stays fixed.
+
+    Few, large objects first (the model learns colour, shape and boxes), then the benchmark's
+    3–6 objects with same-colour / same-shape distractors.
+    """
+
+    ramp_steps: int = 1500
+    ground_share: float = 0.65
+
+    def objects(self, step: int, rng: random.Random) -> tuple[int, int]:
+        frac = min(1.0, step / max(1, self.ramp_steps))
+        high = 3 + round(3 * frac)
+        low = 1 if frac < 0.34 else (2 if frac < 1.0 or rng.random() < 0.25 else 3)
+        return low, high
+
+
+def training_scenes(step: int, batch_size: int, seed: int, curriculum: Curriculum) -> list[Scene]:
+    """The scenes of training step ``step`` (keyed by seed and step, so resumable exactly)."""
+    out = []
+    for j in range(batch_size):
+        rng = random.Random(f"train/{seed}/{step}/{j}")
+        kind = "ground" if rng.random() < curriculum.ground_share else "vqa"
+        family = rng.choice(FAMILIES[kind])
+        out.append(make_scene(rng, kind, family, curriculum.objects(step, rng)))
+    return out
+
+
+def answer_of(scene: Scene) -> str:
+    """The text the model must produce for ``scene``."""
+    if scene.kind == "ground":
+        return box_text(scene.objects[scene.target].box, SIZE, SIZE)  # type: ignore[index]
+    return str(scene.answer)
+
+
+def prompt_ids(processor: Any, prompt: str, num_image_tokens: int) -> list[int]:
+    """Ids of the chat-formatted prompt with its image tokens expanded, as ``processor(...)`` gives them."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = text.replace(processor.image_token, processor.image_token * num_image_tokens)
+    return processor.tokenizer(text)["input_ids"]
+
+
+def patch_targets(scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per patch: colour class, shape class (0 = background) and the object's box (NaN on background)."""
+    labels = scene.labels
+    colors = np.zeros(labels.shape, dtype=np.int64)
+    shapes = np.zeros(labels.shape, dtype=np.int64)
+    boxes = np.full((*labels.shape, 4), np.nan, dtype=np.float32)
+    for k, obj in enumerate(scene.objects):
+        where = labels == k
+        colors[where] = COLOR_CLASSES.index(obj.color)
+        shapes[where] = SHAPE_CLASSES.index(obj.shape)
+        boxes[where] = np.array(obj.box, dtype=np.float32) / SIZE
+    return colors, shapes, boxes
+
+
+def collate(scenes: list[Scene], processor: Any, num_image_tokens: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask, labels (answer only), pixels and per-patch targets."""
+    rows, labels = [], []
+    for scene in scenes:
+        prompt = prompt_ids(processor, scene.prompt, num_image_tokens)
+        answer = answer_ids(answer_of(scene))
+        rows.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
+    lab = torch.full((len(rows), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, (row, lab_row) in enumerate(zip(rows, labels, strict=True)):
+        ids[b, : len(row)] = torch.tensor(row)
+        lab[b, : len(row)] = torch.tensor(lab_row)
+        mask[b, : len(row)] = 1
+    pixels = processor.image_processor(images=[s.image for s in scenes], return_tensors="pt")["pixel_values"]
+    targets = [patch_targets(s) for s in scenes]
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": lab,
+        "pixel_values": pixels,
+        "patch_color": torch.from_numpy(np.stack([t[0] for t in targets])),
+        "patch_shape": torch.from_numpy(np.stack([t[1] for t in targets])),
+        "patch_box": torch.from_numpy(np.stack([t[2] for t in targets])),
+    }

@@ -1,0 +1,321 @@
+"""Train the demo model on CPU: ``python -m vlm_reroute.demo.train --out DIR [--init FOLDER]``.
+
+Seeded and resumable: every ``--save-minutes`` the model, the auxiliary head, the optimizer, the
+step and the RNG states go to ``DIR/state.pt`` (written to a temporary file, then renamed) and the
+model to ``DIR/model/`` (a ``save_pretrained`` folder with its processor). Started again with the
+same ``--out``, training continues from there; ``--init`` starts from a saved folder such as the
+shipped fp16 checkpoint (optimizer restarted). Batches are a pure function of (seed, step), so a
+resumed run sees the data an uninterrupted one would. The log (``DIR/log.txt`` and stdout), the
+record (``history.jsonl``) and the curve (``curve.png``) live beside the checkpoint.
+
+Objective: the answer's tokens (box coordinates with Gaussian soft targets over neighbouring
+coordinate tokens, so a near miss costs less than a far one), plus a per-patch auxiliary loss on the
+projector output (colour, shape and box of the object under each visual token). Held-out greedy
+accuracy is measured every ``--eval-minutes``, vanilla and under PDrop prune / reroute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import curve
+from .data import COLOR_CLASSES, SHAPE_CLASSES, Curriculum, collate, training_scenes
+from .model import DemoShape, build_model, build_processor, count_parameters, save
+from .trainer_eval import evaluate
+from .vocab import coordinate_ids
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (stored in the state, so a resume keeps its settings)."""
+
+    out: str
+    init: str | None = None
+    seed: int = 0
+    steps: int = 8000
+    batch_size: int = 24
+    lr: float = 1e-3
+    min_lr_frac: float = 0.05
+    warmup: int = 200
+    weight_decay: float = 0.05
+    aux_weight: float = 0.5
+    coord_sigma: float = 1.0
+    ramp_steps: int = 1500
+    threads: int = 2
+    bf16: bool = True
+    save_minutes: float = 10.0
+    eval_minutes: float = 20.0
+    eval_ground: int = 90
+    eval_vqa: int = 60
+    log_every: int = 10
+    max_minutes: float | None = None
+    width: int = 192
+    layers: int = 12
+    heads: int = 6
+    vision_width: int = 192
+    vision_layers: int = 4
+
+
+class AuxHead(torch.nn.Module):
+    """Per visual token: colour class, shape class, object box (training only; not shipped)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(width, len(COLOR_CLASSES) + len(SHAPE_CLASSES) + 4)
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.proj(feats)
+        c, s = len(COLOR_CLASSES), len(SHAPE_CLASSES)
+        return out[..., :c], out[..., c : c + s], torch.sigmoid(out[..., c + s :])
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_frac`` of the peak at ``cfg.steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def answer_loss(
+    logits: torch.Tensor, labels: torch.Tensor, coords: torch.Tensor, sigma: float
+) -> torch.Tensor:
+    """Next-token loss on the answer; coordinate targets are spread over neighbouring coordinates."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    scored = labels >= 0
+    logp = F.log_softmax(logits[scored], dim=-1)
+    target = labels[scored]
+    is_coord = (target[:, None] == coords[None, :]).any(dim=1)
+    loss = F.nll_loss(logp[~is_coord], target[~is_coord], reduction="sum")
+    if is_coord.any():
+        where = (target[is_coord][:, None] == coords[None, :]).float().argmax(dim=1)
+        grid = torch.arange(len(coords), dtype=torch.float32)
+        soft = torch.softmax(-((grid[None, :] - where[:, None].float()) ** 2) / (2 * sigma**2), dim=1)
+        loss = loss - (soft * logp[is_coord][:, coords]).sum()
+    return loss / max(1, int(scored.sum()))
+
+
+def aux_loss(head: AuxHead, feats: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Colour and shape cross-entropy on every patch, L1 on the box of object patches."""
+    with torch.autocast("cpu", enabled=False):  # a small head: keep its losses in float32
+        color, shape, box = head(feats.float())
+    loss = F.cross_entropy(color.flatten(0, 1), batch["patch_color"].flatten())
+    loss = loss + F.cross_entropy(shape.flatten(0, 1), batch["patch_shape"].flatten())
+    gold = batch["patch_box"]
+    obj = ~torch.isnan(gold[..., 0])
+    if obj.any():
+        loss = loss + 5.0 * F.l1_loss(box[obj], gold[obj])
+    return loss
+
+
+@dataclass
+class Run:
+    """The live objects of a run."""
+
+    cfg: TrainConfig
+    model: Any
+    processor: Any
+    head: AuxHead
+    opt: torch.optim.Optimizer
+    step: int = 0
+    seconds: float = 0.0
+
+
+def _shape(cfg: TrainConfig) -> DemoShape:
+    return DemoShape(cfg.vision_width, cfg.vision_layers, cfg.width, cfg.layers, cfg.heads)
+
+
+def _param_groups(model: Any, head: AuxHead, decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: not on norms, biases, or embeddings (decay would pull the position
+    codes, which carry where a token is, towards zero)."""
+    named = [*model.named_parameters(), *head.named_parameters()]
+    plain = [p for n, p in named if p.ndim < 2 or "embed" in n]
+    decayed = [p for n, p in named if not (p.ndim < 2 or "embed" in n)]
+    return [{"params": decayed, "weight_decay": decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def start(cfg: TrainConfig) -> Run:
+    """Resume from ``cfg.out/state.pt`` if it exists, else start from ``cfg.init`` or from scratch."""
+    out = Path(cfg.out)
+    state_path = out / "state.pt"
+    state = torch.load(state_path, weights_only=False) if state_path.exists() else None
+    if state is not None:  # the stored settings win, except the ones that only steer this process
+        keep = {
+            "out",
+            "max_minutes",
+            "threads",
+            "save_minutes",
+            "eval_minutes",
+            "steps",
+            "eval_ground",
+            "eval_vqa",
+        }
+        keep |= {"log_every"}
+        cfg = TrainConfig(**{**state["cfg"], **{k: getattr(cfg, k) for k in keep}})
+    torch.manual_seed(cfg.seed)
+    if state is None and cfg.init:
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(cfg.init, dtype=torch.float32)
+    else:
+        model = build_model(_shape(cfg), seed=cfg.seed)
+    head = AuxHead(model.config.text_config.hidden_size)
+    opt = torch.optim.AdamW(_param_groups(model, head, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    run = Run(cfg, model, build_processor(), head, opt)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["opt"])
+        run.step, run.seconds = state["step"], state["seconds"]
+        random.setstate(state["py_rng"])
+        np.random.set_state(state["np_rng"])
+        torch.set_rng_state(state["torch_rng"])
+    return run
+
+
+def checkpoint(run: Run) -> None:
+    """Write the state (atomically) and the ``model/`` folder."""
+    out = Path(run.cfg.out)
+    state = {
+        "cfg": dataclasses.asdict(run.cfg),
+        "model": run.model.state_dict(),
+        "head": run.head.state_dict(),
+        "opt": run.opt.state_dict(),
+        "step": run.step,
+        "seconds": run.seconds,
+        "py_rng": random.getstate(),
+        "np_rng": np.random.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    torch.save(state, out / "state.pt.tmp")
+    os.replace(out / "state.pt.tmp", out / "state.pt")
+    tmp = save(run.model, out / "model.tmp")
+    (tmp / "step.txt").write_text(f"{run.step}\n")
+    if (out / "model").exists():
+        os.replace(out / "model", out / "model.old")
+    os.replace(tmp, out / "model")
+    if (out / "model.old").exists():
+        import shutil
+
+        shutil.rmtree(out / "model.old")
+
+
+def log(run: Run, text: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')} step {run.step} {run.seconds / 3600:.2f}h] {text}"
+    print(line, flush=True)
+    with open(Path(run.cfg.out) / "log.txt", "a") as f:
+        f.write(line + "\n")
+
+
+def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -> dict[str, float]:
+    """One optimizer step; the projector output is caught by a hook for the auxiliary loss."""
+    caught: list[torch.Tensor] = []
+    hook = run.model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: caught.append(o))
+    try:  # enable_grad: a caller (e.g. a test harness) may have switched autograd off
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.cfg.bf16)
+        with torch.enable_grad(), autocast:
+            out = run.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"],
+            )
+            lm = answer_loss(out.logits, batch["labels"], coords, run.cfg.coord_sigma)
+            aux = aux_loss(run.head, caught[0], batch)
+            loss = lm + run.cfg.aux_weight * aux
+    finally:
+        hook.remove()
+    for group in run.opt.param_groups:
+        group["lr"] = lr_at(run.cfg, run.step)
+    run.opt.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in run.opt.param_groups for p in g["params"]], 1.0)
+    run.opt.step()
+    return {"loss": loss.item(), "lm": lm.item(), "aux": aux.item(), "lr": run.opt.param_groups[0]["lr"]}
+
+
+def train(cfg: TrainConfig) -> Run:
+    """Run (or continue) training until ``cfg.steps`` or ``cfg.max_minutes`` of this process."""
+    torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)  # float32 denormals make CPU matmuls many times slower
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    run = start(cfg)
+    cfg = run.cfg
+    sizes = count_parameters(run.model)
+    log(run, f"start: {sum(sizes.values()) / 1e6:.2f} M parameters {sizes}; config {dataclasses.asdict(cfg)}")
+    coords = torch.tensor(coordinate_ids())
+    curriculum = Curriculum(ramp_steps=cfg.ramp_steps)
+    num_image_tokens = int(run.model.config.image_seq_length)
+    began = last_save = last_eval = last_log = time.monotonic()
+    seconds0 = run.seconds
+    window: list[dict[str, float]] = []
+    while run.step < cfg.steps:
+        batch = collate(
+            training_scenes(run.step, cfg.batch_size, cfg.seed, curriculum), run.processor, num_image_tokens
+        )
+        run.model.train()
+        window.append(train_step(run, batch, coords))
+        run.step += 1
+        now = time.monotonic()
+        run.seconds = seconds0 + now - began
+        if run.step % cfg.log_every == 0:
+            mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            per, last_log = (now - last_log) / len(window), now
+            log(run, " ".join(f"{k} {v:.4g}" for k, v in mean.items()) + f" | {per:.2f} s/step")
+            curve.append(
+                Path(cfg.out), {"type": "step", "step": run.step, "hours": run.seconds / 3600, **mean}
+            )
+            window = []
+        done = run.step >= cfg.steps or (cfg.max_minutes is not None and now - began > 60 * cfg.max_minutes)
+        if done or now - last_save > 60 * cfg.save_minutes:
+            checkpoint(run)
+            last_save = time.monotonic()
+            log(run, "saved")
+        if done or now - last_eval > 60 * cfg.eval_minutes:
+            result = evaluate(run.model, run.processor, cfg.eval_ground, cfg.eval_vqa)
+            log(run, "eval " + " ".join(f"{k} {100 * v:.1f}" for k, v in result.items()))
+            curve.append(
+                Path(cfg.out), {"type": "eval", "step": run.step, "hours": run.seconds / 3600, **result}
+            )
+            curve.plot(Path(cfg.out))
+            last_eval = time.monotonic()
+        if done:
+            break
+    return run
+
+
+def parse(argv: list[str] | None = None) -> TrainConfig:
+    """Command-line options: every :class:`TrainConfig` field as ``--name`` (``_`` → ``-``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m vlm_reroute.demo.train", description=__doc__.split("\n")[0]
+    )
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "out":
+            parser.add_argument(
+                flag, required=True, help="checkpoint folder (created; resumed if it holds one)"
+            )
+        elif f.name in ("init", "max_minutes"):
+            kind = str if f.name == "init" else float
+            parser.add_argument(flag, type=kind, default=None)
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    train(parse())

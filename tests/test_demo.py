@@ -1,0 +1,181 @@
+"""The demo's scenes, tokenizer, model folder and training loop (fast; no trained weights needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vlm_reroute.demo import FAMILIES, scenes
+from vlm_reroute.demo.data import Curriculum, collate, prompt_ids, training_scenes
+from vlm_reroute.demo.draw import GRID, SIZE
+from vlm_reroute.demo.model import DemoShape, build_model, build_processor, save
+from vlm_reroute.demo.vocab import EOS_ID, answer_ids, box_text, build_tokenizer
+from vlm_reroute.eval.parsers import parser_for
+
+TINY = DemoShape(vision_width=32, vision_layers=1, width=32, layers=12, heads=2)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].tobytes() == b[k].tobytes() if k == "image" else a[k] == b[k] for k in a
+    )
+
+
+@pytest.mark.parametrize("kind", ["ground", "vqa"])
+def test_scenes_are_deterministic_by_seed(kind):
+    first, again, other = (scenes(6, seed=s, kind=kind) for s in (11, 11, 12))
+    assert all(_same(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(_same(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_scene_fields_and_families_cycle():
+    ground, vqa = scenes(9, seed=5, kind="ground"), scenes(8, seed=5, kind="vqa")
+    assert [s["family"] for s in ground] == list(FAMILIES["ground"]) * 3
+    assert [s["family"] for s in vqa] == list(FAMILIES["vqa"]) * 2
+    for s in ground:
+        assert set(s) == {"image", "prompt", "kind", "family", "box"}
+        assert s["image"].size == (SIZE, SIZE) and s["image"].mode == "RGB"
+    for s in vqa:
+        assert set(s) == {"image", "prompt", "kind", "family", "answer"}
+        assert isinstance(s["answer"], str) and " " not in s["answer"]
+
+
+def test_boxes_lie_inside_the_image_and_span_several_patches():
+    for s in scenes(60, seed=2, kind="ground"):
+        x1, y1, x2, y2 = s["box"]
+        assert 0 <= x1 < x2 <= SIZE and 0 <= y1 < y2 <= SIZE
+        assert min(x2 - x1, y2 - y1) >= 2 * SIZE // GRID  # the regime the demo is built for
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="kind"):
+        scenes(1, seed=0, kind="caption")
+    with pytest.raises(ValueError, match="n="):
+        scenes(-1, seed=0, kind="vqa")
+
+
+def test_a_generated_box_decodes_in_llava_format_and_parses():
+    tokenizer = build_tokenizer()
+    text = box_text((22.4, 0, 224, 112), SIZE, SIZE)
+    assert text == "[0.10, 0.00, 1.00, 0.50]"
+    ids = answer_ids(text)
+    assert len(ids) == 10 and ids[-1] == EOS_ID
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    assert decoded == text
+    assert parser_for("llava")(decoded, SIZE, SIZE) == pytest.approx((0.1, 0.0, 1.0, 0.5))
+    assert tokenizer.decode(answer_ids("yes"), skip_special_tokens=True) == "yes"
+    words = tokenizer("What color is the smallest red shape?")["input_ids"]
+    assert tokenizer.unk_token_id not in words
+
+
+def test_training_prompts_are_the_processors_prompts():
+    processor = build_processor()
+    scene = scenes(1, seed=0, kind="ground")[0]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": scene["prompt"]}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    from_processor = processor(images=scene["image"], text=text, return_tensors="pt")["input_ids"][0].tolist()
+    assert prompt_ids(processor, scene["prompt"], GRID * GRID) == from_processor
+    assert from_processor.count(processor.tokenizer.convert_tokens_to_ids("<image>")) == GRID * GRID
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    processor = build_processor()
+    a = collate(training_scenes(3, 4, 0, Curriculum()), processor, GRID * GRID)
+    b = collate(training_scenes(3, 4, 0, Curriculum()), processor, GRID * GRID)
+    c = collate(training_scenes(4, 4, 0, Curriculum()), processor, GRID * GRID)
+    assert all(torch.equal(a[k].nan_to_num(-1), b[k].nan_to_num(-1)) for k in a)
+    assert not torch.equal(a["pixel_values"], c["pixel_values"])
+    scored = a["labels"] >= 0
+    assert scored.any(dim=1).all()  # every row has an answer to learn
+    assert (a["patch_color"] > 0).any() and (a["patch_color"] == 0).any()
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo-tiny")
+    save(build_model(TINY), folder, dtype=torch.float16)
+    return folder
+
+
+def test_saved_folder_loads_through_auto_classes_and_the_pipeline(saved_tiny):
+    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    import vlm_reroute
+
+    model = AutoModelForImageTextToText.from_pretrained(saved_tiny, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(saved_tiny, local_files_only=True)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert AutoTokenizer.from_pretrained(saved_tiny).decode(answer_ids("[0.10, 0.20, 0.30, 0.40]")[:-1]) == (
+        "[0.10, 0.20, 0.30, 0.40]"
+    )
+    scene = scenes(1, seed=1, kind="ground")[0]
+    inputs = processor(images=scene["image"], text="USER: <image> hi ASSISTANT:", return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == GRID * GRID
+    pipe = vlm_reroute.pipeline(saved_tiny, method="pdrop+reroute", ratio=0.111, strict=True, dtype="float32")
+    answer = pipe(scene["image"], scene["prompt"], max_new_tokens=3)
+    assert answer.visual_tokens == [GRID * GRID]
+    assert len(answer.decisions) == 4 and answer.avg_visual_tokens == pytest.approx(0.111 * 196, abs=0.6)
+
+
+def test_training_resumes_exactly(tmp_path):
+    from vlm_reroute.demo.train import TrainConfig, train
+
+    def config(out, steps):
+        return TrainConfig(
+            out=str(out), steps=steps, batch_size=2, log_every=1, eval_ground=0, eval_vqa=0, threads=1,
+            width=TINY.width, layers=TINY.layers, heads=TINY.heads, vision_width=TINY.vision_width,
+            vision_layers=TINY.vision_layers, warmup=1,
+        )  # fmt: skip
+
+    straight = train(config(tmp_path / "a", 2))
+    train(config(tmp_path / "b", 1))
+    resumed = train(config(tmp_path / "b", 2))
+    assert resumed.step == 2 and (tmp_path / "b" / "curve.png").exists()
+    for (name, p), q in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(p, q), name
+    lines = (tmp_path / "b" / "log.txt").read_text()
+    assert lines.count("start:") == 2 and np.isfinite(straight.seconds)
+
+
+def test_scenes_are_pinned_across_machines():
+    """Prompts, boxes and answers come from string-seeded ``random.Random`` only, so they are the same on
+    any machine; pixel sums also depend on Pillow's rasteriser and numpy's PCG64 (pinned here too)."""
+    ground = scenes(3, seed=1, kind="ground")
+    assert [(s["prompt"], s["box"]) for s in ground] == [
+        ("Give the bounding box of the yellow circle.", (12, 48, 75, 89)),
+        ("Give the bounding box of the purple square right of the diamond.", (125, 9, 177, 61)),
+        ("Give the bounding box of the topmost blue shape.", (178, 24, 220, 69)),
+    ]
+    assert [(s["prompt"], s["answer"]) for s in scenes(4, seed=1, kind="vqa")] == [
+        ("What color is the smallest shape?", "blue"),
+        ("What shape is the smallest blue shape?", "diamond"),
+        ("How many circles are there?", "0"),
+        ("Is there a purple triangle?", "no"),
+    ]
+    assert [int(np.asarray(s["image"], dtype=np.int64).sum()) for s in ground[:2]] == [19698251, 18756157]
+
+
+def test_export_writes_fp16_weights_and_processor_only(tmp_path):
+    from safetensors import safe_open
+
+    from vlm_reroute.demo.export import export
+
+    training = tmp_path / "run"
+    save(build_model(TINY), training / "model")
+    (training / "model" / "step.txt").write_text("7\n")
+    (training / "state.pt").write_bytes(b"optimizer state stays here")
+    out = export(training, tmp_path / "shipped")
+    names = sorted(p.name for p in out.iterdir())
+    assert "state.pt" not in names and "model.safetensors" in names and "tokenizer.json" in names
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = f.keys()  # a safetensors handle is not iterable
+        assert {f.get_tensor(k).dtype for k in keys} == {torch.float16}
+    assert '"step": 7' in (out / "training.json").read_text()
+    with pytest.raises(SystemExit, match="no demo model"):
+        export(tmp_path / "empty", tmp_path / "x")
