@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from packaging.version import Version
+
 #: ``transformers``: lowest tested release, first untested one.
 TRANSFORMERS_RANGE = ("5.23.0", "5.25.0")
 #: Set to ``1`` to route under an untested ``transformers`` (the refusal becomes one warning).
@@ -26,20 +28,11 @@ def range_text(bounds: tuple[str, str]) -> str:
     return f">={low},<{high}"
 
 
-def _key(text: str) -> tuple[int, ...]:
-    """Release numbers of a version string (``2.13.0+cpu`` → ``(2, 13, 0)``), for range checks."""
-    numbers = []
-    for part in text.split("+")[0].split("."):
-        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
-        if not digits:
-            break
-        numbers.append(int(digits))
-    return tuple(numbers)
-
-
 def in_range(installed: str, bounds: tuple[str, str]) -> bool:
+    """Whether ``installed`` (a PEP 440 version, local labels such as ``+cpu`` included) lies in
+    ``[low, high)``."""
     low, high = bounds
-    return _key(low) <= _key(installed) < _key(high)
+    return Version(low) <= Version(installed) < Version(high)
 
 
 def installed_versions() -> dict[str, str | None]:
