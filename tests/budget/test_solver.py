@@ -276,7 +276,7 @@ def test_close_gap_walks_when_one_step_is_not_enough():
 
 
 def test_docs_tables_are_current(capsys):
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     runpy.run_path(str(root / "benchmarks" / "budget_tables.py"), run_name="__main__")
     printed = capsys.readouterr().out.strip()
     assert printed and printed in (root / "docs" / "budgets.md").read_text(encoding="utf-8"), (

@@ -46,7 +46,7 @@ METHODS = ["fastv", "pdrop", "random", "nuwa"]
 # methods defined for some families only (the other cases are skipped with this reason)
 SUPPORTED = {"nuwa": ("llava", "qwen2_5_vl")}
 # methods whose exactness the generic full-matrix reference cannot express (checked elsewhere)
-OWN_REFERENCE = {"nuwa": "stage 1 rewrites image features; tests/test_nuwa_engine.py has Nüwa's reference"}
+OWN_REFERENCE = {"nuwa": "stage 1 rewrites image features; tests/methods/test_nuwa_engine.py has Nüwa's reference"}
 MODES = {"prune": False, "reroute": True}
 DEPTH, TOKENS = 8, MATRIX_TOKENS  # 8 decoder layers, 64 visual tokens per image (about 64: conftest)
 # the decision layers each case must run at DEPTH 8 (written out, not asked of the method): the

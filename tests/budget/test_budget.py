@@ -22,7 +22,7 @@ from vlm_reroute.budget import (
     load_shape,
 )
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 KIB, MIB, T = 1024, 1024**2, 1e12
 
 

@@ -21,7 +21,7 @@ from vlm_reroute.eval.failures import describe_log
 from vlm_reroute.eval.generation import reported_clamps
 from vlm_reroute.eval.launch import failure, is_evaluation, option
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # lmms-eval 0.7.3's log of a run under filelock 4 and of an unknown task (ANSI colours as printed)
 FILELOCK_LOG = (
