@@ -59,6 +59,27 @@ def _datasets(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _demo_model(model: str | None) -> str | None:
+    """``--model demo``: the shipped demo checkpoint (one ``error:`` line when this install has none)."""
+    if model != "demo":
+        return model
+    from .demo import _model_folder
+
+    return _model_folder(None)
+
+
+def _demo_tasks(cells: list[Any], out: Path) -> list[Path]:
+    """The demo tasks' folder (scenes drawn locally, as ``vlm-reroute demo`` draws them) when a cell
+    runs one of them; no folder otherwise."""
+    from ..eval.tasks.demo_scenes import TASKS
+
+    if not any(cell.task in TASKS for cell in cells):
+        return []
+    from ..demo.tasks import write_tasks
+
+    return [write_tasks(out / "tasks-demo")]
+
+
 def _build_model(model_args: dict[str, Any]) -> Any:
     """The lmms-eval model, loaded once for the whole grid; a clamped budget is one ``warning:`` line."""
     from ..eval.model import VlmReroute
@@ -128,7 +149,8 @@ def eval_command(
         Path | None, typer.Option(help="output folder (results.json, table.md/.csv, chart.png)")
     ] = None,
     model: Annotated[
-        str | None, typer.Option(help="Hub id or local folder of a supported checkpoint")
+        str | None,
+        typer.Option(help="Hub id or local folder of a supported checkpoint; demo: the shipped demo model"),
     ] = None,
     tasks: Annotated[str | None, typer.Option(help="lmms-eval task names, comma-separated")] = None,
     preset: Annotated[
@@ -160,6 +182,7 @@ def eval_command(
     dry_run: Annotated[bool, typer.Option(help="list the tasks and cells, run nothing")] = False,
 ) -> None:
     """Evaluate methods × reroute on/off × tiers × tasks with lmms-eval; write a paper-style table."""
+    model = _demo_model(model)
     params = {k: v for k, v in locals().items()}
     from ..eval.grid import plan
 
@@ -237,7 +260,8 @@ def _run(cells: list[Any], params: dict[str, Any], grid_layers: list[int] | None
             lambda: _build_model(model_args),
             settings,
             limit=params["limit"],
-            include_path=[*(params["include_path"] or []), task_dir],  # lmms-eval: the first folder wins
+            # lmms-eval: the first folder wins
+            include_path=[*(params["include_path"] or []), *_demo_tasks(cells, out), task_dir],
             progress=progress,
         )
     except (ValueError, EvalFailed) as exc:  # EvalFailed: lmms-eval left no results (it raised)

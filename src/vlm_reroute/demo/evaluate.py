@@ -13,30 +13,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..eval.parsers import parser_for
+from ..eval.tasks.demo_scenes import BOX_FORMAT, grade_answer, grade_box
 from ..loading import PromptBuilder
 from ..pipelines import Answer, Pipeline
-from .draw import SIZE
 
 Box = tuple[float, float, float, float]
 
 
-def iou(a: Box, b: Box) -> float:
-    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes in the same units."""
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def normalised(box: Sequence[float], width: float = SIZE, height: float = SIZE) -> Box:
-    """A pixel box in ``[0, 1]`` units of the image."""
-    return (box[0] / width, box[1] / height, box[2] / width, box[3] / height)
-
-
 @dataclass
 class Scored:
-    """One scene's answer and whether it is right (``iou`` for grounding, ``None`` for VQA)."""
+    """One scene's answer and whether it is right (``iou`` for grounding, ``None`` for VQA).
+
+    A grounding answer is right at IoU ≥ 0.5 with the drawn box (Acc@0.5, the RefCOCO convention:
+    Yu et al., arXiv 1608.00272), a VQA answer when it equals the answer (case and spaces aside).
+    """
 
     family: str
     kind: str
@@ -51,13 +41,16 @@ class Scored:
 def score(scene: dict[str, Any], answer: Answer) -> Scored:
     """Grade ``answer`` against ``scene`` (as :func:`vlm_reroute.demo.scenes` returns it)."""
     text = answer.text.strip()
-    common = {"avg_visual_tokens": answer.avg_visual_tokens, "decisions": answer.decisions}
+    avg, decisions = answer.avg_visual_tokens, answer.decisions
     if scene["kind"] == "ground":
         width, height = scene["image"].size
-        box = parser_for("llava")(text, width, height)
-        overlap = iou(box, normalised(scene["box"], width, height)) if box is not None else 0.0
-        return Scored(scene["family"], "ground", text, overlap >= 0.5, box, overlap, **common)
-    return Scored(scene["family"], "vqa", text, text.lower() == str(scene["answer"]).lower(), **common)
+        x1, y1, x2, y2 = scene["box"]
+        gold = [x1 / width, y1 / height, x2 / width, y2 / height]
+        overlap = grade_box(text, gold, width, height)["IoU"]
+        box = parser_for(BOX_FORMAT)(text, width, height)
+        return Scored(scene["family"], "ground", text, overlap >= 0.5, box, overlap, avg, decisions)
+    correct = grade_answer(text, scene["answer"])
+    return Scored(scene["family"], "vqa", text, correct, avg_visual_tokens=avg, decisions=decisions)
 
 
 def demo_pipeline(model: Any, processor: Any, method: Any = None, max_new_tokens: int = 12) -> Pipeline:

@@ -54,7 +54,8 @@ class TrainConfig:
     coord_sigma: float = 1.0
     ramp_steps: int = 1500
     threads: int = 2
-    bf16: bool = True
+    #: bf16 autocast; None = on only where the CPU has bf16 instructions (see :func:`fast_bf16`)
+    bf16: bool | None = None
     save_minutes: float = 10.0
     eval_minutes: float = 20.0
     eval_ground: int = 90
@@ -66,6 +67,20 @@ class TrainConfig:
     heads: int = 6
     vision_width: int = 192
     vision_layers: int = 4
+
+
+def fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX).
+
+    Why it matters: on a CPU with those instructions a training step took 1.3 s in bf16 autocast
+    against 2.3 s in fp32 (batch 16, one thread); on an AVX2-only EPYC guest bf16 autocast took
+    38 s per step against 2.6 s in fp32 (two threads), because every bf16 matmul is emulated.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
 class AuxHead(torch.nn.Module):
@@ -132,6 +147,11 @@ class Run:
     step: int = 0
     seconds: float = 0.0
 
+    @property
+    def bf16(self) -> bool:
+        """bf16 autocast for this process: the setting, or :func:`fast_bf16` when it is None."""
+        return fast_bf16() if self.cfg.bf16 is None else self.cfg.bf16
+
 
 def _shape(cfg: TrainConfig) -> DemoShape:
     return DemoShape(cfg.vision_width, cfg.vision_layers, cfg.width, cfg.layers, cfg.heads)
@@ -162,7 +182,7 @@ def start(cfg: TrainConfig) -> Run:
             "eval_ground",
             "eval_vqa",
         }
-        keep |= {"log_every"}
+        keep |= {"log_every", "bf16"}  # bf16 is a property of the machine, not of the run
         cfg = TrainConfig(**{**state["cfg"], **{k: getattr(cfg, k) for k in keep}})
     torch.manual_seed(cfg.seed)
     if state is None and cfg.init:
@@ -224,7 +244,7 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -
     caught: list[torch.Tensor] = []
     hook = run.model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: caught.append(o))
     try:  # enable_grad: a caller (e.g. a test harness) may have switched autograd off
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.cfg.bf16)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16)
         with torch.enable_grad(), autocast:
             out = run.model(
                 input_ids=batch["input_ids"],
@@ -310,7 +330,7 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         elif f.name in ("init", "max_minutes"):
             kind = str if f.name == "init" else float
             parser.add_argument(flag, type=kind, default=None)
-        elif isinstance(f.default, bool):
+        elif isinstance(f.default, bool) or f.name == "bf16":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)

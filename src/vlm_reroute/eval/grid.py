@@ -44,15 +44,20 @@ PRIMARY_METRICS = {
     "gqa": "exact_match",
     "mme": "mme_perception_score",
     "mmbench": "gpt_eval_score",
+    "vlm_reroute_demo_ground": "demo_ACC@0.5",  # the demo's scenes (eval/tasks/demo_scenes.py)
+    "vlm_reroute_demo_vqa": "demo_accuracy",
 }
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell; ``method="vanilla"`` (no reroute, no tier) is the baseline of its task.
+    """One grid cell: a task, a method, prune or reroute, an avg_T tier.
 
-    ``layers``: decision layers the tier is solved on (the method's defaults when ``None``); one choice per
-    grid (recorded in its settings), so it is not part of the cell's key.
+    ``method="vanilla"`` (no reroute, no tier) is the baseline of its task. ``tier`` is avg_T, the
+    mean visual tokens per decoder layer; the 192 / 128 / 64 tiers are those of the published tables
+    (SparseVLM, arXiv 2410.04417; PyramidDrop, arXiv 2410.17247; docs/budgets.md). ``layers``:
+    decision layers the tier is solved on (the method's defaults when ``None``); one choice per grid
+    (recorded in its settings), so it is not part of the cell's key.
     """
 
     task: str
