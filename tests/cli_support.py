@@ -21,6 +21,10 @@ from vlm_reroute.testing.checkpoints import save_tiny_checkpoint
 
 runner = CliRunner()
 
+#: how long a test waits for a child Python process: a guard against a hang, never a speed bound (a
+#: loaded 2-core machine imports torch, transformers and lmms-eval once per process)
+SUBPROCESS_TIMEOUT_S = 1200
+
 
 def invoke(*args: str, **kwargs):
     return runner.invoke(app, [str(a) for a in args], **kwargs)

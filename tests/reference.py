@@ -99,13 +99,19 @@ def routed_reference(
     extra_ids: torch.Tensor | None = None,
     score_from: str = "current",
     cache=None,
+    scores_of=None,
+    select_of=None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits ``(N, V)`` and the scores of each decision, given the decisions
     (``selected``: indices into the visual tokens, one tensor per decision).
 
     ``extra_ids``: tokens appended after the prompt (generated ones); they are text, so they go
     through every layer and see each layer's stage tokens: this is what decoding must compute.
-    ``cache``: an empty cache the layers fill with the tokens they run on.
+    ``cache``: an empty cache the layers fill with the tokens they run on. ``scores_of``: another
+    rule with :func:`full_matrix_scores`' signature (SparseVLM's rater rows: ``sparsevlm_reference.py``).
+    ``select_of``: a set rule ``(model, layer_idx, hidden, position_ids, candidates, count) -> visual
+    indices`` (DART: ``dart_reference.py``) that chooses each decision here, at the decision layer, with
+    ``len(selected[i])`` tokens; the second value returned is then its choices, not scores.
     """
     decoder = _decoder(model)
     embeds, pos, extra = decoder_inputs(model, inputs)
@@ -124,14 +130,19 @@ def routed_reference(
 
     def score(layer_idx: int) -> torch.Tensor:
         key_set = present | visual if reroute else present
-        return full_matrix_scores(model, layer_idx, hidden, pos, key_set)[vis_pos]
+        return (scores_of or full_matrix_scores)(model, layer_idx, hidden, pos, key_set)[vis_pos]
 
     for j, layer in enumerate(decoder.layers):
         if j in stage_layers:
-            if score_from == "current":
+            chosen = selected[stage_layers.index(j)]
+            if select_of is not None:  # the reference's own set, from the states it carries
+                candidates = visual.clone() if reroute else present & visual
+                chosen = select_of(model, j, hidden, pos, candidates, len(chosen))
+                scores.append(chosen)
+            elif score_from == "current":
                 scores.append(score(j))
             present = ~visual.clone()
-            present[vis_pos[selected[stage_layers.index(j)]]] = True
+            present[vis_pos[chosen]] = True
         if score_from == "previous" and j + 1 in stage_layers:
             scores.append(score(j))
         idx = present.nonzero().flatten()

@@ -22,12 +22,13 @@ def twin_method(method: Any) -> Any:
     except ValueError:
         from .methods import FastV, method_from_spec
 
-        if not isinstance(method, FastV):
+        schedule = method.schedule() if isinstance(method, FastV) else None
+        if schedule is None:  # not FastV, or FastV with a budget not yet solved into a schedule
             raise
-        schedule = method.schedule()
         return method_from_spec(
-            "pdrop", layers=schedule.layers, keep=schedule.keep, score_from=method.score_from
-        )
+            "pdrop", layers=schedule.layers, keep=schedule.keep, score_from=method.score_from,
+            withdraw_at=method.withdraw_at,
+        )  # fmt: skip
 
 
 def prune_and_reroute(chosen: Any, compare: bool, model: Any, inputs: dict) -> list[tuple[str, Any]]:
@@ -50,7 +51,7 @@ def prune_and_reroute(chosen: Any, compare: bool, model: Any, inputs: dict) -> l
                 "tokens: give --layers with --keep fractions of each image's tokens (e.g. 0.5,0.25)"
             )
         schedule = chosen.resolve(ModelShape.from_config(model.config), counts[0])
-        chosen = type(chosen).from_schedule(schedule)
+        chosen = type(chosen).from_schedule(schedule, withdraw_at=schedule.withdraw_at)  # VTW stays
     twin = twin_method(chosen)
     label = twin.name if type(twin) is type(chosen) else type(chosen).label(twin.reroute)
     return [(chosen.name, chosen), (label, twin)]

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .budget.stage1 import CLIP, WINDOWED_VIT
+from .budget.stage1 import CLIP, MERGER_VIT, WINDOWED_VIT
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class Family:
     families tile or resize to their own fixed sizes. ``fixed_grid``: every image is the vision tower's
     ``(image_size / patch_size)²`` patch grid whatever its size, so the config alone gives the count.
     ``vision``: the kind of vision tower a vision-side stage reads (Nüwa's stage 1:
-    :data:`~vlm_reroute.budget.stage1.CLIP` or :data:`~vlm_reroute.budget.stage1.WINDOWED_VIT`), ``None``
+    :data:`~vlm_reroute.budget.stage1.CLIP`, :data:`~vlm_reroute.budget.stage1.WINDOWED_VIT` or
+    :data:`~vlm_reroute.budget.stage1.MERGER_VIT`), ``None``
     when no vision-side stage is defined for the family.
     """
 
@@ -81,6 +82,7 @@ FAMILIES: tuple[Family, ...] = (
         "Qwen2VLAdapter",
         "qwen2_vl",
         True,
+        vision=MERGER_VIT,
     ),
     Family(
         "qwen2_5_vl",
@@ -100,6 +102,7 @@ FAMILIES: tuple[Family, ...] = (
         "Qwen3VLAdapter",
         "qwen3_vl",
         True,
+        vision=MERGER_VIT,
     ),
     Family(
         "qwen3_vl_moe",
@@ -109,9 +112,17 @@ FAMILIES: tuple[Family, ...] = (
         "Qwen3VLAdapter",
         "qwen3_vl",
         True,
+        vision=MERGER_VIT,
     ),
     Family(
-        "qwen3_5", "Qwen3.5", "Qwen3_5ForConditionalGeneration", "qwen3_5", "Qwen3_5Adapter", "qwen3_vl", True
+        "qwen3_5",
+        "Qwen3.5",
+        "Qwen3_5ForConditionalGeneration",
+        "qwen3_5",
+        "Qwen3_5Adapter",
+        "qwen3_vl",
+        True,
+        vision=MERGER_VIT,
     ),
     Family(
         "internvl", "InternVL3", "InternVLForConditionalGeneration", "internvl", "InternVLAdapter", "internvl"

@@ -41,7 +41,11 @@ _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 class LoadError(ValueError):
-    """A problem a person can fix (bad path, no network, unsupported model): one clear line."""
+    """A problem a person can fix (bad path, no network, unsupported model): one clear line.
+
+    It exists so that the command line and the pipeline show what to do, not the libraries'
+    tracebacks; the message names the model or file and the way out.
+    """
 
 
 def _first_line(exc: BaseException) -> str:
@@ -144,7 +148,12 @@ def check_attention(attn: str, device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A local folder or a Hub id, and whether ``from_pretrained`` must stay offline."""
+    """A local folder or a Hub id, and whether ``from_pretrained`` must stay offline.
+
+    Decided once, quickly (:func:`resolve_source`), so that a Hub id without network fails within
+    seconds instead of inside ``from_pretrained``'s retries. ``local_files_only`` holds for a local
+    folder, under ``HF_HUB_OFFLINE``, and for an unreachable Hub with the model cached.
+    """
 
     name: str
     local: bool
@@ -320,7 +329,10 @@ Sample = tuple[Sequence[Image.Image], str]
 class PromptBuilder:
     """Turns (images, question) pairs into model inputs with the checkpoint's own chat format.
 
-    Batches are padded on the left (generation continues every prompt from its last token).
+    Batches are padded on the left (generation continues every prompt from its last token). It
+    exists so that the pipeline and every command build prompts one way: the processor when it can be
+    built, else the tokenizer and image processor by the adapters' expansion rule
+    (:mod:`vlm_reroute.prompting`).
     """
 
     processor: Any = None

@@ -21,7 +21,7 @@ import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -35,6 +35,8 @@ from .methods import MethodSpec, TokenReduction
 __all__ = ["Answer", "Pipeline", "pipeline"]
 
 Images = ImageLike | Sequence[ImageLike]
+#: the ``method=`` of a call that means "the pipeline's own method"
+Default = Literal["default"]
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Answer:
 
     ``trace`` covers the whole batch the prompt ran in (``None`` without a method); ``sample`` is
     this prompt's row in it. ``visual_tokens`` lists the visual tokens of each of its images.
+    :attr:`avg_visual_tokens` is avg_T, the budget measure of the published tables (docs/budgets.md).
     """
 
     text: str
@@ -73,7 +76,11 @@ class Answer:
 
 @dataclass
 class Pipeline:
-    """A loaded model, its prompt builder and an optional method; call it with images and a question."""
+    """A loaded model, its prompt builder and an optional method; call it with images and a question.
+
+    It exists so that one call loads, prompts, routes and answers (the kvpress habit), with the
+    same prompt builder and budget solving as the command line.
+    """
 
     model: Any
     builder: PromptBuilder
@@ -84,7 +91,7 @@ class Pipeline:
         self,
         images: Images,
         question: str,
-        method: TokenReduction | None | str = "default",
+        method: TokenReduction | None | Default = "default",
         **generate_kwargs: Any,
     ) -> Answer:
         """Answer ``question`` about one image or several (paths, URLs or PIL images); ``method=None``
@@ -99,14 +106,17 @@ class Pipeline:
     def batch(
         self,
         samples: Sequence[tuple[Images, str]],
-        method: TokenReduction | None | str = "default",
+        method: TokenReduction | None | Default = "default",
         **generate_kwargs: Any,
     ) -> list[Answer]:
         """Answer several prompts in one batch; ``method=None`` runs the model untouched."""
         return self.generate(self.inputs(samples), method, **generate_kwargs)
 
     def generate(
-        self, inputs: dict[str, Any], method: TokenReduction | None | str = "default", **generate_kwargs: Any
+        self,
+        inputs: dict[str, Any],
+        method: TokenReduction | None | Default = "default",
+        **generate_kwargs: Any,
     ) -> list[Answer]:
         """Greedy answers for prepared ``inputs`` (see :meth:`inputs`) under ``method``."""
         chosen = self.method if isinstance(method, str) and method == "default" else method

@@ -64,8 +64,8 @@ def test_default_layers_valid_for_any_depth(num_layers):
 def test_default_layers_too_shallow_and_bad_method():
     with pytest.raises(ValueError, match="too shallow"):
         default_layers("pdrop", 4)
-    with pytest.raises(ValueError, match="unknown method 'sparsevlm'"):
-        default_layers("sparsevlm", 32)
+    with pytest.raises(ValueError, match="unknown method 'nosuchmethod'"):
+        default_layers("nosuchmethod", 32)
     assert parse_method("PDrop-Reroute") == ("pdrop", True)
 
 

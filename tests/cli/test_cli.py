@@ -20,7 +20,17 @@ from vlm_reroute.budget import compute_budget, load_shape
 from vlm_reroute.budget.solver import UnreachableTargetWarning
 from vlm_reroute.cli.app import our_warnings
 
-METHODS = ["vanilla", "FastV", "FastV + Reroute", "PDrop", "PDrop + Reroute", "Nüwa", "Nüwa + Reroute"]
+METHODS = [
+    "vanilla",
+    "FastV",
+    "FastV + Reroute",
+    "PDrop",
+    "PDrop + Reroute",
+    "SparseVLM",
+    "SparseVLM + Reroute",
+    "Nüwa",
+    "Nüwa + Reroute",
+]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from statistics import median, quantiles
 import pytest
 import torch
 from cli_support import assert_one_line_error, invoke, png_header, saved_checkpoints, saved_images, serve
-from net_support import clear_proxies
+from net_support import clear_proxies, refusing_port
 
 from vlm_reroute.budget.solver import solve_for_target
 
@@ -229,7 +229,6 @@ def test_a_hub_id_without_network_fails_fast_and_names_the_ways_out(images, monk
     from vlm_reroute import loading
 
     clear_proxies(monkeypatch)  # the endpoint is on loopback: a proxy must not answer for it
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
     checks = []
     reachable = loading.hub_reachable
@@ -239,13 +238,15 @@ def test_a_hub_id_without_network_fails_fast_and_names_the_ways_out(images, monk
     monkeypatch.setattr(
         vlm_reroute.pipelines, "load_model", lambda *a, **k: pytest.fail("model load attempted")
     )
-    result = invoke("run", "--model", "someone/some-vlm", "--image", images["big"], "--prompt", "Hi")
+    with refusing_port() as port:  # the endpoint: a loopback port nothing can listen on
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        result = invoke("run", "--model", "someone/some-vlm", "--image", images["big"], "--prompt", "Hi")
     assert checks == [False]
     assert_one_line_error(
         result,
         "'someone/some-vlm'",
         "cannot be reached",
-        "127.0.0.1:9",
+        f"127.0.0.1:{port}",
         "HF_HUB_OFFLINE=1",
         "local model folder",
     )

@@ -103,9 +103,9 @@ def inject_reroute_as_prune(monkeypatch) -> None:
 def inject_repacked_positions(monkeypatch) -> None:
     """Re-packed positions: every stage's layers get the rotary embedding of contiguous positions
     (those of the first L tokens) instead of the kept tokens' original positions."""
-    from vlm_reroute.engine.executor import RoutingExecutor
+    from vlm_reroute.engine.decide import Decider
 
-    decide = RoutingExecutor._decide
+    decide = Decider.decide
 
     def repacked(self, st, i, layer, hidden):
         out = decide(self, st, i, layer, hidden)
@@ -114,7 +114,7 @@ def inject_repacked_positions(monkeypatch) -> None:
         st.stage_kwargs["position_embeddings"] = (cos[:, :length], sin[:, :length])
         return out
 
-    monkeypatch.setattr(RoutingExecutor, "_decide", repacked)
+    monkeypatch.setattr(Decider, "decide", repacked)
 
 
 def inject_padding_blind_scorer(monkeypatch) -> None:

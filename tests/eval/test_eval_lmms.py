@@ -14,6 +14,7 @@ import pytest
 
 pytest.importorskip("lmms_eval", reason="needs the eval extra: pip install -e '.[eval]'")
 
+from cli_support import SUBPROCESS_TIMEOUT_S  # noqa: E402
 from eval_helpers import MAX_NEW_TOKENS, direct_answers, rec_docs, shared_workspace  # noqa: E402
 
 from vlm_reroute.budget import ModelShape, compute_budget  # noqa: E402
@@ -139,44 +140,26 @@ def test_vanilla_through_the_plugin_equals_plain_generate_on_pope(ws):
     assert out["results"]["tiny_pope"]["pope_accuracy,none"] == pytest.approx(accuracy / len(docs))
 
 
-# generous: a loaded 2-core machine imports torch, transformers and lmms-eval once per process
-CLI_TIMEOUT_S = 1200
-
-
-def _cli(ws, tmp_path, launcher: list[str], model_args: str, task: str) -> tuple[dict, list[dict], str]:
+def _launch(ws, out, launcher: list[str], model_args: str, task: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [
-            *launcher,
-            "lmms_eval",
-            "--model",
-            "vlm_reroute",
-            "--model_args",
-            f"pretrained={model_args}",
-            "--tasks",
-            task,
-            "--include_path",
-            str(ws["tasks"]),
-            "--device",
-            "cpu",
-            "--batch_size",
-            "2",
-            "--output_path",
-            str(tmp_path),
-            "--log_samples",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=CLI_TIMEOUT_S,
-    )
+    command = [*launcher, "lmms_eval", "--model", "vlm_reroute", "--model_args", f"pretrained={model_args}",
+               "--tasks", task, "--include_path", str(ws["tasks"]), "--device", "cpu", "--batch_size", "2",
+               "--output_path", str(out), "--log_samples"]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT_S)
+
+
+def _outputs(run: subprocess.CompletedProcess, out, task: str) -> tuple[dict, list[dict], str]:
     # lmms-eval exits 0 even when the model crashes: the files are the evidence
     assert run.returncode == 0, run.stderr[-3000:]
-    results = list(tmp_path.rglob("*_results.json"))
-    samples = list(tmp_path.rglob(f"*_samples_{task}.jsonl"))
+    results = list(out.rglob("*_results.json"))
+    samples = list(out.rglob(f"*_samples_{task}.jsonl"))
     assert len(results) == 1 and len(samples) == 1, (run.stdout[-2000:], run.stderr[-3000:])
     lines = [json.loads(line) for line in samples[0].read_text().splitlines() if line.strip()]
     return json.loads(results[0].read_text()), lines, run.stdout + run.stderr
+
+
+def _cli(ws, tmp_path, launcher: list[str], model_args: str, task: str) -> tuple[dict, list[dict], str]:
+    return _outputs(_launch(ws, tmp_path, launcher, model_args, task), tmp_path, task)
 
 
 def test_python_m_lmms_eval_cli(ws, tmp_path):
@@ -217,13 +200,14 @@ def test_accelerate_two_processes_shard_and_merge(ws, tmp_path):
         launcher += ["--main_process_port", port, "-m"]
         out = tmp_path / f"attempt{attempt}"
         out.mkdir()
-        try:
-            results, samples, log = _cli(ws, out, launcher, args, "tiny_pope")
-            break
-        except AssertionError as failed:  # another process took the released port first: pick again
-            taken = any(sign in str(failed) for sign in ("EADDRINUSE", "address already in use"))
-            if attempt == 2 or not taken:
-                raise
+        run = _launch(ws, out, launcher, args, "tiny_pope")
+        # the port was released before the launch: if another process took it, the launcher fails
+        # (read in the whole log, where the rendezvous error precedes both ranks' tracebacks): pick again
+        taken = any(sign in run.stdout + run.stderr for sign in ("EADDRINUSE", "address already in use"))
+        if run.returncode != 0 and taken and attempt < 2:
+            continue
+        results, samples, _ = _outputs(run, out, "tiny_pope")
+        break
     assert sorted(s["doc_id"] for s in samples) == [0, 1, 2, 3]
     assert {s["token_counts"][0]["vlm_reroute"]["rank"] for s in samples} == {0, 1}
     accuracy = sum(float(s["pope_accuracy"]["score"]) for s in samples) / 4

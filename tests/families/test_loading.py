@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 import transformers
-from cli_support import png_header, saved_checkpoints, saved_images, serve
+from cli_support import SUBPROCESS_TIMEOUT_S, png_header, saved_checkpoints, saved_images, serve
 from net_support import clear_proxies
 from PIL import Image
 
@@ -146,7 +146,7 @@ def test_prompts_batch_left_padded_with_one_placeholder_per_image(tmp_path_facto
 def test_saving_a_tiny_checkpoint_prints_nothing(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "vlm_reroute.testing", "qwen2_vl", str(tmp_path / "q")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
     )  # fmt: skip
     assert done.returncode == 0 and done.stderr == "" and done.stdout.strip() == str(tmp_path / "q")
     assert (tmp_path / "q" / "model.safetensors").is_file() and (tmp_path / "q" / "tokenizer.json").is_file()

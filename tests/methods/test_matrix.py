@@ -17,7 +17,9 @@ from functools import cache
 import pytest
 import torch
 from conftest import MATRIX_TOKENS, small_inputs, small_model_for, split_sample
+from dart_reference import dart_select_of
 from reference import routed_reference
+from sparsevlm_reference import sparsevlm_scores_of
 
 from vlm_reroute import kv_lengths
 from vlm_reroute.adapters import ADAPTERS, adapter_for
@@ -25,6 +27,8 @@ from vlm_reroute.budget.schedule import Schedule
 from vlm_reroute.budget.solver import solve_schedule
 from vlm_reroute.methods import method_class, method_names
 from vlm_reroute.scoring.attention import LastTokenAttention
+from vlm_reroute.scoring.dart import DartSelector
+from vlm_reroute.scoring.query_rows import QueryRowAttention
 from vlm_reroute.testing.models import IMAGE_TOKEN
 
 # one line per family: name for vlm_reroute.testing's tiny builders -> model class it builds
@@ -42,11 +46,17 @@ FAMILIES = {
     "qwen3_5": "Qwen3_5ForConditionalGeneration",
 }
 # one line per method (registry key)
-METHODS = ["fastv", "pdrop", "random", "nuwa"]
+METHODS = ["fastv", "pdrop", "random", "nuwa", "sparsevlm"]
+METHODS.append("dart")  # DART, arXiv 2502.11494 (a set selector)
+METHODS += ["divprune", "visionzip"]  # stage-1 methods (arXiv 2503.02175, 2412.04467)
 # methods defined for some families only (the other cases are skipped with this reason)
 SUPPORTED = {"nuwa": ("llava", "qwen2_5_vl")}
+SUPPORTED["nuwa"] += ("qwen2_vl", "qwen3_vl", "qwen3_vl_moe")  # merger ViTs (Qwen3.5: test_nuwa_engine.py)
+SUPPORTED["visionzip"] = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5")  # taps
 # methods whose exactness the generic full-matrix reference cannot express (checked elsewhere)
-OWN_REFERENCE = {"nuwa": "stage 1 rewrites image features; tests/methods/test_nuwa_engine.py has Nüwa's reference"}
+OWN_REFERENCE = {"nuwa": "stage 1 rewrites features; tests/methods/test_nuwa_engine.py has its reference"}
+OWN_REFERENCE["divprune"] = "a decision at layer 0; tests/methods/test_divprune.py has its reference"
+OWN_REFERENCE["visionzip"] = "stage 1 rewrites features; tests/methods/test_visionzip.py has its reference"
 MODES = {"prune": False, "reroute": True}
 DEPTH, TOKENS = 8, MATRIX_TOKENS  # 8 decoder layers, 64 visual tokens per image (about 64: conftest)
 # the decision layers each case must run at DEPTH 8 (written out, not asked of the method): the
@@ -58,17 +68,26 @@ DECISION_LAYERS = {
     "pdrop": {"prune": (1, 2, 4, 6), "reroute": (1, 2, 4, 6)},
     "random": {"prune": (1, 2, 4, 6), "reroute": (1, 2, 4, 6)},
     "nuwa": {"prune": (0, 4), "reroute": (0, 4, 5, 6, 7)},
+    "sparsevlm": {"prune": (1, 2, 4), "reroute": (1, 2, 4)},  # [3, 7, 16] at 32 layers
+    "dart": {"prune": (1,), "reroute": (1, 2, 4, 6)},  # [2] and [2, 7, 15, 23] at 32 layers
+    "divprune": {"prune": (0, 4), "reroute": (0, 4, 5, 6, 7)},  # stage 1 at 0, then as Nüwa's stage 2
+    "visionzip": {"prune": (0, 4), "reroute": (0, 4, 5, 6, 7)},
 }
+# methods scored by the layer before each decision (score_from="previous": SparseVLM's mapping)
+SCORED_BEFORE = {"sparsevlm"}
 
 
 def expected_layers(model, method: str, mode: str) -> list[int]:
     """``DECISION_LAYERS``; on a hybrid model (linear-attention layers, from its config's
-    ``layer_types``) a decision moves to the next full-attention layer (layer 0, an entry, stays)."""
+    ``layer_types``) a decision moves to the next full-attention layer (layer 0, an entry, stays),
+    or for a method of ``SCORED_BEFORE`` to the next layer after a full-attention one."""
     layers = DECISION_LAYERS[method][mode]
     types = getattr(model.config.get_text_config(), "layer_types", None)
     if not types or "linear_attention" not in types:
         return list(layers)
     full = [i for i, t in enumerate(types) if t == "full_attention"]
+    if method in SCORED_BEFORE:
+        full = [i + 1 for i in full if i + 1 < len(types)]
     return sorted({layer if layer == 0 else min(i for i in full if i >= layer) for layer in layers})
 
 
@@ -94,12 +113,15 @@ def build(method: str, mode: str, keep_all: bool = False, tokens: int = TOKENS, 
     cls, reroute = method_class(method, MODES[mode])
     layers = default = cls.default_layers(DEPTH, reroute)
     if model is not None:
-        allowed = adapter_for(model).allowed_decision_layers()
+        allowed = adapter_for(model).allowed_decision_layers(getattr(cls, "score_from", "current"))
         layers = tuple(sorted({min(a for a in allowed if a >= layer) for layer in layers}))
     if keep_all:
         return cls.from_schedule(Schedule(layers, (1.0,) * len(layers), reroute))
     explicit = layers if layers != default else None
-    return solve_schedule(DEPTH, tokens, method, reroute, avg_t=tokens / 4, layers=explicit).to_method()
+    # a first decision the family moved later (SparseVLM, scored before layer 2 on Qwen3.5) carries
+    # every token through more layers: a quarter is below its floor, so aim at a count it reaches
+    avg_t = tokens / 4 if layers[0] <= default[0] or cls.stage_zero else tokens * (layers[0] + 1) / DEPTH
+    return solve_schedule(DEPTH, tokens, method, reroute, avg_t=avg_t, layers=explicit).to_method()
 
 
 def tokens_per_image(inputs: dict) -> int:
@@ -185,11 +207,28 @@ def test_matches_the_full_matrix_reference(family, method, mode):
     layers = [d.layer for d in trace.decisions]
     assert layers == expected_layers(model, method, mode)
     scorer = chosen.make_scorer()
+    scores_of = None
+    if isinstance(scorer, QueryRowAttention):  # SparseVLM: rater rows written from methods.md
+        scores_of, _ = sparsevlm_scores_of(model, inputs, scorer.gravity, scorer.priority_heads)
+    select_of = (
+        dart_select_of(inputs, scorer.image_pivots, scorer.text_pivots)
+        if isinstance(scorer, DartSelector)
+        else None
+    )
     ref_logits, ref_scores = routed_reference(
-        model, inputs, layers, selected, MODES[mode], score_from=scorer.score_from
+        model,
+        inputs,
+        layers,
+        selected,
+        MODES[mode],
+        score_from=scorer.score_from,
+        scores_of=scores_of,
+        select_of=select_of,
     )
     torch.testing.assert_close(logits, ref_logits[-1], rtol=1e-5, atol=1e-5)
-    if isinstance(scorer, LastTokenAttention):
+    if select_of is not None:  # a set rule: the reference chose its own sets (dart_reference.py)
+        assert [d.selected[0].tolist() for d in trace.decisions] == [r.tolist() for r in ref_scores]
+    if isinstance(scorer, LastTokenAttention | QueryRowAttention):
         for decision, scores in zip(trace.decisions, ref_scores, strict=True):
             torch.testing.assert_close(decision.scores[0], scores, rtol=1e-4, atol=1e-7)
 

@@ -13,9 +13,10 @@ from functools import cache
 import pytest
 import torch
 from conftest import merge_samples, model_for, small_inputs, small_model_for, split_sample
-from nuwa_reference import nuwa_reference, stage1
+from nuwa_reference import nuwa_reference, separation_and_alignment, stage1
 
-from vlm_reroute import Nuwa, kv_bytes, kv_lengths
+from vlm_reroute import FastV, Nuwa, kv_bytes, kv_lengths
+from vlm_reroute.methods import MethodSpec, PDrop
 from vlm_reroute.testing.models import IMAGE_TOKEN, PAD_TOKEN, VISION_END, VISION_START, VOCAB, tiny_model
 
 FAMILIES = ["llava", "qwen2_5_vl"]
@@ -123,12 +124,28 @@ def test_official_differs_where_the_release_differs():
     8×8 grid (four windows) and the scoring rows without a causal mask."""
     llava = small_model_for("llava")
     inputs = small_inputs(llava, (20,), seed=3)
-    _, fixed, out_fixed = stage1(llava, inputs, [24], 2)
-    _, official, out_official = stage1(llava, inputs, [24], 2, official=True)
-    low = out_fixed[0].aggregated
-    assert bool(low.any()) and torch.equal(low, out_official[0].aggregated)
-    assert torch.equal(out_fixed[0].features[~low], out_official[0].features[~low])
-    assert not torch.allclose(out_fixed[0].features[low], out_official[0].features[low])
+    visual = inputs["input_ids"][0] == IMAGE_TOKEN
+    rows, anchors = {}, {}
+    for flag in (False, True):  # the library's rows entering the language model, each flag
+        seen: dict = {}
+
+        def grab(_m, _a, kwargs, seen=seen):
+            seen.update(embeds=kwargs["inputs_embeds"])
+
+        hook = llava.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+        with Nuwa(k1=24, k2=6, official=flag)(llava) as trace:
+            llava(**inputs)
+        hook.remove()
+        rows[flag], anchors[flag] = seen["embeds"][0, visual], trace.stage1[0][0]
+        # each flag against the independent reference of that flag (convex fix / the release's weights)
+        ref_anchors, ref_rows, _ = stage1(llava, inputs, [24], anchors[flag].n_per_cell, official=flag)
+        assert torch.equal(anchors[flag].anchors, ref_anchors[0])
+        torch.testing.assert_close(rows[flag], ref_rows[0], rtol=1e-5, atol=1e-5)
+    low = anchors[False].aggregated
+    assert bool(low.any()) and torch.equal(low, anchors[True].aggregated)
+    at = anchors[False].anchors
+    assert torch.equal(rows[False][at[~low]], rows[True][at[~low]])  # kept anchors: identical
+    assert not torch.allclose(rows[False][at[low]], rows[True][at[low]])  # aggregated ones: not
     qwen = small_model_for("qwen2_5_vl")
     inputs = small_inputs(qwen, (20,), seed=3)
     scores = {}
@@ -362,8 +379,8 @@ def test_errors_for_settings_that_do_not_fit():
         apply(Nuwa(budget=64), qwen)
     with pytest.raises(ValueError, match=r"ratio=0.5\) is the Qwen2.5-VL release's setting"):
         apply(Nuwa(ratio=0.5), llava)
-    with pytest.raises(TypeError, match="Qwen2VLForConditionalGeneration needs its own stage-1 signals"):
-        apply(Nuwa(k1=16, k2=4), small_model_for("qwen2_vl"))
+    with pytest.raises(TypeError, match="LlavaNextForConditionalGeneration needs its own stage-1 signals"):
+        apply(Nuwa(k1=16, k2=4), small_model_for("llava_next"))
     inputs = small_inputs(qwen, (20,))
     with pytest.raises(ValueError, match=r"K₁ = 100 anchors per image, but an image of 8×8 = 64 tokens"):
         apply(Nuwa(k1=100, k2=4), qwen, inputs)  # Qwen grids vary: refused when the image arrives
@@ -380,7 +397,8 @@ def test_errors_for_settings_that_do_not_fit():
         ({"budget": 100}, r"budgets are 64, 128 and 192"),
         ({"ratio": 0.3}, r"ratios are 0.25, 0.5 and 0.75"),
         ({"budget": 64, "k1": 3, "k2": 1}, r"give one of budget=, ratio=, k1= with k2=, target=; got budget"),
-        ({"k1": 16}, r"k1=16, k2=None\): give both"),
+        ({"k2": 4}, r"k2=4\): give k1 too"),
+        ({"k1": 8, "k2": 4, "then": FastV(keep=2)}, r"the in-decoder method decides k2"),
         ({"k1": 4, "k2": 8}, r"stage 2 keeps at most the anchors"),
         ({"k1": 8, "k2": 4, "layers": [4, 6]}, r"Nüwa prunes once in stage 2"),
         ({"k1": 8, "k2": 4, "stage2_layer": 3, "layers": [4, 6], "reroute": True}, r"first stage-2 decision"),
@@ -392,3 +410,101 @@ def test_errors_for_settings_that_do_not_fit():
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Nuwa(**kwargs)
+
+
+# ---- one composition rule for stage-1 methods (methods/stage1.py) ------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stage1_composes_with_an_in_decoder_method(family):
+    """``Nuwa(k1=...) + PDrop(...)``: Nüwa's anchors enter unchanged, PDrop's schedule replaces stage 2
+    (its counts taken of the anchors), and the logits equal the reference driven with those decisions."""
+    model = small_model_for(family)
+    inputs = small_inputs(model, (20,), seed=3)
+    with Nuwa(k1=24, k2=6)(model) as alone:
+        model(**inputs)
+    composed = Nuwa(k1=24) + PDrop(layers=[2, 5], keep=[0.5, 0.25], reroute=True)
+    with composed(model) as trace:
+        logits = model(**inputs).logits[0]
+    assert composed.name == "Nüwa + PDrop + Reroute" and composed.reroute
+    record = trace.stage1[0][0]
+    assert torch.equal(record.anchors, alone.stage1[0][0].anchors)
+    assert [d.layer for d in trace.decisions] == [0, 2, 5]
+    assert [d.kept for d in trace.decisions] == [[24], [12], [6]]
+    anchors, features, _ = stage1(model, inputs, [24], record.n_per_cell)
+    selected = [d.selected[0] for d in trace.decisions[1:]]
+    ref, _ = nuwa_reference(model, inputs, features, anchors, [2, 5], selected, True)
+    torch.testing.assert_close(logits[-1], ref[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_nuwa_spec_strings_compose():
+    spec = MethodSpec.parse("nuwa+fastv", tier=10, k1=24)
+    method = spec.build()
+    assert spec.name == "Nüwa + FastV" and isinstance(method.then, FastV) and method.k1 == 24
+    assert Nuwa(k1=24).replace(then=FastV(keep=4)).make_scorer() == FastV(keep=4).make_scorer()
+    with pytest.raises(TypeError, match=r"the stage-1 method comes first"):
+        FastV() + Nuwa()
+
+
+# ---- the merger-ViT families (Qwen2-VL, Qwen3-VL, Qwen3.5): the Qwen2.5-VL release without windows ----
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_5"])
+def test_merger_towers_run_the_qwen_release(family):
+    """The anchors are the reference's rule on salience read from the untouched tower: the attention
+    each patch receives in the last block (eager weights), averaged over merge units, raster order."""
+    model = small_model_for(family)
+    inputs = small_inputs(model, (20,), seed=3)
+    layers = {"qwen3_5": {"stage2_layer": 4}}.get(family, {})  # Qwen3.5 scores at full-attention layers
+    method = Nuwa(k1=24, k2=6, **layers)
+    with method(model) as trace:
+        model(**inputs)
+    record = trace.stage1[0][0]
+    assert record.anchors.numel() <= 24 and [d.kept for d in trace.decisions] == [
+        [record.anchors.numel()],
+        [6],
+    ]
+    assert torch.equal(trace.decisions[0].selected[0], record.anchors)
+    salience = eager_received(model, inputs).view(record.grid)
+    torch.testing.assert_close(trace.decisions[0].scores[0], salience.flatten(), rtol=1e-4, atol=1e-6)
+    assert torch.equal(record.anchors, separation_and_alignment(salience, record.n_per_cell, 24))
+
+
+def eager_received(model, inputs) -> torch.Tensor:
+    """Attention each merged token receives in the last block of an eager copy of a window-free Qwen
+    tower: the weights its module's eager attention returns, summed over queries, mean over heads,
+    mean over each merge unit (``nuwa.md`` §3.1 steps 1-3; no window order to undo)."""
+    import copy
+    import sys
+
+    visual = copy.deepcopy(model.model.visual)
+    for sub in visual.modules():
+        if getattr(sub, "config", None) is not None:
+            sub.config._attn_implementation = "eager"
+    modeling = sys.modules[type(visual).__module__]
+    original, received = modeling.eager_attention_forward, []
+
+    def recording(module, *args, **kwargs):
+        out, probs = original(module, *args, **kwargs)
+        if module is visual.blocks[-1].attn:
+            received.append(probs[0].float().sum(dim=1).mean(dim=0))
+        return out, probs
+
+    modeling.eager_attention_forward = recording
+    try:
+        with torch.no_grad():
+            visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    finally:
+        modeling.eager_attention_forward = original
+    return torch.cat(received).view(-1, visual.spatial_merge_size**2).mean(dim=1)
+
+
+def test_qwen3_5_refuses_a_stage2_layer_it_cannot_score_in_one_line():
+    """Nüwa's Qwen stage 2 scores with the layer before (the release's): on the hybrid Qwen3.5 that
+    layer must be a full-attention one; the default reroute spread (4, 5, 6, 7) is refused too."""
+    model = small_model_for("qwen3_5")
+    for method in (Nuwa(k1=24, k2=6, stage2_layer=5), Nuwa(k1=24, k2=6, reroute=True)):
+        allowed = r"allowed decision layers are \[2, 4, 6\]"
+        with pytest.raises(ValueError, match=allowed) as info, method(model):
+            pass
+        assert "\n" not in str(info.value)

@@ -282,8 +282,8 @@ def test_qwen_signals_errors():
         qwen_signals(fast, pixels, thw, similarity_blocks=[2])
     with pytest.raises(ValueError, match=r"grid_thw=\[\[2, 8, 8\]\]"):
         qwen_signals(fast, torch.cat([pixels, pixels]), torch.tensor([[2, 8, 8]]))
-    with pytest.raises(TypeError, match="Qwen2VLForConditionalGeneration"):
-        qwen_signals(tiny_model("qwen2_vl"), pixels, thw)
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration: Nüwa's Qwen stage 1 is defined for"):
+        qwen_signals(model("llava", "sdpa"), pixels, thw)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])

@@ -47,6 +47,12 @@ class ModelAdapter(ABC):
         return self.decoder.config
 
     @property
+    def final_norm(self) -> nn.Module:
+        """The decoder's final norm (before the LM head): DART (arXiv 2502.11494) compares tokens
+        through it."""
+        return self.decoder.norm
+
+    @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
 
@@ -73,6 +79,11 @@ class ModelAdapter(ABC):
     def image_layouts(self, image_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[ImageLayout]]:
         """Per sample, per image: span, grid and offsets (see :class:`ImageLayout`)."""
         return single_view_layouts(image_ids, self.image_grids(image_ids, model_kwargs))
+
+    def vision_tap(self) -> Any:
+        """The tower's stage-1 signals as a :class:`~.vision.VisionTap` (salience and keys per token,
+        rows written back), or None when the family provides none (``adapters/vision.py``)."""
+        return None
 
     def fixed_grid(self) -> tuple[int, int] | None:
         """The grid every image has whatever its size (LLaVA-1.5's patch grid), or None when the grid

@@ -67,3 +67,18 @@ class LlavaAdapter(ModelAdapter):
     def fixed_grid(self) -> tuple[int, int]:
         """Every image is the tower's ``side × side`` patch grid, whatever its size."""
         return self.grid_side, self.grid_side
+
+    def vision_tap(self):
+        """The [CLS] row and keys of the feature-layer block; rows from the projector (``vision.py``)."""
+        from .vision import ClipTap
+
+        cfg = self.model.config
+        if cfg.vision_feature_select_strategy != "default" or not isinstance(cfg.vision_feature_layer, int):
+            raise ValueError(
+                f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}, "
+                f"vision_feature_layer={cfg.vision_feature_layer!r}: a stage-1 salience needs the [CLS] "
+                "token and one feature layer (LLaVA-1.5's 'default' strategy and an int layer)"
+            )
+        tower = self.model.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        return ClipTap(layers, cfg.vision_feature_layer, self.model.model.multi_modal_projector)

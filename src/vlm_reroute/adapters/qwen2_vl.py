@@ -30,6 +30,13 @@ class Qwen2VLAdapter(ModelAdapter):
         merge = image_processor.merge_size
         return vision, [placeholder * (int(g.prod()) // merge**2) for g in vision["image_grid_thw"]]
 
+    def vision_tap(self):
+        """Attention received in ViT block −2 and its keys, per merged token; rows from the merger
+        (``vision.py``; Qwen3-VL and Qwen3.5 inherit it: same blocks, same merger)."""
+        from .vision import MergerTap
+
+        return MergerTap(self.model.model.visual)
+
     def image_ids(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> torch.Tensor:
         visual = self.visual_mask(input_ids)
         previous = torch.nn.functional.pad(visual[:, :-1], (1, 0), value=False)

@@ -31,8 +31,9 @@ __all__ = ["LayerTimer", "SpanTimer", "layer_times"]
 class SpanTimer:
     """Times the decoder-layer span (first layer entered → last layer left) of each forward.
 
-    ``outside = total prefill − span`` is the vanilla work a router cannot remove. Two hooks,
-    a few microseconds per forward; installed only around vanilla runs.
+    ``outside = total prefill − span`` is the vanilla work a router cannot remove; it exists so
+    that the ideal prefill (module docstring) is measured rather than modelled. Two hooks, a few
+    microseconds per forward; installed only around vanilla runs.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -69,10 +70,11 @@ class SpanTimer:
 class LayerTimer:
     """Runs decoder layers alone on ``n`` tokens, with the inputs the model itself would build.
 
-    The layer inputs (hidden states, RoPE, position ids) are captured from one real vanilla
-    prefill (:meth:`capture`) and cut to each length, so every family (1-D RoPE, MRoPE, GQA) is
-    served by its own code. The mask is rebuilt for each length by ``create_causal_mask`` with
-    the model's config, as the decoder does. Each pass uses a fresh ``DynamicCache``.
+    It exists to time what a zero-overhead router would cost per layer. The layer inputs (hidden
+    states, RoPE, position ids) are captured from one real vanilla prefill (:meth:`capture`) and
+    cut to each length, so every family (1-D RoPE, MRoPE, GQA) is served by its own code. The mask
+    is rebuilt for each length by ``create_causal_mask`` with the model's config, as the decoder
+    does. Each pass uses a fresh ``DynamicCache``.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -105,9 +107,12 @@ class LayerTimer:
 
     @property
     def max_tokens(self) -> int:
+        return self._captured().shape[1]
+
+    def _captured(self) -> torch.Tensor:
         if self.hidden is None:
             raise RuntimeError("LayerTimer: call capture(model, inputs) first")
-        return self.hidden.shape[1]
+        return self.hidden
 
     def inputs_for(self, n: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """Hidden states ``(B, n, D)`` and layer kwargs (without the cache) for ``n`` tokens."""
@@ -115,7 +120,7 @@ class LayerTimer:
             raise ValueError(f"n={n}: layer inputs exist for 1..{self.max_tokens} tokens")
         if n in self._prepared:
             return self._prepared[n]
-        hidden = self.hidden[:, -n:].contiguous()
+        hidden = self._captured()[:, -n:].contiguous()
         kwargs = {}
         for key, value in self.kwargs.items():
             if key == "position_embeddings":

@@ -33,7 +33,18 @@ def sync(device: torch.device) -> None:
 
 @dataclass
 class MemoryStats:
-    """Process memory around one prefill: RSS before, its high-water mark during, CUDA peak."""
+    """Process memory around one prefill: RSS before, its high-water mark during, CUDA peak.
+
+    Attributes
+    ----------
+    rss_before_bytes : int
+        Resident set size before the prefill.
+    peak_rss_bytes : int
+        The kernel's RSS high-water mark (``VmHWM``) during it, restarted just before (where the
+        mark cannot be reset: ``ru_maxrss``, the process's lifetime peak).
+    cuda_peak_bytes : int or None
+        ``torch.cuda.max_memory_allocated`` on CUDA, else ``None``.
+    """
 
     rss_before_bytes: int
     peak_rss_bytes: int
@@ -91,8 +102,10 @@ def environment() -> dict[str, Any]:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = re.search(r"^model name\s*:\s*(.+)$", fh.read(), re.MULTILINE).group(1)
-    except (OSError, AttributeError):
+            found = re.search(r"^model name\s*:\s*(.+)$", fh.read(), re.MULTILINE)
+        if found is not None:
+            cpu = found.group(1)
+    except OSError:
         pass
     return {
         "python": sys.version.split()[0],

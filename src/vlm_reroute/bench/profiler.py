@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from ..adapters import adapter_for
 from ..budget import compute_budget
@@ -170,7 +171,7 @@ def _model_facts(model: nn.Module, shape: ModelShape) -> dict[str, Any]:
 
 
 def profile(
-    model: nn.Module,
+    model: PreTrainedModel,
     inputs: Mapping[str, Any],
     methods: Mapping[str, TokenReduction],
     repeats: int = 5,

@@ -23,7 +23,7 @@ VANILLA = "vanilla"
 
 @dataclass
 class ProfileRow:
-    """One configuration. Times in seconds, memory in bytes; ratios are to vanilla's row.
+    """One configuration of a profile. Times in seconds, memory in bytes; ratios are to vanilla's row.
 
     Every time is the median of its runs (``prefill_runs_s``, ``decode_runs_s_per_token``,
     ``ideal_runs_s``) with the quartiles beside it (``*_iqr*``: ``[q1, q3]``). Every ratio is a
@@ -38,6 +38,12 @@ class ProfileRow:
     them over layers × batch and ``kv_bytes`` is what the cache tensors hold. ``*_theory`` come from
     :func:`~vlm_reroute.budget.compute_budget` for sample 0 × batch (``None`` for padded batches or
     images of different sizes). ``visual_tokens_per_layer`` and ``reentered`` are sample 0's.
+
+    References
+    ----------
+    FLOPs are counted as multiply-accumulates of the decoder layers, as in FastV (arXiv 2403.06764,
+    Eq. 5) and PyramidDrop (arXiv 2410.17247); ``flops_ratio_pdrop`` is PyramidDrop's own formula
+    (docs/budgets.md).
     """
 
     name: str
@@ -84,7 +90,11 @@ class ProfileRow:
 
 @dataclass
 class ProfileReport:
-    """Rows (``vanilla`` first) plus what was run where, so a JSON file stands on its own."""
+    """A whole profile: rows (``vanilla`` first) plus what was run where.
+
+    The model, inputs, settings and machine travel with the rows so that a JSON file stands on its
+    own (``vlm-reroute bench --output``).
+    """
 
     rows: list[ProfileRow]
     model: dict[str, Any]

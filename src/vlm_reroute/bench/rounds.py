@@ -36,8 +36,11 @@ Configs = Mapping[str, TokenReduction | None]
 
 @dataclass(frozen=True)
 class RoundSettings:
-    """How much one profile measures. ``decode_repeats`` is already the effective count: at most
-    ``repeats``, and 0 when no decode tokens are timed (the report shows this value)."""
+    """How much one profile measures, checked once (:meth:`checked`).
+
+    ``decode_repeats`` is already the effective count: at most ``repeats``, and 0 when no decode
+    tokens are timed (the report shows this value).
+    """
 
     repeats: int
     warmup: int
@@ -72,6 +75,7 @@ class RoundSettings:
 class Measurements:
     """Everything the rounds recorded, by configuration name; runs are in repeat order.
 
+    It exists to keep measuring (:mod:`.rounds`) apart from reporting (:mod:`.profiler`).
     ``ideal_layer_s[name][r]`` holds every decoder layer's seconds alone on the token counts of
     run r; ``outside_decoder_s[r]`` is vanilla's time outside the decoder layers in repeat r.
     ``kv_lengths``, ``kv_bytes`` and ``traces`` are the last repeat's (identical in every repeat).
@@ -104,7 +108,8 @@ class _StepClock(LogitsProcessor):
     """Timestamps every generation step: the gaps after the first are pure decode steps."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.stamps = device, []
+        self.device = device
+        self.stamps: list[float] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         sync(self.device)
@@ -115,6 +120,18 @@ class _StepClock(LogitsProcessor):
 def _routed(method: TokenReduction | None, model: nn.Module) -> AbstractContextManager:
     """``method`` installed on ``model`` for the block, or nothing for vanilla."""
     return nullcontext() if method is None else method(model)
+
+
+def _attention_lengths(cache: Any) -> list[int]:
+    """Tokens cached by each decoder layer; a hybrid decoder's linear-attention layers (a fixed-size
+    state, no token count) are refused: the report's KV counts and ideal passes need one per layer."""
+    lengths = kv_lengths(cache)
+    counted = [n for n in lengths if n is not None]
+    if len(counted) != len(lengths):
+        raise NotImplementedError(
+            f"profiling a hybrid decoder (linear-attention layers, KV lengths {lengths}) is not supported"
+        )
+    return counted
 
 
 class _Rounds:
@@ -148,8 +165,9 @@ class _Rounds:
         """Seconds per decode token: ``tokens + 1`` greedy tokens, the first one ends the prefill."""
         clock = _StepClock(self.device)
         n = tokens + 1
+        model: Any = self.model  # a generative PreTrainedModel (typed as nn.Module, it has no generate)
         with torch.no_grad():
-            self.model.generate(
+            model.generate(
                 **self.inputs,
                 do_sample=False,
                 max_new_tokens=n,
@@ -175,18 +193,18 @@ class _Rounds:
         repeat's outside time; each configuration's ideal pass follows its own run."""
         record = self.record
         for name, method in self.configs.items():
-            span = SpanTimer(self.model) if self.timer is not None and method is None else nullcontext()
-            with span:
+            span = SpanTimer(self.model) if self.timer is not None and method is None else None
+            with span if span is not None else nullcontext():
                 seconds, out, trace = self.prefill(method)
             record.prefill_s[name].append(seconds)
             cache = output_cache(out)
-            record.kv_lengths[name] = kv_lengths(cache)
+            record.kv_lengths[name] = _attention_lengths(cache)
             record.kv_bytes[name] = kv_bytes(cache)
             record.traces[name] = trace
             del out, cache
             self.step(f"prefill {name}")
             if self.timer is not None:  # right after the measured run, so both see the same machine
-                if method is None:
+                if span is not None:  # the vanilla run
                     record.outside_decoder_s.append(seconds - span.span)
                 record.ideal_layer_s[name].append(self.timer.time_pass(record.kv_lengths[name]))
                 self.step(f"ideal {name}")

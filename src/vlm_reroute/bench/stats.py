@@ -21,7 +21,11 @@ WIDE_SPREAD = 0.10
 
 @dataclass(frozen=True)
 class Spread:
-    """Median and quartiles of repeated measurements (seconds, or any positive quantity)."""
+    """Median and quartiles of repeated measurements (seconds, or any positive quantity).
+
+    Timings are reported as median and quartiles rather than mean and deviation, so that one run
+    disturbed by the machine barely moves them.
+    """
 
     median: float
     q1: float
@@ -47,7 +51,7 @@ class Spread:
 
 @dataclass(frozen=True)
 class Ratio:
-    """A ratio of two medians and the range the quartiles allow."""
+    """A ratio of two medians and the range the quartiles allow (a speedup, see :func:`ratio`)."""
 
     value: float
     low: float

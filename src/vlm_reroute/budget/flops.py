@@ -17,6 +17,8 @@ Conventions (see ``docs/budgets.md``):
   matrix (no causal halving), as the papers do.
 * ``n`` (tokens entering a layer) counts **text + visual** tokens, unless ``count_text=False``
   (the papers' own convention: image tokens only).
+* ``withdraw_at=K`` (VTW, arXiv 2405.05803): no visual token enters layers ``K..L-1``; a keyword of
+  every function here, checked like the schedule (after the last decision, before the last layer).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .schedule import Keep, Schedule
+from .schedule import Keep, Schedule, check_withdraw
 from .shapes import ModelShape, ShippedModel, known_models, kv_bytes_per_token, load_model_info, load_shape
 
 __all__ = [
@@ -63,7 +65,12 @@ def _as_int(value: Any, what: str) -> int:
 
 
 def validate_schedule(
-    num_layers: int, n_visual: int, layers: Sequence[int], keep: Sequence[Keep], reroute: bool = False
+    num_layers: int,
+    n_visual: int,
+    layers: Sequence[int],
+    keep: Sequence[Keep],
+    reroute: bool = False,
+    withdraw_at: int | None = None,
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Check a schedule with :class:`~vlm_reroute.budget.schedule.Schedule`'s rules; return the
     layers and the keep counts resolved for one image of ``n_visual`` tokens (empty for vanilla)."""
@@ -71,27 +78,41 @@ def validate_schedule(
     if n_visual < 0:
         raise ValueError(f"n_visual={n_visual} must be ≥ 0 (visual tokens per image)")
     if not layers and not keep:
+        check_withdraw("schedule", withdraw_at, (), num_layers)
         return (), ()
-    schedule = Schedule.from_budget_form(layers, keep, reroute, owner="schedule")
+    schedule = Schedule.from_budget_form(layers, keep, reroute, owner="schedule", withdraw_at=withdraw_at)
     schedule.check_depth(num_layers)
     return schedule.budget_form(n_visual)
 
 
 def visual_tokens_per_layer(
-    num_layers: int, n_visual: int, layers: Sequence[int], counts: Sequence[int]
+    num_layers: int,
+    n_visual: int,
+    layers: Sequence[int],
+    counts: Sequence[int],
+    withdraw_at: int | None = None,
 ) -> list[int]:
-    """Visual tokens (per image) entering each of the ``num_layers`` layers, for resolved ``counts``."""
+    """Visual tokens (per image) entering each of the ``num_layers`` layers, for resolved ``counts``
+    (none from ``withdraw_at`` on)."""
     per_layer = [n_visual] * num_layers
     bounds = [*layers, num_layers]
     for i, k in enumerate(counts):
         per_layer[bounds[i] : bounds[i + 1]] = [k] * (bounds[i + 1] - bounds[i])
+    if withdraw_at is not None:
+        per_layer[withdraw_at:] = [0] * (num_layers - withdraw_at)
     return per_layer
 
 
-def avg_visual_tokens(num_layers: int, n_visual: int, layers: Sequence[int], keep: Sequence[int]) -> float:
+def avg_visual_tokens(
+    num_layers: int,
+    n_visual: int,
+    layers: Sequence[int],
+    keep: Sequence[int],
+    withdraw_at: int | None = None,
+) -> float:
     """avg_T: mean over all ``num_layers`` decoder layers of the visual tokens (per image) entering each."""
-    layers, keep = validate_schedule(num_layers, n_visual, layers, keep, reroute=True)
-    return sum(visual_tokens_per_layer(num_layers, n_visual, layers, keep)) / num_layers
+    layers, keep = validate_schedule(num_layers, n_visual, layers, keep, True, withdraw_at)
+    return sum(visual_tokens_per_layer(num_layers, n_visual, layers, keep, withdraw_at)) / num_layers
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,17 +150,18 @@ def flops(
     convention: str = "pdrop",
     count_text: bool = True,
     num_images: int = 1,
+    withdraw_at: int | None = None,
 ) -> int:
     """Prefill MACs summed over the decoder layers.
 
     ``n`` per layer = ``n_text`` + visual tokens of all images entering the layer; with
     ``count_text=False`` the text is ignored (the papers' convention: image tokens only).
     """
-    layers, keep = validate_schedule(shape.num_layers, n_visual, layers, keep, reroute=True)
+    layers, keep = validate_schedule(shape.num_layers, n_visual, layers, keep, True, withdraw_at)
     text = n_text if count_text else 0
     return sum(
         layer_flops(shape, text + num_images * v, convention)
-        for v in visual_tokens_per_layer(shape.num_layers, n_visual, layers, keep)
+        for v in visual_tokens_per_layer(shape.num_layers, n_visual, layers, keep, withdraw_at)
     )
 
 
@@ -193,6 +215,7 @@ class Budget:
     vanilla_flops_pdrop: int
     vanilla_flops_exact: int
     vanilla_kv_bytes: int
+    withdraw_at: int | None = None
 
     @property
     def avg_t(self) -> float:
@@ -250,13 +273,15 @@ def compute_budget(
     reroute: bool = False,
     *,
     num_images: int = 1,
+    withdraw_at: int | None = None,
 ) -> Budget:
     """Budget of a schedule for ``n_text`` text tokens plus ``num_images`` images of ``n_visual`` tokens.
 
     ``layers`` / ``keep`` as in the module docstring (``keep`` per image). Under prune (``reroute=False``)
-    counts must be non-increasing.
+    counts must be non-increasing. ``withdraw_at``: no visual tokens from that layer on (VTW; it costs
+    no scoring).
     """
-    layers, keep = validate_schedule(shape.num_layers, n_visual, layers, keep, reroute)
+    layers, keep = validate_schedule(shape.num_layers, n_visual, layers, keep, reroute, withdraw_at)
     n_text = _as_int(n_text, "n_text")
     num_images = _as_int(num_images, "num_images")
     if n_text < 0:
@@ -264,7 +289,7 @@ def compute_budget(
     if num_images < 1:
         raise ValueError(f"num_images={num_images} must be ≥ 1")
     per_token_layer = 2 * shape.num_kv_heads * shape.head_dim * shape.dtype_bytes
-    counts = visual_tokens_per_layer(shape.num_layers, n_visual, layers, keep)
+    counts = visual_tokens_per_layer(shape.num_layers, n_visual, layers, keep, withdraw_at)
     rows = []
     for j, v in enumerate(counts):
         n = n_text + num_images * v
@@ -309,4 +334,5 @@ def compute_budget(
         vanilla_flops_pdrop=nl * layer_flops(shape, vanilla_n, "pdrop"),
         vanilla_flops_exact=nl * layer_flops(shape, vanilla_n, "exact"),
         vanilla_kv_bytes=nl * vanilla_n * per_token_layer,
+        withdraw_at=withdraw_at,
     )

@@ -93,3 +93,77 @@ def published_schedule(model: str, tier: int, method: str, reroute: bool = False
         f"no published schedule for model={model!r}, tier={tier!r}; models: {sorted(_PUBLISHED_MODELS)}, "
         "tiers: 192, 128, 64"
     )
+
+
+# ---- SparseVLM (arXiv 2410.04417): published tiers as its release runs them ----------------------
+
+#: SparseVLM's published keep counts on LLaVA-1.5-7B (576 tokens), per variant and tier: the
+#: release's ``score.py`` @26a5f48 (v1.5 = the default, v2.0 = SparseVLM+, ``USE_VERSION=2_0``);
+#: pruning after layers 2, 6, 15 = decisions at layers 3, 7, 16 (``methods.md`` §3.1 b, §2).
+SPARSEVLM_KEEP: dict[str, dict[int, tuple[int, ...]]] = {
+    "v1.5": {64: (66, 30, 17), 96: (238, 48, 26), 128: (303, 110, 36), 192: (300, 200, 110)},
+    "v2.0": {64: (66, 34, 20), 96: (246, 54, 28), 128: (238, 108, 60), 192: (300, 200, 118)},
+}
+SPARSEVLM_LAYERS = (3, 7, 16)
+
+
+def sparsevlm_recycled(n_visual: int, keep: tuple[int, ...]) -> tuple[int, ...]:
+    """Cluster tokens SparseVLM v1.5 adds at each decision (``methods.md`` §3.1 c, the release's
+    ``modelling_sparse_llama.py`` L273–305): of the ``p`` tokens pruned there, ``m = ⌊0.3·p⌋ + 1``
+    are clustered into ``⌊m/10⌋ + 1`` merged tokens, which count as visual at the next decision."""
+    out, present = [], n_visual
+    for k in keep:
+        pruned = present - k
+        clusters = (int(pruned * 0.3) + 1) // 10 + 1 if pruned > 0 else 0
+        out.append(clusters)
+        present = k + clusters
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class CodeLevelTier:
+    """A published tier ("64", "128", ...) and the visual tokens its release actually runs per layer."""
+
+    method: str
+    variant: str
+    tier: int
+    layers: tuple[int, ...]
+    keep: tuple[int, ...]
+    recycled: tuple[int, ...]
+    num_layers: int = 32
+    n_visual: int = 576
+
+    @property
+    def avg_t(self) -> float:
+        """avg_T at code level: kept plus recycled tokens in every stage."""
+        counts = tuple(k + r for k, r in zip(self.keep, self.recycled, strict=True))
+        return (
+            sum(visual_tokens_per_layer(self.num_layers, self.n_visual, self.layers, counts))
+            / self.num_layers
+        )
+
+    @property
+    def nominal_avg_t(self) -> float:
+        """avg_T of the kept counts alone (no recycled tokens)."""
+        return (
+            sum(visual_tokens_per_layer(self.num_layers, self.n_visual, self.layers, self.keep))
+            / self.num_layers
+        )
+
+
+def _code_level() -> tuple[CodeLevelTier, ...]:
+    out = []
+    for variant, tiers in SPARSEVLM_KEEP.items():
+        for tier, keep in tiers.items():
+            recycled = sparsevlm_recycled(576, keep) if variant == "v1.5" else (0,) * len(keep)
+            out.append(CodeLevelTier("sparsevlm", variant, tier, SPARSEVLM_LAYERS, keep, recycled))
+    return tuple(out)
+
+
+#: Published tiers whose release runs more tokens than the label says (LLaVA-1.5-7B, 32 layers).
+CODE_LEVEL: tuple[CodeLevelTier, ...] = _code_level()
+
+
+def code_level_tiers(method: str) -> tuple[CodeLevelTier, ...]:
+    """The code-level tiers of registry key ``method`` (none for most methods)."""
+    return tuple(entry for entry in CODE_LEVEL if entry.method == method)

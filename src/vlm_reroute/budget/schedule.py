@@ -13,7 +13,11 @@ checks schedules here, with one set of rules and one set of messages:
   method that reduces before it (Nüwa's stage 1). The layers before the first decision then carry
   the entry count; a ratio keep is then a fraction of the entering tokens, and a ratio entry is
   ``min(n, ceil(n · f))`` (the Nüwa release's rule for K₁, ``nuwa.md`` §3.1). In budget arithmetic
-  (``layers``/``keep`` lists) the entry is written as a decision at layer 0.
+  (``layers``/``keep`` lists) the entry is written as a decision at layer 0;
+* an optional ``withdraw_at=K``: a terminal stage from layer ``K`` on in which no visual token goes
+  through any layer (VTW, arXiv 2405.05803: "visual tokens withdrawal"). It needs no ranking, so it
+  is the same under prune and reroute; ``K`` lies after the last decision layer and before the end
+  (``last decision + 1 .. L-1``). Budget arithmetic takes it as its own keyword.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from itertools import pairwise
 
 Keep = int | float
 
-__all__ = ["Keep", "Schedule", "check_keep_value", "resolve_keep"]
+__all__ = ["Keep", "Schedule", "check_keep_value", "check_withdraw", "resolve_keep"]
 
 
 def check_keep_value(owner: str, keep: object) -> None:
@@ -39,6 +43,29 @@ def check_keep_value(owner: str, keep: object) -> None:
         raise ValueError(f"{owner}(keep={keep!r}): a token count must be ≥ 1")
     if isinstance(keep, float) and not 0.0 < keep <= 1.0:
         raise ValueError(f"{owner}(keep={keep!r}): a keep ratio must be in (0, 1]")
+
+
+def check_withdraw(
+    owner: str, withdraw_at: object, layers: Sequence[int] = (), num_layers: int | None = None
+) -> None:
+    """``withdraw_at``: an int after the last decision layer and, once the depth is known, ``≤ L-1``."""
+    if withdraw_at is None:
+        return
+    if isinstance(withdraw_at, bool) or not isinstance(withdraw_at, int):
+        raise TypeError(
+            f"{owner}(withdraw_at={withdraw_at!r}): withdraw_at is a decoder layer index (an int)"
+        )
+    last = max(layers, default=0)
+    top = f"{num_layers - 1}" if num_layers is not None else "L-1"
+    if withdraw_at <= last or (num_layers is not None and withdraw_at >= num_layers):
+        where = f"the last decision layer is {last}" if layers else "layer 0 holds every token"
+        depth = (
+            f"this decoder has {num_layers} layers" if num_layers is not None else "L = the decoder's depth"
+        )
+        raise ValueError(
+            f"{owner}(withdraw_at={withdraw_at!r}): {where} and {depth}, so withdraw_at must be in "
+            f"{last + 1}..{top} (visual tokens leave after the last decision, before the last layer)"
+        )
 
 
 def resolve_keep(owner: str, keep: Keep, n_tokens: int) -> int:
@@ -59,7 +86,7 @@ class Schedule:
 
     Stage ``i`` runs from ``layers[i]`` up to (not including) ``layers[i + 1]``, or to the last
     layer. Layers before the first decision carry every visual token. ``owner`` only names the
-    method in error messages.
+    method in error messages. ``withdraw_at``: from this layer on no visual token runs (VTW).
     """
 
     layers: tuple[int, ...]
@@ -67,6 +94,7 @@ class Schedule:
     reroute: bool = False
     owner: str = field(default="Schedule", compare=False)
     entry: Keep | None = None
+    withdraw_at: int | None = None
 
     def __post_init__(self) -> None:
         layers, keep = tuple(self.layers), tuple(self.keep)
@@ -110,15 +138,17 @@ class Schedule:
                 f"{owner}(keep={list(keep)!r}) with reroute=False: pruned tokens cannot come back, "
                 "so keep counts must not increase from stage to stage"
             )
+        check_withdraw(owner, self.withdraw_at, layers)
 
     def check_depth(self, num_layers: int) -> None:
-        """Every decision layer must lie in ``1 .. num_layers - 1``."""
+        """Every decision layer must lie in ``1 .. num_layers - 1``, and ``withdraw_at`` after them."""
         for layer in self.layers:
             if not 1 <= layer < num_layers:
                 raise ValueError(
                     f"{self.owner}(layers={list(self.layers)!r}): layer {layer} is out of range; this "
                     f"decoder has {num_layers} layers, so decision layers must be in 1..{num_layers - 1}"
                 )
+        check_withdraw(self.owner, self.withdraw_at, self.layers, num_layers)
 
     def entry_count(self, n_visual: int) -> int:
         """Visual tokens of one image of ``n_visual`` tokens that enter the language model."""
@@ -158,6 +188,8 @@ class Schedule:
         bounds = [*self.layers, num_layers]
         for i, k in enumerate(self.counts(n_visual)):
             per_layer[bounds[i] : bounds[i + 1]] = [k] * (bounds[i + 1] - bounds[i])
+        if self.withdraw_at is not None:
+            per_layer[self.withdraw_at :] = [0] * (num_layers - self.withdraw_at)
         return per_layer
 
     def avg_t(self, num_layers: int, n_visual: int) -> float:
@@ -172,13 +204,19 @@ class Schedule:
         reroute: bool = False,
         owner: str = "Schedule",
         entry: Keep | None = None,
+        withdraw_at: int | None = None,
     ):
         """Build from any sequences (lists from a user, tuples from the solver)."""
-        return cls(tuple(layers), tuple(keep), reroute, owner, entry)
+        return cls(tuple(layers), tuple(keep), reroute, owner, entry, withdraw_at)
 
     @classmethod
     def from_budget_form(
-        cls, layers: Sequence[int], keep: Sequence[Keep], reroute: bool = False, owner: str = "Schedule"
+        cls,
+        layers: Sequence[int],
+        keep: Sequence[Keep],
+        reroute: bool = False,
+        owner: str = "Schedule",
+        withdraw_at: int | None = None,
     ):
         """The schedule of budget-arithmetic ``layers``/``keep``, where a layer 0 followed by decisions
         is the entry (a layer 0 alone is refused like any decision at layer 0)."""
@@ -189,5 +227,5 @@ class Schedule:
                     f"{owner}(layers={list(layers)!r}, keep={list(keep)!r}): one keep entry per layer is "
                     f"needed ({len(layers)} layers, {len(keep)} keep entries)"
                 )
-            return cls(layers[1:], keep[1:], reroute, owner, keep[0])
-        return cls(layers, keep, reroute, owner)
+            return cls(layers[1:], keep[1:], reroute, owner, keep[0], withdraw_at)
+        return cls(layers, keep, reroute, owner, None, withdraw_at)

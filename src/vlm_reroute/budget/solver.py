@@ -15,6 +15,9 @@ count ``a``) and its default decision layers; the solver reads them as a
 Rule values are rounded half up and clamped to ``1..n``. ``a`` is searched over the integers
 ``1..n``; if the closest ``a`` misses an avg_T target by more than 0.5 token, individual stage counts
 are moved by ±1 (fewest changes, then closest; keep counts stay non-increasing).
+
+``withdraw_at=K`` (VTW, arXiv 2405.05803) ends the last stage at layer ``K``: the layers from ``K`` on
+carry no visual token, so the same target needs larger counts in the stages before it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 from .flops import Budget, ModelShape, compute_budget, layer_flops, visual_tokens_per_layer
 from .published import PUBLISHED, PublishedSchedule, published_avg_t, published_schedule
-from .rules import round_half_up, rule_for, rule_names
+from .rules import ScheduleRule, round_half_up, rule_for, rule_names
 from .schedule import Schedule
 from .search import close_gap, closest_a
 from .target import BudgetTarget
@@ -88,6 +91,7 @@ class SolvedSchedule:
     avg_t: float
     num_layers: int
     n_visual: int
+    withdraw_at: int | None = None
 
     @property
     def name(self) -> str:
@@ -99,10 +103,14 @@ class SolvedSchedule:
 
     @property
     def schedule(self) -> Schedule:
-        return Schedule.from_budget_form(self.layers, self.keep, self.reroute, owner=self.name)
+        return Schedule.from_budget_form(
+            self.layers, self.keep, self.reroute, owner=self.name, withdraw_at=self.withdraw_at
+        )
 
     def to_method(self, **settings: Any) -> Any:
         """The method that runs this schedule (its registered class, e.g. ``FastV`` or ``PDrop``)."""
+        if self.withdraw_at is not None:
+            settings = {"withdraw_at": self.withdraw_at, **settings}
         return rule_for(self.method)[0].from_schedule(self.schedule, **settings)
 
     @property
@@ -115,7 +123,14 @@ class SolvedSchedule:
         if shape.num_layers != self.num_layers:
             raise ValueError(f"schedule is for {self.num_layers} layers, {shape.name} has {shape.num_layers}")
         return compute_budget(
-            shape, self.n_visual, n_text, self.layers, self.keep, self.reroute, num_images=num_images
+            shape,
+            self.n_visual,
+            n_text,
+            self.layers,
+            self.keep,
+            self.reroute,
+            num_images=num_images,
+            withdraw_at=self.withdraw_at,
         )
 
 
@@ -130,7 +145,9 @@ class SolvedPair:
     flops_fraction: float | None
 
 
-def _rule(cls: type, reroute: bool, n: int, num_stages: int) -> Callable[[int], tuple[int, ...]]:
+def _rule(
+    cls: type[ScheduleRule], reroute: bool, n: int, num_stages: int
+) -> Callable[[int], tuple[int, ...]]:
     """Integer keep counts from the first count ``a``: the method's rule, rounded and clamped."""
 
     def realise(a: int) -> tuple[int, ...]:
@@ -150,20 +167,26 @@ class _Problem:
         reroute: bool,
         layers: Sequence[int] | None,
         n_text: int,
+        withdraw_at: int | None = None,
     ) -> None:
         self.cls, self.reroute = rule_for(method, reroute)
-        self.shape = shape_or_num_layers if isinstance(shape_or_num_layers, ModelShape) else None
-        nl = self.shape.num_layers if self.shape is not None else shape_or_num_layers
+        self.shape: ModelShape | None
+        if isinstance(shape_or_num_layers, ModelShape):
+            self.shape, nl = shape_or_num_layers, shape_or_num_layers.num_layers
+        else:
+            self.shape, nl = None, shape_or_num_layers
         if isinstance(n_visual, bool) or not isinstance(n_visual, int) or n_visual < 1:
             raise ValueError(f"n_visual={n_visual!r} must be an int ≥ 1 (visual tokens per image)")
         self.num_layers, self.n_visual, self.n_text = nl, n_visual, n_text
         layers = self.cls.default_layers(nl, self.reroute) if layers is None else tuple(layers)
-        Schedule.of(layers, [1] * len(layers), True, owner=self.cls.label(self.reroute)).check_depth(nl)
+        owner = self.cls.label(self.reroute)
+        Schedule.of(layers, [1] * len(layers), True, owner=owner, withdraw_at=withdraw_at).check_depth(nl)
         # a method that reduces before the language model: its first count enters layer 0
         self.starts = (0, *layers) if self.cls.stage_zero else layers
-        self.layers = layers
+        self.layers, self.withdraw_at = layers, withdraw_at
         self.rule = _rule(self.cls, self.reroute, n_visual, len(self.starts))
-        self.lengths = [b - a for a, b in zip(self.starts, [*self.starts[1:], nl], strict=True)]
+        end = nl if withdraw_at is None else withdraw_at  # no visual token from withdraw_at on
+        self.lengths = [b - a for a, b in zip(self.starts, [*self.starts[1:], end], strict=True)]
         self.fixed = self.starts[0] * n_visual  # layer-tokens before the first count applies
         self.label = f"{self.cls.label(self.reroute)} (layers {list(layers)}, n_visual={n_visual})"
 
@@ -176,7 +199,7 @@ class _Problem:
     def flops_ratio(self, keep: Sequence[int]) -> float:
         shape, n_text = self._flops_shape(), self.n_text
         vanilla = self.num_layers * layer_flops(shape, n_text + self.n_visual, "pdrop")
-        counts = visual_tokens_per_layer(self.num_layers, self.n_visual, self.starts, keep)
+        counts = visual_tokens_per_layer(self.num_layers, self.n_visual, self.starts, keep, self.withdraw_at)
         return sum(layer_flops(shape, n_text + v, "pdrop") for v in counts) / vanilla
 
     def flops_range(self) -> tuple[float, float]:
@@ -209,6 +232,7 @@ class _Problem:
             self.avg(keep),
             self.num_layers,
             self.n_visual,
+            self.withdraw_at,
         )
 
     def avg_t_message(self, target: float) -> str:
@@ -241,15 +265,16 @@ def solve_schedule(
     flops_fraction: float | None = None,
     layers: Sequence[int] | None = None,
     n_text: int = 0,
+    withdraw_at: int | None = None,
 ) -> SolvedSchedule:
     """Solve one schedule (prune or reroute) for exactly one of the two targets; unreachable → error.
 
     ``avg_t`` (visual tokens per layer, the quantity the command line calls ``--tier``) is hit within
     ±0.5 token. ``flops_fraction`` in (0, 1] picks the ``a`` whose PDrop-convention FLOPs ratio to
     vanilla is closest, with ``n`` = ``n_text`` + visual tokens (needs a :class:`ModelShape`).
-    ``layers`` defaults to the method's :func:`default_layers`.
+    ``layers`` defaults to the method's :func:`default_layers`; ``withdraw_at`` ends the last stage.
     """
-    problem = _Problem(shape_or_num_layers, n_visual, method, reroute, layers, n_text)
+    problem = _Problem(shape_or_num_layers, n_visual, method, reroute, layers, n_text, withdraw_at)
     if (avg_t is None) == (flops_fraction is None):
         raise ValueError("give exactly one of avg_t and flops_fraction")
     if avg_t is not None:
@@ -257,6 +282,7 @@ def solve_schedule(
         if not lo - TOLERANCE <= avg_t <= hi + TOLERANCE:
             raise ValueError(problem.avg_t_message(avg_t))
         return problem.for_avg_t(avg_t)
+    assert flops_fraction is not None  # exactly one of the two (checked above)
     if not 0 < flops_fraction <= 1:
         raise ValueError(f"flops_fraction={flops_fraction} must be in (0, 1]")
     lo, hi = problem.flops_range()
@@ -278,13 +304,14 @@ def solve_for_target(
     target: BudgetTarget,
     layers: tuple[int, ...] | None = None,
     n_text: int = 0,
+    withdraw_at: int | None = None,
 ) -> SolvedSchedule:
     """Solve ``target`` for one image of ``n_visual`` tokens (cached: called at every prefill).
 
     An unreachable target is clamped to the nearest reachable value with one
     :class:`UnreachableTargetWarning` naming what was used; ``target.strict`` makes it an error.
     """
-    problem = _Problem(shape_or_num_layers, n_visual, method, reroute, layers, n_text)
+    problem = _Problem(shape_or_num_layers, n_visual, method, reroute, layers, n_text, withdraw_at)
     avg_t = target.avg_t_for(n_visual)
     if avg_t is not None:
         lo, hi = problem.avg_range()
@@ -302,6 +329,7 @@ def solve_for_target(
         return problem.for_avg_t(clamped)
     lo, hi = problem.flops_range()
     fraction = target.flops_fraction
+    assert fraction is not None  # avg_t_for is None only for a FLOPs target
     if lo <= fraction <= hi:
         return problem.for_flops(fraction)
     if target.strict:
@@ -323,6 +351,7 @@ def solve(
     flops_fraction: float | None = None,
     layers: Sequence[int] | None = None,
     n_text: int = 0,
+    withdraw_at: int | None = None,
 ) -> SolvedPair:
     """Solve the prune schedule and its reroute counterpart for the same target.
 
@@ -335,10 +364,15 @@ def solve(
         layers = tuple(layers)
         reroute_layers = layers
         prune_layers = layers[: cls.prune_decisions] if cls.prune_decisions else layers
-    kwargs = dict(avg_t=avg_t, flops_fraction=flops_fraction, n_text=n_text)
+
+    def solved(reroute: bool, layers: Sequence[int] | None) -> SolvedSchedule:
+        return solve_schedule(
+            shape_or_num_layers, n_visual, cls, reroute, avg_t, flops_fraction, layers, n_text, withdraw_at
+        )
+
     return SolvedPair(
-        prune=solve_schedule(shape_or_num_layers, n_visual, cls, False, layers=prune_layers, **kwargs),
-        reroute=solve_schedule(shape_or_num_layers, n_visual, cls, True, layers=reroute_layers, **kwargs),
+        prune=solved(False, prune_layers),
+        reroute=solved(True, reroute_layers),
         avg_t=avg_t,
         flops_fraction=flops_fraction,
     )

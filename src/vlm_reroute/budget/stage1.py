@@ -32,13 +32,27 @@ from dataclasses import dataclass
 
 from .shapes import ModelShape
 
-__all__ = ["CLIP", "NUWA_TOWERS", "WINDOWED_VIT", "Stage1Cost", "VisionTower", "add_tower", "stage1_macs"]
+__all__ = [
+    "CLIP",
+    "MERGER_VIT",
+    "NUWA_TOWERS",
+    "WINDOWED_VIT",
+    "Stage1Cost",
+    "VisionTower",
+    "add_tower",
+    "divprune_macs",
+    "stage1_macs",
+    "visionzip_macs",
+]
 
 #: A CLIP tower whose patch features go through a multimodal projector (salience: the [CLS] row).
 CLIP = "clip"
 #: A windowed ViT whose patches are merged into tokens by a patch merger (salience: received attention).
 WINDOWED_VIT = "windowed_vit"
-TOWER_KINDS = (CLIP, WINDOWED_VIT)
+#: A ViT without windows whose patches a merger folds into tokens (Qwen2-VL, Qwen3-VL, Qwen3.5): Nüwa's
+#: windowed-ViT release applies to it unchanged (its windows are only undone where the tower has them).
+MERGER_VIT = "merger_vit"
+TOWER_KINDS = (CLIP, WINDOWED_VIT, MERGER_VIT)
 
 
 @dataclass(frozen=True)
@@ -113,3 +127,37 @@ def stage1_macs(
         similarity = n * (m * d * m * d + m * d * shape.hidden_size)
         aggregation = low * n * 2 * shape.hidden_size + n * shape.hidden_size if low else 0
     return Stage1Cost(salience=salience, similarity=similarity, aggregation=aggregation, low_anchors=low)
+
+
+def divprune_macs(n_visual: int, k: int, width: int) -> int:
+    """DivPrune (arXiv 2503.02175) on one image of ``n_visual`` rows of ``width`` (the language model's):
+    the nearest neighbours of every row (``N²·D``, by tiles), then one row of distances per later pick
+    (``(k − 1)·N·D``); norms not counted. 0 when ``k`` covers the image (nothing is selected)."""
+    if not 1 <= k <= n_visual:
+        raise ValueError(f"k={k!r}: DivPrune keeps 1..{n_visual} tokens of an image of {n_visual}")
+    return 0 if k == n_visual else n_visual * n_visual * width + (k - 1) * n_visual * width
+
+
+def visionzip_macs(
+    n_visual: int, dominant: int, contextual: int, tower: VisionTower, key_width: int, feature_width: int
+) -> int:
+    """VisionZip (arXiv 2412.04467) on one image: the salience, as Nüwa's (a CLIP tower's [CLS] row and
+    keys recomputed, ``(N + 2)·d² + (N + 1)·d``; a merger tower's attention received in one block,
+    ``3·P·d² + P²·d`` for ``P = merge·N`` patches), then the key cosines of the merged tokens to the
+    targets (``(N − D − C)·C·h``) and their mean into the targets (``(N − D − C)·F``). 0 when every
+    token is kept."""
+    if dominant < 0 or contextual < 0 or not 1 <= dominant + contextual <= n_visual:
+        raise ValueError(
+            f"dominant={dominant}, contextual={contextual}: VisionZip keeps 1..{n_visual} tokens of an "
+            f"image of {n_visual}"
+        )
+    if dominant + contextual == n_visual:
+        return 0
+    n, d = n_visual, tower.width
+    if tower.kind == CLIP:
+        salience = (n + 2) * d * d + (n + 1) * d
+    else:
+        patches = tower.merge * n
+        salience = 3 * patches * d * d + patches * patches * d
+    merged = n - dominant - contextual
+    return salience + merged * contextual * key_width + merged * feature_width

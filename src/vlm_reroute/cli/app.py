@@ -13,11 +13,11 @@ import importlib
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, overload
 
 import typer
 from rich.console import Console
@@ -33,16 +33,31 @@ if TYPE_CHECKING:
 try:  # recent typer vendors click; older releases use click itself
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 except ImportError:  # pragma: no cover - depends on the installed typer
-    from click.exceptions import ClickException, NoArgsIsHelpError
+    # click's own classes under the same names: a version-dependent import mypy cannot follow
+    from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[assignment]
 Abort = getattr(typer, "Abort", RuntimeError)
 
 
 class OneLineErrors(TyperGroup):
-    """Usage errors (unknown option, bad value, missing option) as one line and status 1."""
+    """The command group: usage errors (unknown option, bad value, missing option) as one line, status 1.
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    It exists for the command line's error contract: every failure is one ``error:`` line on stderr
+    and exit status 1, never click's usage block or a traceback.
+    """
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(
+                args, prog_name, complete_var, False, windows_expand_args=windows_expand_args, **extra
+            )
         except NoArgsIsHelpError as exc:
             typer.echo(exc.ctx.get_help() if exc.ctx else str(exc))
             code = 0
@@ -143,7 +158,7 @@ Model = Annotated[str, typer.Option("--model", help="Hub id or local model folde
 Images = Annotated[
     list[str] | None, typer.Option("--image", help="image path or http(s) URL; repeat for several images")
 ]
-Method = Annotated[str, typer.Option(help="a registered method: fastv, pdrop, random, nuwa")]
+Method = Annotated[str, typer.Option(help="a registered method: fastv, pdrop, random, sparsevlm, nuwa")]
 Reroute = Annotated[bool, typer.Option("--reroute/--prune", help="recoverable routing, or removal for good")]
 Tier = Annotated[
     float | None, typer.Option(help="budget: mean visual tokens per decoder layer (avg_T), e.g. 64")
@@ -164,6 +179,13 @@ Layers = Annotated[str | None, typer.Option(help="decision layers, e.g. 2,7,15,2
 Keep = Annotated[
     str | None, typer.Option(help="tokens kept per image and stage, e.g. 46,46,23,12 or 0.5,0.25")
 ]
+WithdrawAt = Annotated[
+    int | None,
+    typer.Option(
+        help="VTW: no visual token runs from this decoder layer on (after the last decision layer, "
+        "before the last layer), e.g. 28"
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="print JSON on stdout instead of tables")]
 Output = Annotated[Path | None, typer.Option(help="also write the JSON report to this file")]
 Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")]
@@ -183,10 +205,11 @@ def method_spec(
     strict: bool,
     layers: str | None = None,
     keep: str | None = None,
+    withdraw_at: int | None = None,
 ) -> MethodSpec:
     """The method the options ask for (``--method``, ``--reroute/--prune``, a budget or ``--layers``
-    with ``--keep``), parsed and checked by :meth:`MethodSpec.from_options` before any work: a bad
-    value is one line naming the option."""
+    with ``--keep``, ``--withdraw-at``), parsed and checked by :meth:`MethodSpec.from_options` before
+    any work: a bad value is one line naming the option."""
     from ..methods.spec import MethodSpec
 
     try:
@@ -199,6 +222,7 @@ def method_spec(
             strict=strict,
             layers=layers,
             keep=keep,
+            withdraw_at=withdraw_at,
         )
     except (ValueError, TypeError) as exc:
         fail(str(exc))
@@ -217,6 +241,31 @@ def budget_spec(
         fail(str(exc))
 
 
+def withdraw_option(withdraw_at: int | None, num_layers: int | None = None) -> int | None:
+    """``--withdraw-at`` for commands that build no single method (``budget``, ``demo``): a layer
+    index ≥ 1, checked before any work; with ``num_layers``, also after the last default decision
+    layer of every tabulated method (prune and reroute) and before the last layer (``budget``)."""
+    from ..methods.spec_parsing import option_withdraw
+
+    try:
+        option_withdraw(withdraw_at)
+    except ValueError as exc:
+        fail(str(exc))
+    if withdraw_at is None or num_layers is None:
+        return withdraw_at
+    from ..budget.solver import default_layers, rule_for, tabulated_methods
+
+    pairs = [(k, r) for k in tabulated_methods() for r in (False, True)]
+    last, key, reroute = max((max(default_layers(k, num_layers, r), default=0), k, r) for k, r in pairs)
+    if not last < withdraw_at < num_layers:
+        fail(
+            f"--withdraw-at {withdraw_at}: the last decision layer of the methods is {last} "
+            f"({rule_for(key, reroute)[0].label(reroute)}) and this decoder has {num_layers} layers, "
+            f"so --withdraw-at must be in {last + 1}..{num_layers - 1}"
+        )
+    return withdraw_at
+
+
 def describe_budget(spec: dict[str, Any]) -> str:
     """``avg_T = 64`` for ``{"tier": 64}`` (``MethodSpec.describe_budget`` for a whole spec)."""
     from ..methods.spec import describe_budget
@@ -224,6 +273,12 @@ def describe_budget(spec: dict[str, Any]) -> str:
     return describe_budget(spec)
 
 
+@overload
+def check_output(path: Path, what: str = ...) -> Path: ...
+@overload
+def check_output(path: None, what: str = ...) -> None: ...
+@overload
+def check_output(path: Path | None, what: str = ...) -> Path | None: ...
 def check_output(path: Path | None, what: str = "--output") -> Path | None:
     """Fail now, before any work, if ``path`` cannot be written (missing or read-only folder)."""
     if path is None:

@@ -26,6 +26,7 @@ from .app import (
     Strict,
     Threads,
     Tier,
+    WithdrawAt,
     app,
     check_folder,
     check_output,
@@ -56,6 +57,7 @@ def bench(
     ratio: Ratio = None,
     flops_fraction: FlopsFraction = None,
     strict: Strict = False,
+    withdraw_at: WithdrawAt = None,
     repeats: Annotated[int, typer.Option(min=1, help="timed rounds (interleaved)")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="untimed warm-up rounds")] = 1,
     decode_tokens: Annotated[int, typer.Option(min=0, help="tokens for time per decode token (0: skip)")] = 8,
@@ -72,7 +74,7 @@ def bench(
     output = check_output(output)
     if not image:
         fail("give --image (repeat it for several images)")
-    specs = _specs(method, tier, ratio, flops_fraction, strict)
+    specs = _specs(method, tier, ratio, flops_fraction, strict, withdraw_at)
     plots = check_folder(plots, "--plots")
 
     from ..bench.plots import speedup_png, tokens_per_layer_png
@@ -99,6 +101,7 @@ def bench(
         except (LoadError, ValueError, TypeError) as exc:
             fail(str(exc))
         report.settings.update(budget=specs[0].budget(), threads_default=default, warnings=shown)
+        report.settings.update(withdraw_at=withdraw_at)
         data = report.to_dict()
         write_json(output, data)
         if as_json:
@@ -126,6 +129,7 @@ def _specs(
     ratio: float | None,
     flops_fraction: float | None,
     strict: bool,
+    withdraw_at: int | None = None,
 ) -> list[MethodSpec]:
     """Each method to time, prune and reroute (default: the tabulated methods), with the budget options;
     a method named twice (``pdrop`` and ``pdrop+reroute``) is timed once."""
@@ -133,7 +137,7 @@ def _specs(
 
     specs: list[MethodSpec] = []
     for name in names or tabulated_methods():
-        spec = method_spec(name, False, tier, ratio, flops_fraction, strict)
+        spec = method_spec(name, False, tier, ratio, flops_fraction, strict, withdraw_at=withdraw_at)
         for twin in (spec.replace(reroute=False), spec.replace(reroute=True)):
             if twin not in specs:
                 specs.append(twin)

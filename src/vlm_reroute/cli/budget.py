@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..budget import Budget, ModelShape, compute_budget, known_models, load_model_info, load_shape
+from ..budget.published import code_level_tiers
+from ..budget.rules import round_half_up
 from ..budget.solver import SolvedSchedule, solve_for_target, solve_schedule, tabulated_methods
 from ..budget.target import BudgetTarget
 from ..families import family_of_model_type
@@ -29,12 +31,14 @@ from .app import (
     Ratio,
     Strict,
     Tier,
+    WithdrawAt,
     app,
     budget_spec,
     check_output,
     describe_budget,
     fail,
     print_json,
+    withdraw_option,
     write_json,
 )
 
@@ -121,6 +125,7 @@ class Row:
     avg_range: tuple[float, float] | None
     flops_range: tuple[float, float] | None
     reason: str | None
+    key: str = ""  # registry key ("" for vanilla)
 
     @property
     def note(self) -> str | None:
@@ -133,50 +138,56 @@ class Row:
 
 
 def _solved(
-    shape: ModelShape, n: int, key: str, reroute: bool, target: BudgetTarget, n_text: int
+    shape: ModelShape, n: int, key: str, reroute: bool, target: BudgetTarget, n_text: int, vtw: int | None
 ) -> SolvedSchedule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return solve_for_target(shape, n, key, reroute, target, None, n_text)
+        return solve_for_target(shape, n, key, reroute, target, None, n_text, vtw)
 
 
 def method_row(
-    shape: ModelShape, n_visual: int, n_text: int, key: str, reroute: bool, spec: dict[str, float]
-) -> Row:
-    """One method solved for ``spec``; unreachable budgets get the nearest reachable schedule."""
+    shape: ModelShape, n_visual: int, n_text: int, key: str, reroute: bool, spec: dict[str, float],
+    withdraw_at: int | None = None,
+) -> Row:  # fmt: skip
+    """One method solved for ``spec`` (with VTW's ``withdraw_at``: no visual token from that layer on);
+    unreachable budgets get the nearest reachable schedule."""
     target = BudgetTarget(
         avg_t=spec.get("tier"), ratio=spec.get("ratio"), flops_fraction=spec.get("flops_fraction")
     )
-    low = _solved(shape, n_visual, key, reroute, BudgetTarget(avg_t=1e-9), n_text)
-    high = _solved(shape, n_visual, key, reroute, BudgetTarget(avg_t=1e9), n_text)
+    low = _solved(shape, n_visual, key, reroute, BudgetTarget(avg_t=1e-9), n_text, withdraw_at)
+    high = _solved(shape, n_visual, key, reroute, BudgetTarget(avg_t=1e9), n_text, withdraw_at)
     low_b, high_b = low.budget(shape, n_text=n_text), high.budget(shape, n_text=n_text)
     avg_range = (low.avg_t, high.avg_t)
     flops_range = (low_b.flops_pdrop_ratio, high_b.flops_pdrop_ratio)
     asked = target.avg_t_for(n_visual)
     try:
         if asked is not None:
-            solved = solve_schedule(shape, n_visual, key, reroute, avg_t=asked)
+            solved = solve_schedule(shape, n_visual, key, reroute, avg_t=asked, withdraw_at=withdraw_at)
         else:
             solved = solve_schedule(
-                shape, n_visual, key, reroute, flops_fraction=target.flops_fraction, n_text=n_text
-            )
+                shape, n_visual, key, reroute, flops_fraction=target.flops_fraction, n_text=n_text,
+                withdraw_at=withdraw_at,
+            )  # fmt: skip
         reachable, reason = True, None
     except ValueError:
-        solved, reachable = _solved(shape, n_visual, key, reroute, target, n_text), False
+        solved, reachable = _solved(shape, n_visual, key, reroute, target, n_text, withdraw_at), False
         if asked is not None:
             what = f"asks avg_T {asked:.2f}; reachable avg_T {avg_range[0]:.2f}..{avg_range[1]:.2f}"
         else:
             what = f"reachable FLOPs fraction {flops_range[0]:.3f}..{flops_range[1]:.3f}"
         reason = f"{solved.name}: {describe_budget(spec)} is not reachable ({what})"
     budget = solved.budget(shape, n_text=n_text)
-    return Row(solved.name, budget, reachable, asked, avg_range, flops_range, reason)
+    return Row(solved.name, budget, reachable, asked, avg_range, flops_range, reason, key)
 
 
-def budget_rows(facts: ModelFacts, n_visual: int, n_text: int, spec: dict[str, float]) -> list[Row]:
+def budget_rows(
+    facts: ModelFacts, n_visual: int, n_text: int, spec: dict[str, float], withdraw_at: int | None = None
+) -> list[Row]:
+    """Vanilla (never withdrawn: the reference) and every tabulated method, prune and reroute."""
     rows = [Row("vanilla", compute_budget(facts.shape, n_visual, n_text), True, None, None, None, None)]
     for key in tabulated_methods():
         for reroute in (False, True):
-            rows.append(method_row(facts.shape, n_visual, n_text, key, reroute, spec))
+            rows.append(method_row(facts.shape, n_visual, n_text, key, reroute, spec, withdraw_at))
     return rows
 
 
@@ -194,6 +205,7 @@ def rows_json(rows: list[Row], spec: dict[str, float]) -> list[dict[str, Any]]:
             "layers": list(r.budget.layers),
             "keep": list(r.budget.keep),
             "avg_visual_tokens": r.budget.avg_visual_tokens,
+            "withdraw_at": r.budget.withdraw_at,
             "tflops": r.budget.flops_fastv / 1e12,
             "tflops_pdrop": r.budget.flops_pdrop / 1e12,
             "tflops_exact": r.budget.flops_exact / 1e12,
@@ -203,9 +215,45 @@ def rows_json(rows: list[Row], spec: dict[str, float]) -> list[dict[str, Any]]:
             "kv_ratio": r.budget.kv_bytes_ratio,
             "n_text": r.budget.n_text,
             "n_visual": r.budget.n_visual,
+            "published_tiers": published_tiers(r.key),
         }
         for r in rows
     ]
+
+
+def published_tiers(key: str) -> list[dict[str, Any]]:
+    """The method's published tiers as its release runs them (LLaVA-1.5-7B, 576 tokens, 32 layers):
+    SparseVLM's "64" averages 82.3 visual tokens per layer at code level (``methods.md`` §2)."""
+    return [
+        {
+            "variant": t.variant,
+            "tier": t.tier,
+            "layers": list(t.layers),
+            "keep": list(t.keep),
+            "recycled": list(t.recycled),
+            "avg_t": t.avg_t,
+        }
+        for t in code_level_tiers(key)
+    ]
+
+
+def published_note(rows: list[Row]) -> list[str]:
+    """One line per method in the table whose published tiers run more tokens than their labels."""
+    lines = []
+    for key in dict.fromkeys(r.key for r in rows if r.key):
+        tiers = code_level_tiers(key)
+        if not tiers:
+            continue
+        by_variant: dict[str, list[str]] = {}
+        for t in tiers:
+            by_variant.setdefault(t.variant, []).append(f'"{t.tier}" {round_half_up(t.avg_t * 10) / 10:.1f}')
+        name = next(r.name for r in rows if r.key == key)
+        runs = "; ".join(f"{v}: {', '.join(items)}" for v, items in by_variant.items())
+        lines.append(
+            f"{name}'s published tiers run, at code level (LLaVA-1.5-7B, 576 tokens), avg_T {runs} "
+            "(v1.5's recycled tokens included); the rows above solve its rule for the budget asked"
+        )
+    return lines
 
 
 def _number(value: float) -> str:
@@ -228,6 +276,7 @@ def budget(
     ratio: Ratio = None,
     flops_fraction: FlopsFraction = None,
     strict: Strict = False,
+    withdraw_at: WithdrawAt = None,
     n_text: Annotated[int, typer.Option(min=0, help="text tokens in the prompt (counted in n)")] = 40,
     n_visual: Annotated[
         int | None, typer.Option(min=1, help="visual tokens per image (default: the model's)")
@@ -238,17 +287,19 @@ def budget(
     """Theoretical cost of every method at a budget: schedule, avg_T, FLOPs, KV cache. Offline."""
     output = check_output(output)
     spec = budget_spec(tier, ratio, flops_fraction, strict, explicit_keep=False)
+    withdraw_option(withdraw_at)  # a layer index, before the model is read
     facts = model_facts(model)
+    withdraw_at = withdraw_option(withdraw_at, facts.shape.num_layers)
     if n_visual is None:
         if facts.n_visual is None:
             fail(f"{model!r}: cannot tell how many visual tokens an image gives; pass --n-visual")
         n_visual, note = facts.n_visual, facts.note
     else:
         note = "--n-visual"
-    rows = budget_rows(facts, n_visual, n_text, spec)
+    rows = budget_rows(facts, n_visual, n_text, spec, withdraw_at)
     missed = [r for r in rows if not r.reachable]
     if strict and missed:
-        fail("; ".join(r.reason for r in missed))
+        fail("; ".join(r.reason for r in missed if r.reason is not None))  # every missed row has one
     data = rows_json(rows, spec)
     write_json(output, data)
     if as_json:
@@ -262,7 +313,9 @@ def _print_table(
 ) -> None:
     console = Console(highlight=False)
     scale, unit = flops_unit(rows[0].budget.flops_fastv)
-    console.print(f"{label}: {describe_budget(spec)}, n = {n_text} text + {n_visual} visual tokens")
+    at = rows[-1].budget.withdraw_at
+    vtw = f"; no visual token from layer {at} on (VTW)" if at is not None else ""
+    console.print(f"{label}: {describe_budget(spec)}, n = {n_text} text + {n_visual} visual tokens{vtw}")
     headers = ("method", "layers", "keep", "avg_T", unit, "KV MB", "FLOPs\nsaved", "KV\nsaved")
     cells = _fitted_cells(headers, rows, scale, console.width)
     table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold underline")
@@ -275,6 +328,8 @@ def _print_table(
     (console if width <= console.width else Console(highlight=False, width=width)).print(table)
     if note:
         console.print(f"visual tokens per image: {note}")
+    for line in published_note(rows):
+        console.print(line)
     for r in rows:
         if not r.reachable:
             console.print(f"* {r.note}; --strict makes this an error")

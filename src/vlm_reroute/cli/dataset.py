@@ -33,7 +33,19 @@ from .app import fail
 
 @dataclass(frozen=True)
 class Prompt:
-    """One input line: where it came from, its images (resolved) and everything it said."""
+    """One line of a ``--input`` JSONL file, parsed and checked before any model loads.
+
+    Attributes
+    ----------
+    line : int
+        Its line number in the file (named in errors).
+    images : tuple of str
+        Its images: URLs as given, files resolved against the file's folder.
+    prompt : str
+        The question.
+    record : dict
+        Everything the line said, with ``id`` (default: the line number); copied into its output row.
+    """
 
     line: int
     images: tuple[str, ...]

@@ -28,6 +28,7 @@ from .app import (
     Strict,
     Threads,
     Tier,
+    WithdrawAt,
     app,
     budget_spec,
     check_folder,
@@ -38,6 +39,7 @@ from .app import (
     print_json,
     threads_text,
     torch_threads,
+    withdraw_option,
     write_json,
 )
 
@@ -64,6 +66,7 @@ def demo(
     ratio: Ratio = None,
     flops_fraction: FlopsFraction = None,
     strict: Strict = False,
+    withdraw_at: WithdrawAt = None,
     ratios: Annotated[
         str | None, typer.Option(help="also sweep these ratios, e.g. 0.333,0.222,0.111")
     ] = None,
@@ -84,6 +87,7 @@ def demo(
     if tier is None and ratio is None and flops_fraction is None:
         ratio = DEMO_RATIO
     spec = budget_spec(tier, ratio, flops_fraction, strict, explicit_keep=False)
+    withdraw = {"withdraw_at": withdraw_at} if withdraw_option(withdraw_at) is not None else {}
     sweep = _parse_ratios(ratios)
     out = check_folder(out, "--out")
     folder = _model_folder(model)
@@ -98,15 +102,18 @@ def demo(
         try:
             pipe = pipeline(folder, None, dtype=dtype, device=device, max_new_tokens=12)
             ground, vqa = held_out(n, n_vqa, DEMO_SEED if seed is None else seed)
-            configs = configurations(pipe.model, spec, strict, keys)
+            configs = configurations(pipe.model, {**spec, **withdraw}, strict, keys)
             results = _run_all(pipe, configs, [*ground, *vqa], batch_size)
-            swept = _sweep(pipe, results[0], sweep, ground, strict, keys, batch_size) if sweep else None
+            swept = (
+                _sweep(pipe, results[0], sweep, ground, strict, keys, batch_size, withdraw) if sweep else None
+            )
             files = _pictures(out, pipe, ground, results, configs, swept) if out is not None else []
         except (LoadError, ValueError, TypeError) as exc:
             fail(str(exc))
         report = {
             "model": str(folder),
             "budget": spec,
+            "withdraw_at": withdraw_at,
             "seed": DEMO_SEED if seed is None else seed,
             "scenes": {"ground": n, "vqa": n_vqa},
             "threads": n_threads,
@@ -120,7 +127,8 @@ def demo(
     if as_json:
         print_json(report)
         return
-    _print(report, describe_budget(spec), threads_text(n_threads, default))
+    withdrawn = f", withdrawn from layer {withdraw_at}" if withdraw else ""
+    _print(report, describe_budget(spec) + withdrawn, threads_text(n_threads, default))
 
 
 def _model_folder(model: str | None) -> str:
@@ -182,14 +190,17 @@ def _run_all(pipe: Any, configs: list, items: list[dict], batch_size: int) -> li
     return results
 
 
-def _sweep(pipe: Any, vanilla: Any, ratios: list[float], ground: list[dict], strict: bool, keys, batch_size):
-    """Grounding accuracy of every method at each ratio (vanilla's row repeated for reference)."""
+def _sweep(
+    pipe: Any, vanilla: Any, ratios: list[float], ground: list[dict], strict: bool, keys, batch_size, withdraw
+):
+    """Grounding accuracy of every method at each ratio (vanilla's row repeated for reference);
+    ``withdraw``: ``{"withdraw_at": K}`` or ``{}``."""
     from ..demo.benchmark import configurations, run_config
 
     rows: dict[float, list[dict[str, Any]]] = {}
     plain = _public(vanilla.to_dict())
     for q in ratios:
-        configs = configurations(pipe.model, {"ratio": q}, strict, keys)[1:]
+        configs = configurations(pipe.model, {"ratio": q, **withdraw}, strict, keys)[1:]
         with _progress(len(configs) * len(ground)) as bar:
             task = bar.add_task(f"ratio {q:g}", total=len(configs) * len(ground))
             advance = functools.partial(bar.advance, task)

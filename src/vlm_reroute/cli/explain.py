@@ -29,6 +29,7 @@ from .app import (
     Reroute,
     Strict,
     Tier,
+    WithdrawAt,
     app,
     check_output,
     console,
@@ -50,7 +51,7 @@ def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
         values = ()
     if len(values) != 4 or not (values[0] < values[2] and values[1] < values[3]):
         fail(f"--box {text!r}: give x1,y1,x2,y2 in pixels of the original image with x1 < x2 and y1 < y2")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def build_inputs(builder: Any, pictures: list, prompts: list[str], model: Any) -> dict:
@@ -138,6 +139,7 @@ def explain(
     strict: Strict = False,
     layers: Layers = None,
     keep: Keep = None,
+    withdraw_at: WithdrawAt = None,
     out: Annotated[
         str, typer.Option(help="PNG to write (a batch writes <stem>-sample<i>.png)")
     ] = "routing.png",
@@ -160,7 +162,7 @@ def explain(
     target = parse_box(box)
     if sample is not None and not 0 <= sample < len(prompt):
         fail(f"--sample {sample}: the batch has {len(prompt)} prompts (samples 0..{len(prompt) - 1})")
-    spec = method_spec(method, reroute, tier, ratio, flops_fraction, strict, layers, keep)
+    spec = method_spec(method, reroute, tier, ratio, flops_fraction, strict, layers, keep, withdraw_at)
     from ..comparison import prune_and_reroute
     from ..loading import LoadError, quiet_transformers
 
@@ -189,7 +191,7 @@ def explain(
 
 @dataclass(frozen=True)
 class Drawing:
-    """The drawing options, passed whole so the steps of ``explain`` stay short."""
+    """The drawing options of ``vlm-reroute explain``, passed whole so that its steps stay short."""
 
     box: tuple[float, float, float, float] | None
     box_image: int

@@ -35,6 +35,7 @@ from .app import (
     Strict,
     Threads,
     Tier,
+    WithdrawAt,
     app,
     check_output,
     fail,
@@ -67,6 +68,7 @@ def run(
     strict: Strict = False,
     layers: Layers = None,
     keep: Keep = None,
+    withdraw_at: WithdrawAt = None,
     compare: Annotated[bool, typer.Option(help="also run vanilla: answer, KV and timed prefills")] = False,
     repeats: Annotated[int, typer.Option(min=1, help="timed prefills per configuration with --compare")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="untimed warm-up rounds with --compare")] = 1,
@@ -84,9 +86,9 @@ def run(
         fail("--input reads images and prompts from a JSONL file; drop --image and --prompt")
     if input is None and (not image or prompt is None):
         fail("give --image (repeat it for several images) and --prompt, or --input prompts.jsonl")
-    spec = method_spec(method, reroute, tier, ratio, flops_fraction, strict, layers, keep)
+    spec = method_spec(method, reroute, tier, ratio, flops_fraction, strict, layers, keep, withdraw_at)
     prompts = read_prompts(input) if input is not None else None
-    pictures = None if prompts is not None else [_image(source) for source in image]
+    pictures = None if prompts is not None or image is None else [_image(source) for source in image]
 
     from ..loading import LoadError, quiet_transformers
     from ..pipelines import pipeline
@@ -97,6 +99,7 @@ def run(
             if prompts is not None:
                 run_dataset(pipe, prompts, batch_size, compare, output, model)
                 return
+            assert image and pictures is not None and prompt is not None  # one prompt: checked above
             report = _run_one(pipe, pictures, prompt, compare, repeats, warmup)
         except (LoadError, ValueError, TypeError) as exc:
             fail(str(exc))
@@ -105,6 +108,7 @@ def run(
             images=list(image),
             prompt=prompt,
             budget=spec.budget() or None,
+            withdraw_at=spec.withdraw_at,
             threads=n_threads,
             warnings=shown,
         )
@@ -112,7 +116,8 @@ def run(
         if as_json:
             print_json(report)
         else:
-            _print(report, spec.describe_budget(), threads_text(n_threads, default))
+            withdraw = "" if spec.withdraw_at is None else f", withdrawn from layer {spec.withdraw_at}"
+            _print(report, spec.describe_budget() + withdraw, threads_text(n_threads, default))
         if report.get("spread_warning"):
             warn(report["spread_warning"])
 

@@ -40,7 +40,11 @@ def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
 
 @dataclass
 class Cell:
-    """One accuracy with its interval."""
+    """One accuracy with its 95 % Wilson score interval (Wilson, JASA 1927; :func:`wilson`).
+
+    The interval is carried because a few hundred scenes leave several points of uncertainty: a
+    difference between prune and reroute means something only beyond it.
+    """
 
     correct: int
     total: int
@@ -56,7 +60,11 @@ class Cell:
 
 @dataclass
 class ConfigResult:
-    """Everything one configuration produced: graded answers and mean costs."""
+    """Everything one configuration produced: graded answers and mean costs.
+
+    Grounding is scored as Acc@0.5 (IoU ≥ 0.5, the RefCOCO convention: Yu et al., arXiv 1608.00272),
+    VQA as exact match; ``costs`` are per-sample records of :func:`vlm_reroute.eval.cost.sample_costs`.
+    """
 
     name: str
     method: str

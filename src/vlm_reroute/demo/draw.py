@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,10 @@ TEXTURES = ("solid", "stripes", "dots", "checks")
 
 @dataclass(frozen=True)
 class Shape:
-    """One drawn object: what it is and where (``box`` is the tight pixel box of what is drawn)."""
+    """One drawn object: what it is and where (``box`` is the tight pixel box of what is drawn).
+
+    The referring expressions and the grounding answers are computed from these, never from pixels.
+    """
 
     shape: str
     color: str
@@ -77,8 +81,14 @@ def outline(shape: str, box: tuple[int, int, int, int]) -> list[tuple[float, flo
     raise ValueError(f"shape {shape!r}: allowed are {', '.join(SHAPES)}")
 
 
+def _rgb(channels: Iterable[float]) -> tuple[int, int, int]:
+    """Three channel values, each clipped to 0..255."""
+    r, g, b = (int(min(255, max(0, c))) for c in channels)
+    return r, g, b
+
+
 def _shade(rgb: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
-    return tuple(int(min(255, max(0, c * factor))) for c in rgb)  # type: ignore[return-value]
+    return _rgb(c * factor for c in rgb)
 
 
 def _background(rng: random.Random, noise: np.random.Generator) -> np.ndarray:
@@ -112,7 +122,7 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: random.Random) -> None:
 
 def _texture(kind: str, rgb: tuple[int, int, int], rng: random.Random) -> np.ndarray:
     """An RGB layer over the whole canvas: the object's colour with its pattern in a lighter shade."""
-    jitter = tuple(min(255, max(0, c + rng.randint(-14, 14))) for c in rgb)
+    jitter = _rgb(c + rng.randint(-14, 14) for c in rgb)
     layer = np.empty((SIZE, SIZE, 3), dtype=np.float64)
     layer[:] = jitter
     alt = np.array(_shade(jitter, rng.choice((0.7, 1.3))), dtype=np.float64)

@@ -22,7 +22,12 @@ from .vocab import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, build_tokenizer, vocabulary
 
 @dataclass(frozen=True)
 class DemoShape:
-    """Widths and depths of the demo model (the vision tower's heads are 64-wide, the decoder's 32)."""
+    """Widths and depths of the demo model (the vision tower's heads are 64-wide, the decoder's 32).
+
+    The model is LLaVA-1.5's layout (arXiv 2310.03744: a CLIP tower, a two-layer GELU projector,
+    a Llama decoder) at a size trained on a CPU; 12 layers let FastV's and PDrop's decision layers,
+    scaled from 32, fall on distinct layers.
+    """
 
     vision_width: int = 192
     vision_layers: int = 4

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -24,7 +24,8 @@ GROUND_FAMILIES = ("attribute", "spatial", "superlative")
 VQA_FAMILIES = ("color", "shape", "count", "yesno")
 FAMILIES = {"ground": GROUND_FAMILIES, "vqa": VQA_FAMILIES}
 RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
-EXTREMES = {
+#: superlative -> (what is compared: "area" or a centre axis 0 = x, 1 = y; which end wins: -1 or 1)
+EXTREMES: dict[str, tuple[Literal["area"] | int, int]] = {
     "smallest": ("area", -1),
     "largest": ("area", 1),
     "leftmost": (0, -1),
@@ -41,7 +42,12 @@ _POS_MARGIN = 14.0  # pixels between an extreme's centre and the runner-up's
 
 @dataclass
 class Scene:
-    """A drawn scene with its question, plus what training needs (objects, per-patch labels)."""
+    """A drawn scene with its question, plus what training needs (objects, per-patch labels).
+
+    Grounding scenes ask for the box of a referring expression (attribute, spatial relation or
+    superlative, as in RefCOCO: Yu et al., arXiv 1608.00272), VQA scenes for a colour, shape,
+    count or yes/no; :meth:`public` is what :func:`scenes` returns.
+    """
 
     image: Any
     prompt: str

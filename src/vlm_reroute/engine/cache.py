@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
@@ -40,8 +40,21 @@ def kv_bytes(cache: Cache) -> int:
 
 @dataclass(frozen=True)
 class Routing:
-    """What decoding a routed cache needs: per stage, its first layer and the bool ``(B, L)`` key
-    mask of the prompt's compact layout; ``prompt_length`` in full-sequence positions."""
+    """What decoding a routed cache needs, kept on the cache after its prefill.
+
+    Each stage's layers cached only that stage's tokens (Reroute, arXiv 2606.12412, and pruning
+    alike), so each stage decodes against its own key mask.
+
+    Attributes
+    ----------
+    method : str
+        The method that filled the cache.
+    key_masks : tuple of (int, Tensor)
+        Per stage: its first decoder layer and the bool ``(B, L)`` key mask of the prompt's compact
+        layout.
+    prompt_length : int
+        The prompt's length in full-sequence positions.
+    """
 
     method: str
     key_masks: tuple[tuple[int, torch.Tensor], ...]
@@ -52,13 +65,23 @@ class Routing:
 
 
 class Owner(Protocol):
-    """The executor that filled a routed cache (see ``RoutingExecutor.serves``)."""
+    """The executor that filled a routed cache (see ``RoutingExecutor.serves``).
+
+    A protocol, so that the cache module need not import the executor.
+    """
 
     def serves(self, cache: Cache) -> bool: ...
 
 
 class RoutedCache(DynamicCache):
-    """A :class:`DynamicCache` filled by a routed prefill (made by :func:`claim`, never built)."""
+    """A :class:`DynamicCache` filled by a routed prefill (made by :func:`claim`, never built).
+
+    Its layers hold different numbers of tokens, one count per stage (Reroute, arXiv 2606.12412;
+    the prune baselines FastV, arXiv 2403.06764, and PyramidDrop, arXiv 2410.17247, alike). It exists
+    so that only the routed model inside the block that filled it can continue it: any other use
+    raises (:meth:`refusal` says why) instead of attending over misaligned keys; beam reordering
+    and batch selection keep its key masks' rows in step with the cache's.
+    """
 
     _vlm_owner: weakref.ref
     _vlm_routing: Routing | None  # None while its prefill runs, or if that prefill raised
@@ -123,7 +146,8 @@ class RoutedCache(DynamicCache):
     def reset(self) -> None:
         """Empty again: an ordinary DynamicCache, free for any prefill."""
         super().reset()
-        self.__class__ = DynamicCache
+        # reclassing in place, which the type system cannot follow (``self`` stays typed RoutedCache)
+        self.__class__ = DynamicCache  # type: ignore[assignment]
 
     def _select_rows(self, index: torch.Tensor) -> None:
         if self._vlm_routing is not None:
@@ -135,7 +159,8 @@ def claim(cache: Cache, owner: Owner, method: str) -> RoutedCache:
     """Turn the (empty) DynamicCache a routed prefill is about to fill into a RoutedCache."""
     if not isinstance(cache, RoutedCache):
         cache.__class__ = RoutedCache
-    cache._vlm_owner = weakref.ref(owner)
-    cache._vlm_routing = None
-    cache._vlm_method = method
-    return cache  # type: ignore[return-value]
+    routed = cast(RoutedCache, cache)  # reclassed in place just above, which mypy cannot follow
+    routed._vlm_owner = weakref.ref(owner)
+    routed._vlm_routing = None
+    routed._vlm_method = method
+    return routed

@@ -28,17 +28,31 @@ if TYPE_CHECKING:
 
 @dataclass
 class Generation:
-    """A ``generate()`` call in progress: the prompt's length and, once its first routed prefill has
-    decided, the decisions (per stage, ``(B, prompt_length)`` bool) that later prefills of the same
-    call reuse (``use_cache=False`` re-runs the whole sequence at every step)."""
+    """A ``generate()`` call in progress on this thread.
+
+    It exists because assisted generation, prompt lookup and ``use_cache=False`` send more than the
+    prompt in one forward: the executor decides from the prompt alone, and later prefills of the same
+    call reuse the first one's decisions.
+
+    Attributes
+    ----------
+    prompt_length : int
+        Where the prompt ends.
+    decided : list of Tensor or None
+        Once the first routed prefill has decided: per stage, the ``(B, prompt_length)`` bool
+        decisions that later prefills of the same call reuse.
+    """
 
     prompt_length: int
     decided: list[torch.Tensor] | None = None
 
 
 class CallMode(StrEnum):
-    """What a routed forward is (a vanilla call has no mode: ``None``). A ``StrEnum`` so that messages
-    which name the mode (``compiled.SKIPPED_HOOKS``) print ``prefill``/``decode`` as before."""
+    """What a routed forward is (a vanilla call has no mode: ``None``).
+
+    A ``StrEnum`` so that messages which name the mode (``compiled.SKIPPED_HOOKS``) print
+    ``prefill``/``decode``.
+    """
 
     PREFILL = "prefill"
     DECODE = "decode"
@@ -46,18 +60,40 @@ class CallMode(StrEnum):
 
 @dataclass
 class Call:
-    """One forward of the routed model."""
+    """One forward of the routed model and the state it keeps.
 
-    mode: CallMode | None = None  # None: vanilla (text only, or no routing needed)
+    It exists so that a forward's state lives in one object held per thread, never on the executor:
+    threads sharing a routed model do not see each other's decisions or caches.
+
+    Attributes
+    ----------
+    mode : CallMode or None
+        ``None`` for a vanilla call (text only, or no routing needed).
+    prefill : Prefill or None
+        A routed prefill's state.
+    cache : RoutedCache or None
+        The routed cache this call fills or continues.
+    mask2d : Tensor or None
+        A decode step's 2-D attention mask.
+    decode_masks : dict
+        A decode step's masks, per stage (built once per stage).
+    layers_run : int
+        Layer hooks that ran (code compiled before the block skips them).
+    """
+
+    mode: CallMode | None = None
     prefill: Prefill | None = None
-    cache: RoutedCache | None = None  # the routed cache this call fills or continues
-    mask2d: torch.Tensor | None = None  # decode: the 2-D attention mask of the call
-    decode_masks: dict[int, Any] = field(default_factory=dict)  # decode: stage -> mask
-    layers_run: int = 0  # layer hooks that ran (code compiled before the block skips them)
+    cache: RoutedCache | None = None
+    mask2d: torch.Tensor | None = None
+    decode_masks: dict[int, Any] = field(default_factory=dict)
+    layers_run: int = 0
 
 
 class CallState(threading.local):
-    """Per thread: the call in progress and the ``generate()`` it belongs to."""
+    """Per thread: the call in progress and the ``generate()`` it belongs to.
+
+    A ``threading.local``, so that each thread sees only its own (see :class:`Call`).
+    """
 
     def __init__(self) -> None:
         self.call: Call | None = None

@@ -24,7 +24,7 @@ import inspect
 import os
 import warnings
 from functools import cache
-from typing import Any
+from typing import Any, NoReturn
 
 import transformers
 from torch import nn
@@ -36,7 +36,10 @@ CACHE_KEYWORDS = ("cache", "past_key_values")
 
 
 class UntestedTransformersWarning(UserWarning):
-    """Routing under a ``transformers`` release outside the tested range, allowed by ``OPT_IN``."""
+    """Routing under a ``transformers`` release outside the tested range, allowed by ``OPT_IN``.
+
+    A category of its own, so that a user who opted in can filter this one warning.
+    """
 
 
 def check_version(version: str | None = None) -> None:
@@ -184,7 +187,7 @@ def _require(function: Any, name: str, parameters: tuple[str, ...]) -> None:
         _refuse(f"{name} has no parameter {', '.join(missing)}")
 
 
-def _refuse(what: str) -> None:
+def _refuse(what: str) -> NoReturn:
     raise RuntimeError(
         f"transformers {transformers.__version__}: {what}; vlm-reroute routes by these internals and "
         f"refuses to run without them (tested: transformers{range_text(TRANSFORMERS_RANGE)})"

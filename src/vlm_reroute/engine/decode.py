@@ -19,7 +19,10 @@ from .masks import stage_mask
 
 def decode_mask(config: object, call: Call, layer_idx: int, hidden: torch.Tensor) -> Any:
     """The mask of layer ``layer_idx``'s stage for this decode step (built once per stage)."""
-    cache, routing = call.cache, call.cache.routing
+    cache = call.cache
+    routing = cache.routing if cache is not None else None
+    if cache is None or routing is None:  # classify() sets both on every decode call
+        raise RuntimeError("decode_mask: this call is not a decode step on a routed cache")
     stage = max(s for s, (first, _) in enumerate(routing.key_masks) if first <= layer_idx)
     if stage not in call.decode_masks:
         first, key_mask = routing.key_masks[stage]

@@ -8,14 +8,18 @@ state (``prefill.py``) holds:
   slot absorbs the writes of batch fillers); deferred tokens keep their carried state there;
 * the current stage's compact layout: ``index`` ``(B, L)`` into the buffer, in original order.
 
-At a decision layer the previous stage is scattered into the buffer, the candidates are scored
-and the top k per image selected, and the new kept set is gathered once; every layer of the
-stage then runs on it with gathered RoPE (original positions, gaps included) and a stage mask.
-The last layer's output is scattered back so the model head sees the usual full sequence. A
+At a decision layer (``decide.py``) the previous stage is scattered into the buffer, the
+candidates are scored and the top k per image selected (or a set selector, DART's, chooses exactly
+k per image itself), and the new kept set is gathered once; every layer of the stage then runs on
+it with gathered RoPE (original positions, gaps included) and a stage mask. The last layer's output
+is scattered back so the model head sees the usual full sequence. A
 layer's KV cache therefore holds exactly the tokens that went through it; the prefill turns the
 cache into a :class:`~.cache.RoutedCache` holding the stage layouts, and decode steps
 (``decode.py``) attend, per stage, over its own cache with a mask of the right length. The trace
 is replaced only when a prefill completes.
+
+A plan with ``withdraw_at=K`` (VTW, arXiv 2405.05803) gathers text only at layer K: from there on no
+visual token runs or is cached, under prune and reroute alike.
 
 A plan with a vision-side stage (Nüwa's stage 1, ``vision.py``) applies it at layer 0 as an
 irreversible stage 0: only text and the tokens it kept exist from there on, later decisions choose
@@ -35,18 +39,19 @@ from transformers.cache_utils import Cache
 
 from ..adapters.base import ModelAdapter
 from ..kinds import ScoreFrom
-from ..scoring.base import ScoringContext, scores_from
+from ..scoring.base import scores_from
 from .cache import claim
 from .calls import Call, CallMode, CallState, classify
 from .compat import cache_argument, check_internals
 from .compiled import SKIPPED_HOOKS
+from .decide import Decider
 from .decode import decode_mask
 from .generation import GenerateGuard
 from .masks import StageMasks
 from .plan import Plan
 from .prefill import Prefill
 from .trace import Trace
-from .vision import Reports, forget_logical_length, stage_zero
+from .vision import Reports, forget_logical_length
 
 
 class RoutingExecutor:
@@ -59,7 +64,6 @@ class RoutingExecutor:
     def __init__(self, model: nn.Module, adapter: ModelAdapter, plan: Plan, trace: Trace) -> None:
         self.model, self.adapter, self.plan, self.trace = model, adapter, plan, trace
         self.cache_keyword = check_internals(model, list(adapter.layers))
-        self.decision_of = {layer: i for i, layer in enumerate(plan.layers)}
         score_from = scores_from(plan.scorer)
         ahead = score_from is ScoreFrom.PREVIOUS  # decision at l scored at l - 1
         self.score_ahead = {layer - 1: layer for layer in plan.layers} if ahead else {}
@@ -67,7 +71,9 @@ class RoutingExecutor:
         adapter.check_plan(plan.layers, score_from)
         self.recurrent = frozenset(adapter.recurrent_layers)  # linear attention: no KV, a 2-D mask
         self.masks = StageMasks(adapter.text_config, len(adapter.layers), self.recurrent)
-        self.reports = Reports() if plan.vision is not None else None
+        decide = getattr(plan.vision, "decide", None)  # a vision stage deciding at layer 0 (DivPrune)
+        self.reports = Reports(decide=decide) if plan.vision is not None else None
+        self.decider = Decider(adapter, plan, self.masks, self.reports)  # scoring, selection, gathers
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.calls = CallState()
         self.active = False
@@ -87,6 +93,7 @@ class RoutingExecutor:
             reg(layers[i].register_forward_hook(partial(self._add_after_layer, i)))
         reg(layers[len(layers) - 1].register_forward_hook(self._after_last_layer))
         if self.plan.vision is not None:
+            assert self.reports is not None  # built in __init__ for every plan with a vision stage
             self.handles += self.plan.vision.install(self.model, self.reports.add)
         self._generate = GenerateGuard(self)
         self._generate.install()
@@ -143,6 +150,7 @@ class RoutingExecutor:
     def _commit(self, call: Call) -> None:
         """A complete prefill: the cache learns its stage layouts, the trace shows its decisions."""
         st = call.prefill
+        assert st is not None  # a prefill call: classify() set its state
         if call.cache is not None:
             st.settle(call.cache, self.plan.method, self.adapter.length_layer)
         generation = self.calls.generation
@@ -161,11 +169,12 @@ class RoutingExecutor:
                 f"inside a vlm-reroute block, call the model the method was applied to "
                 f"({type(self.model).__name__}), not its decoder: the decoder alone cannot be routed"
             )
-        if call is None or call.mode is not CallMode.PREFILL:
+        st = call.prefill if call is not None and call.mode is CallMode.PREFILL else None
+        if st is None:
             return None
         # inputs the decoder adds to the full sequence inside its own loop (Qwen3-VL's DeepStack)
         # are taken out here and added by _add_after_layer to the tokens that ran the layer
-        call.prefill.additions = self.adapter.take_layer_additions(kwargs)
+        st.additions = self.adapter.take_layer_additions(kwargs)
         return args, kwargs
 
     # ---- layer hooks ------------------------------------------------------------------------
@@ -182,16 +191,21 @@ class RoutingExecutor:
             kwargs["attention_mask"] = decode_mask(self.adapter.text_config, call, i, hidden)
             return args, kwargs
         st = call.prefill
+        assert st is not None  # a prefill call: classify() set its state
         if i == 0:
-            self._capture(call, hidden, kwargs)
+            self._capture(call, st, hidden, kwargs)
+            self.decider.prepare(st, layer, hidden)
             if self.plan.vision is not None:
-                hidden = self._enter(st, hidden)
-        if i in self.decision_of:
-            hidden = self._decide(st, i, layer, hidden)
+                hidden = self.decider.enter(st, hidden)
+        if i in self.decider.decision_of:
+            hidden = self.decider.decide(st, i, layer, hidden)
+        if i == self.plan.withdraw_at:
+            hidden = self.decider.withdraw(st, i, hidden)
         if i in self.score_ahead and st.reuse is None:
             decision = self.score_ahead[i]
             candidates = st.candidates(self.plan.reroute)
-            st.pending[decision] = self._score(st, i, decision, layer, st.full_view(hidden), candidates)
+            full = st.full_view(hidden)
+            st.pending[decision] = self.decider.choose(st, i, decision, layer, full, candidates)
         if st.index is None:
             return None
         kwargs.update(st.stage_kwargs)
@@ -205,25 +219,26 @@ class RoutingExecutor:
     @torch.compiler.disable
     def _after_last_layer(self, layer: nn.Module, args: tuple, output: Any) -> Any:
         call = self.calls.call
-        if call is None or call.mode is not CallMode.PREFILL or call.prefill.index is None:
+        st = call.prefill if call is not None and call.mode is CallMode.PREFILL else None
+        if st is None or st.index is None:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        full = call.prefill.full_view(hidden)[:, : call.prefill.n]
+        full = st.full_view(hidden)[:, : st.n]
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
     @torch.compiler.disable
     def _add_after_layer(self, i: int, layer: nn.Module, args: tuple, output: Any) -> Any:
         """Add row ``rank`` of ``additions[i]`` to each token of its mask that ran layer ``i``."""
         call = self.calls.call
-        if call is None or call.mode is not CallMode.PREFILL or i not in call.prefill.additions:
+        st = call.prefill if call is not None and call.mode is CallMode.PREFILL else None
+        if st is None or i not in st.additions:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        hidden = call.prefill.add_rows(i, hidden)
+        hidden = st.add_rows(i, hidden)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     # ---- prefill mechanics ----------------------------------------------------------------
-    def _capture(self, call: Call, hidden: torch.Tensor, kwargs: dict) -> None:
-        st = call.prefill
+    def _capture(self, call: Call, st: Prefill, hidden: torch.Tensor, kwargs: dict) -> None:
         batch, n = hidden.shape[:2]
         cos, sin = kwargs["position_embeddings"]
         st.rope = (cos.expand(batch, n, -1), sin.expand(batch, n, -1))
@@ -233,61 +248,3 @@ class RoutingExecutor:
         if cache is not None:
             forget_logical_length(cache)  # a cache reused after reset() starts from its real length
         st.cache = call.cache = claim(cache, self, self.plan.method) if cache is not None else None
-
-    def _score(
-        self,
-        st: Prefill,
-        i: int,
-        decision: int,
-        layer: nn.Module,
-        full: torch.Tensor,
-        candidates: torch.Tensor,
-    ) -> torch.Tensor:
-        """Scores ``(B, N)`` from the method's scorer at layer ``i`` for the decision at ``decision``.
-
-        The scorer sees the prompt only (positions ``< prompt_length``): tokens after it (drafts,
-        generated tokens) neither query nor serve as keys, so the decision is the prompt's own.
-        """
-        p = st.prompt_length
-        keys = st.valid[:, :p] & (~st.visual[:, :p] | candidates[:, :p])
-        ctx = ScoringContext(
-            adapter=self.adapter,
-            layer=layer,
-            layer_idx=i,
-            decision=decision,
-            hidden=full if p == st.n else full[:, : p + 1],
-            keys=keys,
-            candidates=candidates[:, :p],
-            visual=st.visual[:, :p],
-            image_ids=st.image_ids[:, :p],
-            valid=st.valid if p == st.n else nn.functional.pad(st.valid[:, :p], (0, 1), value=False),
-            last=st.last,
-            rope=(st.rope[0][:, :p], st.rope[1][:, :p]),
-            input_ids=st.tokens[:, :p],
-            layouts=st.layouts,
-        )
-        scores = self.plan.scorer.score(ctx)
-        return nn.functional.pad(scores, (0, st.n - p)) if p < st.n else scores
-
-    def _decide(self, st: Prefill, i: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        stage = self.decision_of[i]
-        full = st.full_view(hidden)
-        if st.reuse is not None:
-            selected = nn.functional.pad(st.reuse[stage], (0, st.extra), value=False)
-        else:
-            candidates = st.candidates(self.plan.reroute)
-            scores = st.pending.pop(i, None)
-            if scores is None:
-                scores = self._score(st, i, i, layer, full, candidates)
-            selected = st.select(stage, scores, candidates)
-            st.decisions.append(st.record(i, scores, selected))
-        st.selections.append(selected[:, : st.prompt_length])
-        return st.gather(i, full, selected, self.masks)
-
-    def _enter(self, st: Prefill, hidden: torch.Tensor) -> torch.Tensor:
-        """Stage 0: from layer 0 on only text and the tokens the vision stage kept go through."""
-        entry = stage_zero(self.reports, hidden, st.visual, st.image_ids, st.layouts, len(self.plan.layers))
-        st.counts, st.stage1 = entry.counts, entry.records
-        st.decisions.append(st.record(0, entry.scores, entry.kept))
-        st.pool = entry.kept
-        return st.gather(0, st.full_view(hidden), entry.kept, self.masks)

@@ -64,12 +64,20 @@ _MISSING = object()
 
 
 class GenerateGuard:
-    """The model's ``generate`` while a method is applied: checks the mode, then records the prompt
-    length on the thread for the executor."""
+    """The model's ``generate`` while a method is applied: checks the mode, records the prompt length.
+
+    The prompt length is kept on the thread for the executor. The guard exists so that every
+    ``generate()`` mode either routes exactly or is refused before its first forward (the module
+    docstring lists which), and so that the executor knows where the prompt ends when a forward
+    carries drafts or generated tokens after it.
+    """
 
     def __init__(self, executor: RoutingExecutor) -> None:
         self.executor = executor
-        self.model = executor.model
+        # A generative PreTrainedModel, left untyped: as nn.Module its ``generate`` reads as
+        # ``Tensor | Module``, and GenerationMixin's methods take ``self`` as transformers'
+        # GenerativePreTrainedModel protocol, which no model class is declared to satisfy.
+        self.model: Any = executor.model
         self._previous: Any = _MISSING
 
     def install(self) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..scoring.base import Scorer
+from ..scoring.base import Scorer, Selector
 from .vision import VisionStage
 
 
@@ -18,15 +18,18 @@ class Plan:
     ``keep_counts(n)`` gives the count of every stage for an image of ``n`` visual tokens (a fixed
     schedule resolved, or a budget target solved for that size). ``method`` names it in messages.
     With a ``vision`` stage each image's counts come from its report at layer 0, and the decisions
-    choose among the tokens it kept.
+    choose among the tokens it kept. ``scorer`` ranks candidates (the executor keeps the top k) or,
+    as a :class:`~vlm_reroute.scoring.base.Selector`, chooses the set itself (DART).
+    ``withdraw_at``: from this layer on no visual token runs (VTW's terminal stage).
     """
 
     method: str
     layers: tuple[int, ...]
     reroute: bool
     keep_counts: Callable[[int], tuple[int, ...]]
-    scorer: Scorer
+    scorer: Scorer | Selector
     vision: VisionStage | None = None
+    withdraw_at: int | None = None
 
     def counts(self, sizes: torch.Tensor) -> list[torch.Tensor]:
         """Per stage: ``(n_images,)`` keep counts for images of ``sizes`` tokens."""

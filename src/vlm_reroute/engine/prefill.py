@@ -50,12 +50,14 @@ class Prefill:
     stage1: list[list[Any]] = field(default_factory=list)  # the vision stage's records (trace)
     stage_kwargs: dict[str, Any] = field(default_factory=dict)
     key_masks: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first layer, (B, L))
-    pending: dict[int, torch.Tensor] = field(default_factory=dict)  # decision layer -> scores
+    # decision layer -> (scores, selected), computed a layer early (score_from="previous")
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     decisions: list[Decision] = field(default_factory=list)  # committed to the trace on success
     selections: list[torch.Tensor] = field(default_factory=list)  # per stage (B, prompt_length)
     # rows the decoder would add after some layers (Qwen3-VL's DeepStack): layer -> (mask, rows)
     additions: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     recurrent_mask: torch.Tensor | None = None  # the stage's 2-D padding mask for linear-attention layers
+    scorer_state: Any = None  # what the scorer's prepare() read from the embeddings entering layer 0
 
     @property
     def n(self) -> int:
@@ -102,6 +104,29 @@ class Prefill:
             scores[rows[query_visual], self.last[query_visual]] = float("inf")
         return top_k_per_image(scores, candidates, self.image_ids, self.counts[stage])
 
+    def query_slot(
+        self, stage: int, candidates: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a set selector: ``(forced, open, counts)``. The scoring query, when it is a visual
+        candidate, is ``forced`` in; the selector chooses among the ``open`` candidates the ``counts``
+        left per image (its image gives up one slot), as :meth:`select` does with an infinite score."""
+        rows = self.rows()[:, 0]
+        forced = torch.zeros_like(self.visual)
+        forced[rows, self.last] = self.visual[rows, self.last] & candidates[rows, self.last]
+        counts = self.counts[stage]
+        if bool(forced.any()):
+            counts = counts - torch.bincount(self.image_ids[forced], minlength=counts.numel())
+        return forced, candidates & ~forced, counts
+
+    def check_set(self, chosen: torch.Tensor, open_: torch.Tensor, counts: torch.Tensor, owner: str) -> None:
+        """A selector's set must hold exactly ``counts`` tokens per image, among the open candidates."""
+        got = torch.bincount(self.image_ids[chosen & (self.image_ids >= 0)], minlength=counts.numel())
+        if bool((chosen & ~open_).any()) or not torch.equal(got, counts):
+            raise RuntimeError(
+                f"{owner}: the selector chose {got.tolist()} tokens per image (or non-candidates); "
+                f"a selector must choose exactly {counts.tolist()} among ctx.candidates"
+            )
+
     def record(self, layer: int, scores: torch.Tensor, selected: torch.Tensor) -> Decision:
         """The trace's record of a decision (one device-to-host copy, then split per sample)."""
         rank = (self.visual.cumsum(dim=1) - 1)[selected].cpu()
@@ -140,6 +165,7 @@ class Prefill:
         rows, rope_index = self.rows(), index.clamp(max=self.n - 1)
         key_mask = filled & self.valid[rows, index]
         self.key_masks.append((first, key_mask))
+        assert self.rope is not None  # captured by the executor at layer 0, before any stage
         cos, sin = self.rope
         self.stage_kwargs = {
             "attention_mask": masks.attention(key_mask, index.shape[1], self.cache, first, full.dtype),

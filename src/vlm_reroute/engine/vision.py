@@ -76,10 +76,18 @@ class VisionStage(Protocol):
 
 
 class Reports:
-    """The images encoded on each thread, newest last (a few encodings are kept)."""
+    """The images encoded on each thread, newest last (a few encodings are kept).
 
-    def __init__(self, encodings: int = 4) -> None:
+    ``decide``: a stage that decides at layer 0 from the rows the language model receives (DivPrune
+    needs nothing else, so it runs on every family without hooking the tower): it maps those rows,
+    one ``(N_i, D)`` tensor per image, to the images' reports, and :meth:`match` asks it instead of
+    looking up encodings."""
+
+    def __init__(
+        self, encodings: int = 4, decide: Callable[[list[torch.Tensor]], list[EncodedImage]] | None = None
+    ) -> None:
         self.encodings = encodings
+        self.decide = decide
         self.local = threading.local()
 
     def _queue(self) -> deque:
@@ -95,6 +103,8 @@ class Reports:
 
     def match(self, rows: Sequence[torch.Tensor]) -> list[EncodedImage]:
         """The report of each image whose placeholders hold ``rows[i]`` ``(N_i, D)``, newest first."""
+        if self.decide is not None:
+            return self.decide(list(rows))
         candidates = [image for batch in reversed(self._queue()) for image in batch]
         out = []
         for i, held in enumerate(rows):

@@ -24,7 +24,17 @@ from ..budget import ModelShape, layer_flops
 
 @dataclass
 class SampleCost:
-    """Cost of one sample; ``layers``/``kept`` are the decisions that ran (empty for vanilla)."""
+    """Cost of one answered sample, as its prefill ran.
+
+    ``layers``/``kept`` are the decisions that ran (empty for vanilla).
+
+    References
+    ----------
+    ``avg_visual_tokens`` is avg_T, the mean over decoder layers of the visual tokens each carried
+    (docs/budgets.md). ``tflops`` is FastV's count (arXiv 2403.06764, Eq. 5), ``tflops_pdrop``
+    PyramidDrop's (arXiv 2410.17247, three-matrix FFN), ``tflops_exact`` the GQA-aware count: all
+    multiply-accumulates of the decoder layers with ``n`` = text + visual tokens entering each.
+    """
 
     method: str
     layers: list[int]
@@ -100,7 +110,11 @@ def sample_costs(
 
 
 class PrefillTimer:
-    """Times the first forward of each ``generate()`` call (the prefill) with a pre/post hook pair."""
+    """Times the first forward of each ``generate()`` call (the prefill) with a pre/post hook pair.
+
+    It exists because the prefill is what visual-token reduction speeds up: a whole ``generate()``
+    also holds the decode steps, whose time the prefill's would drown in.
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model

@@ -29,7 +29,11 @@ _RAISED = re.compile(r"^(\w+(?:\.\w+)*(?:Error|Exception|Interrupt)): (.*)$")
 
 
 class EvalFailed(RuntimeError):
-    """lmms-eval produced no results: the message is the one line to show."""
+    """lmms-eval produced no results for a grid cell: the message is the one line to show.
+
+    It exists so that ``vlm-reroute eval`` reports an lmms-eval failure (an exception, or no results
+    returned) as one ``error:`` line naming the cell, instead of a traceback from inside lmms-eval.
+    """
 
 
 def one_line(text: str) -> str:

@@ -47,7 +47,11 @@ def reported_clamps(report: Callable[[str], None], shown: set[str]) -> Iterator[
 
 
 class Force:
-    """Logits processor that forces the given tokens, one per step (teacher forcing inside generate)."""
+    """Logits processor that forces the given tokens, one per step (teacher forcing inside generate).
+
+    It exists so that a ``loglikelihood`` request is scored through ``generate()`` with the same
+    routing, cache and masks as an answer.
+    """
 
     def __init__(self, tokens: list[int]) -> None:
         self.tokens = tokens

@@ -64,7 +64,12 @@ def _template_view(conversation: Conversation) -> Conversation:
 
 @dataclass
 class InputBuilder:
-    """Turns conversations into one left-padded batch for ``model``."""
+    """Turns conversations into one left-padded batch for ``model``.
+
+    It exists because lmms-eval hands the plugin chat messages, and several families' processors
+    cannot be built without torchvision: then the batch is assembled from the tokenizer and the image
+    processor by the same rule the pipeline uses (module docstring).
+    """
 
     tokenizer: Any
     processor: Any = None

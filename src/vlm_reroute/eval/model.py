@@ -19,7 +19,6 @@ Each answer carries its cost (:mod:`.cost`) in its ``token_counts`` (written by 
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import os
@@ -38,6 +37,7 @@ from lmms_eval.protocol import ChatMessages
 from tqdm import tqdm
 
 from ..methods.spec import MethodSpec
+from ..methods.spec_parsing import refuse_unknown_args
 from .checkpoint import load_vlm
 from .cost import PrefillTimer, model_shape, peak_memory, sample_costs, summarise
 from .generation import Force, count_generated, log_warning, reported_clamps, truncate
@@ -49,7 +49,10 @@ _DEFAULT_MAX_NEW_TOKENS = 128
 
 @dataclass
 class CostTokenCounts(TokenCounts):
-    """lmms-eval's per-sample token counts plus this sample's cost (key ``vlm_reroute`` in the samples)."""
+    """lmms-eval's per-sample token counts plus this sample's cost (key ``vlm_reroute`` in the samples).
+
+    So each answer's :class:`~vlm_reroute.eval.cost.SampleCost` travels in lmms-eval's sample files.
+    """
 
     cost: dict[str, Any] | None = None
 
@@ -71,7 +74,13 @@ class _Request:
 
 
 class VlmRerouteSimple(lmms):
-    """lmms-eval model ``vlm_reroute`` (simple interface): see the module docstring for the arguments."""
+    """lmms-eval model ``vlm_reroute``, simple interface (``--force_simple``).
+
+    Any supported checkpoint with a registered token-reduction method applied, as prune or as
+    Reroute (arXiv 2606.12412), evaluated by lmms-eval (arXiv 2407.12772). It also answers
+    ``loglikelihood`` requests, which lmms-eval 0.7 issues only to simple models. See the module
+    docstring for the arguments.
+    """
 
     is_simple = True
 
@@ -85,6 +94,7 @@ class VlmRerouteSimple(lmms):
         flops_fraction: float | str | None = None,
         layers: str | None = None,
         keep: str | None = None,
+        withdraw_at: int | str | None = None,
         dtype: str = "auto",
         attn_implementation: str | None = "sdpa",
         device: str | None = None,
@@ -97,11 +107,9 @@ class VlmRerouteSimple(lmms):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        unknown = sorted(k for k in kwargs if k not in _LMMS_EXTRA)
-        if unknown:
-            allowed = [p for p in inspect.signature(VlmRerouteSimple.__init__).parameters][1:-1]
-            raise ValueError(f"vlm_reroute: unknown model_args {unknown}; allowed are {', '.join(allowed)}")
-        self.spec = MethodSpec.from_args(method, reroute, tier, ratio, flops_fraction, layers, keep)
+        refuse_unknown_args(kwargs, _LMMS_EXTRA, VlmRerouteSimple.__init__)
+        args = (method, reroute, tier, ratio, flops_fraction, layers, keep, withdraw_at)
+        self.spec = MethodSpec.from_args(*args)
         try:
             self.batch_size_per_gpu = int(batch_size)
         except ValueError:
@@ -232,8 +240,8 @@ class VlmRerouteSimple(lmms):
         keys = {r.index: json.dumps(r.gen_kwargs, sort_keys=True, default=str) for r in requests}
         ordered = sorted(requests, key=lambda r: (keys[r.index], r.index))
         batches: list[list[_Request]] = []
-        for _, members in itertools.groupby(ordered, key=lambda r: keys[r.index]):
-            members = list(members)
+        for _, grouped in itertools.groupby(ordered, key=lambda r: keys[r.index]):
+            members = list(grouped)
             batches += [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
 
         results: dict[int, GenerationResult] = {}
@@ -273,12 +281,14 @@ class VlmRerouteSimple(lmms):
         width = inputs["input_ids"].shape[1]
         new_tokens = output[:, width:]
         texts = self.inputs.decode(new_tokens)
+        if (image_token_id := self.inputs.image_token_id) is None:  # the cost records count them
+            raise ValueError(f"{type(self._model).__name__}'s config names no image_token_id")
         costs = sample_costs(
             self.shape,
             self.spec.name,
             inputs["input_ids"].cpu(),
             inputs["attention_mask"].cpu(),
-            self.inputs.image_token_id,
+            image_token_id,
             trace,
             timer.ms or 0.0,
             (peak[0], peak[1]),
@@ -373,7 +383,7 @@ class VlmRerouteSimple(lmms):
 
 
 class VlmReroute(VlmRerouteSimple):
-    """lmms-eval model ``vlm_reroute`` (chat interface, the default)."""
+    """lmms-eval model ``vlm_reroute``, chat interface (the default): see :class:`VlmRerouteSimple`."""
 
     is_simple = False
 

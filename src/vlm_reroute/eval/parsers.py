@@ -69,7 +69,11 @@ _PAREN_PAIRS = re.compile(rf"\(\s*({_NUM}){_SEP}({_NUM})\s*\)\s*,?\s*\(\s*({_NUM
 
 
 class NoGroundingFormat(ValueError):
-    """The family is known but has no documented grounding format: it is evaluated on VQA tasks only."""
+    """The family is known but has no documented grounding format: it is evaluated on VQA tasks only.
+
+    A ``ValueError`` of its own, so that a caller can tell "no format is documented" (Idefics3,
+    SmolVLM) from an unknown family name; no format is guessed.
+    """
 
 
 def _floats(match: re.Match | None) -> Box | None:
@@ -132,11 +136,17 @@ def parse_internvl(text: str) -> Box | None:
 
 @dataclass(frozen=True)
 class GroundingFormat:
-    """How a family is asked for a box and how its answer is read (see the module docstring's sources).
+    """How a family is asked for a box and how its answer is read.
 
     ``prompt`` holds ``{expression}``; ``frame`` says which image the coordinates refer to; ``resized``: the
     task hands the model the image resized by Qwen's ``smart_resize`` (multiples of 28) so that the input
     size is known exactly (the pixel format divides by it); ``stop``: the task's stop strings.
+
+    References
+    ----------
+    One source per format (the module docstring quotes them): LLaVA-1.5, arXiv 2310.03744 (§4), with
+    lmms-eval's RefCOCO prompt; Qwen2-VL, arXiv 2409.12191 (§2.1); Qwen2.5-VL, arXiv 2502.13923
+    (§2.2.1); Qwen3-VL's grounding cookbook; InternVL's ``evaluate_grounding.py``.
     """
 
     name: str

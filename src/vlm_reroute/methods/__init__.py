@@ -9,18 +9,30 @@ from .fastv import FastV
 from .pdrop import PDrop
 from .random import Random
 from .registry import METHODS, method_class, method_from_spec, method_names, register
+from .sparsevlm import SparseVLM
 from .spec import MethodSpec
+
+# isort: split
+from .dart import DART  # registered after the attention methods (budget tables list it after them)
 
 # isort: split
 from .nuwa import Nuwa  # registered last: budget tables list it after FastV and PDrop
 
+# isort: split
+from .divprune import DivPrune  # stage-1 methods (composed with any in-decoder method: stage1.py)
+from .visionzip import VisionZip
+
 __all__ = [
+    "DART",
     "METHODS",
     "FastV",
     "MethodSpec",
     "Nuwa",
     "PDrop",
     "Random",
+    "DivPrune",
+    "VisionZip",
+    "SparseVLM",
     "TokenReduction",
     "method_class",
     "method_from_spec",

@@ -12,14 +12,15 @@ This module imports no torch at import time, so the torch-free budget solver and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..budget.rules import round_half_up
-from ..budget.schedule import Keep, Schedule
+from ..budget.schedule import Keep, Schedule, check_withdraw
 from ..budget.target import BudgetTarget
 from ..kinds import ScoreFrom
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from ..adapters.base import ModelAdapter
     from ..engine.trace import Trace
     from ..engine.vision import VisionStage
-    from ..scoring.base import Scorer
+    from ..scoring.base import Scorer, Selector
 
 _REFERENCE_DEPTH = 32
 _ACTIVE: weakref.WeakSet = weakref.WeakSet()
@@ -65,7 +66,51 @@ class TokenReduction:
     ``published_layers`` (decision layers at 32 layers, prune and reroute) and
     :meth:`keep_rule`. Instance settings: a fixed :class:`Schedule`, or a ``target`` budget solved
     per prompt, for each image's token count, when the model is known.
+
+    ``withdraw_at=K`` (keyword, every method): VTW's terminal stage (arXiv 2405.05803) — from layer
+    ``K`` on no visual token runs, the same under prune and reroute; ``K`` lies after the last
+    decision layer and before the last layer. A ``target`` is then solved with those layers at 0.
     """
+
+    withdraw_at: int | None = field(default=None, kw_only=True)
+
+    if TYPE_CHECKING:
+        # Settings every method declares as dataclass fields of its own, in its own positional order;
+        # declared here for the type checker only (a field on the base would come first in every
+        # subclass's ``__init__``).
+
+        @property
+        def reroute(self) -> bool: ...
+
+        @property
+        def target(self) -> BudgetTarget | None: ...
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every method's own ``__post_init__`` is followed by the shared ``withdraw_at`` check."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "_checks_withdraw", False):
+            return
+
+        @functools.wraps(own)
+        def post_init(self: TokenReduction) -> None:
+            own(self)
+            self._check_withdraw()
+
+        post_init._checks_withdraw = True  # type: ignore[attr-defined]
+        cls.__post_init__ = post_init  # type: ignore[method-assign]
+
+    def __post_init__(self) -> None:
+        self._check_withdraw()
+
+    def _check_withdraw(self) -> None:
+        """``withdraw_at`` against the decision layers known without a model (all of them once the
+        depth is known: :meth:`check_depth`)."""
+        if self.withdraw_at is None:
+            return
+        fixed = self.schedule() if getattr(self, "target", None) is None else None
+        layers = fixed.layers if fixed is not None else tuple(getattr(self, "layers", None) or ())
+        check_withdraw(type(self).__name__, self.withdraw_at, layers)
 
     key: ClassVar[str] = ""
     display: ClassVar[str] = ""
@@ -98,7 +143,8 @@ class TokenReduction:
     @classmethod
     def from_schedule(cls, schedule: Schedule, **settings: Any) -> TokenReduction:
         """The method that runs ``schedule`` with this method's rule and scorer."""
-        return cls(layers=schedule.layers, keep=schedule.keep, reroute=schedule.reroute, **settings)
+        # the subclasses' own fields (the base declares none of them): called on a registered method
+        return cls(layers=schedule.layers, keep=schedule.keep, reroute=schedule.reroute, **settings)  # type: ignore[call-arg]
 
     # ---- instance ---------------------------------------------------------------------------
     @property
@@ -110,8 +156,9 @@ class TokenReduction:
         """The fixed schedule, or None when keep counts are solved per prompt from ``target``."""
         raise NotImplementedError
 
-    def make_scorer(self) -> Scorer:
-        """The scorer that ranks candidates at each decision (a method owns its scorer)."""
+    def make_scorer(self) -> Scorer | Selector:
+        """The scorer that ranks candidates at each decision, or a selector that chooses the kept set
+        itself (DART); a method owns it."""
         raise NotImplementedError
 
     def bind(self, adapter: ModelAdapter) -> TokenReduction:
@@ -126,12 +173,13 @@ class TokenReduction:
         """A validated copy with ``changes`` (settings are immutable)."""
         return dataclasses.replace(self, **changes)
 
-    def _check_score_from(self) -> None:
-        """``score_from`` given as a string (the public edge) or the enum, held as the enum."""
-        score_from = ScoreFrom.of(self.score_from)
+    def _check_score_from(self, given: ScoreFrom | str) -> None:
+        """``score_from`` (the method's field, ``given``) as a string (the public edge) or the enum,
+        held as the enum."""
+        score_from = ScoreFrom.of(given)
         if score_from is None:
             raise ValueError(
-                f"{type(self).__name__}(score_from={self.score_from!r}): allowed are 'current' (layer l's "
+                f"{type(self).__name__}(score_from={given!r}): allowed are 'current' (layer l's "
                 "own attention decides layer l, the paper's convention) and 'previous' (layer l-1 decides, "
                 "the original FastV convention)"
             )
@@ -151,10 +199,13 @@ class TokenReduction:
             return fixed.counts
         from ..budget.solver import solve_for_target  # torch-free
 
-        target, cls, reroute, layers = self.target, type(self), self.reroute, self.layers_for(num_layers)
+        # the class as the solver's ``method: str | type`` (hashable: its cache key)
+        cls: type = type(self)
+        target, reroute, layers = self.target, self.reroute, self.layers_for(num_layers)
+        withdraw_at = self.withdraw_at
 
         def solved(n_visual: int) -> tuple[int, ...]:
-            return solve_for_target(shape, n_visual, cls, reroute, target, layers).keep
+            return solve_for_target(shape, n_visual, cls, reroute, target, layers, 0, withdraw_at).keep
 
         return solved
 
@@ -163,7 +214,7 @@ class TokenReduction:
         :class:`~vlm_reroute.budget.ModelShape`) for an image of ``n_visual`` tokens."""
         layers = self.check_depth(shape.num_layers)
         keep = self.keep_counts(shape.num_layers, shape)(n_visual)
-        return Schedule(layers, keep, self.reroute, owner=self.name)
+        return Schedule(layers, keep, self.reroute, owner=self.name, withdraw_at=self.withdraw_at)
 
     def layers_for(self, num_layers: int) -> tuple[int, ...]:
         """Decision layers on a ``num_layers``-deep decoder."""
@@ -174,9 +225,12 @@ class TokenReduction:
         return tuple(explicit) if explicit else self.default_layers(num_layers, self.reroute)
 
     def check_depth(self, num_layers: int) -> tuple[int, ...]:
-        """The decision layers on a ``num_layers``-deep decoder, checked to lie in ``1 .. L-1``."""
+        """The decision layers on a ``num_layers``-deep decoder, checked to lie in ``1 .. L-1``, and
+        ``withdraw_at`` after the last of them."""
         layers = self.layers_for(num_layers)
-        Schedule.of(layers, [1] * len(layers), True, owner=type(self).__name__).check_depth(num_layers)
+        owner = type(self).__name__
+        Schedule.of(layers, [1] * len(layers), True, owner=owner).check_depth(num_layers)
+        check_withdraw(owner, self.withdraw_at, layers, num_layers)
         return layers
 
     @contextmanager
@@ -214,6 +268,7 @@ class TokenReduction:
             keep_counts=method.keep_counts(num_layers, shape),
             scorer=method.make_scorer(),
             vision=method.vision_stage(adapter),
+            withdraw_at=method.withdraw_at,
         )
         executor = RoutingExecutor(model, adapter, plan, trace)
         _ACTIVE.add(model)

@@ -46,7 +46,7 @@ class FastV(TokenReduction):
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        self._check_score_from()
+        self._check_score_from(self.score_from)
         self._check_target(self.target)
         if self.layer is not None and self.layers is not None:
             raise ValueError(
@@ -84,7 +84,13 @@ class FastV(TokenReduction):
     def schedule(self) -> Schedule | None:
         if self.target is not None:
             return None
-        layers = self.layers if self.layers is not None else (self.layer,)
+        # without a target __post_init__ sets keep, and layer when layers is not given
+        assert self.keep is not None
+        if self.layers is not None:
+            layers: Sequence[int] = self.layers
+        else:
+            assert self.layer is not None
+            layers = (self.layer,)
         return Schedule.of(layers, [self.keep] * len(layers), self.reroute, owner=type(self).__name__)
 
     def make_scorer(self) -> Scorer:

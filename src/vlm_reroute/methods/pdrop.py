@@ -47,7 +47,7 @@ class PDrop(TokenReduction):
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        self._check_score_from()
+        self._check_score_from(self.score_from)
         self._check_target(self.target)
         if self.target is not None:
             if self.keep is not None:
@@ -80,6 +80,7 @@ class PDrop(TokenReduction):
     def schedule(self) -> Schedule | None:
         if self.target is not None:
             return None
+        assert self.layers is not None and self.keep is not None  # set by __post_init__ without a target
         return Schedule(tuple(self.layers), tuple(self.keep), self.reroute, owner=type(self).__name__)
 
     def make_scorer(self) -> Scorer:

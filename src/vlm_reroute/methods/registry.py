@@ -34,10 +34,16 @@ def method_names() -> tuple[str, ...]:
 
 
 def _load() -> None:
-    from . import fastv, pdrop, random  # noqa: F401  (registers the shipped methods)
+    from . import fastv, pdrop, random, sparsevlm  # noqa: F401  (registers the shipped methods)
+
+    # isort: split
+    from . import dart  # noqa: F401  (DART, arXiv 2502.11494: after the attention methods)
 
     # isort: split
     from . import nuwa  # noqa: F401  (registered last: budget tables list it after FastV and PDrop)
+
+    # isort: split
+    from . import divprune, visionzip  # noqa: F401  (stage-1 methods, after Nüwa)
 
 
 def method_class(name: str, reroute: bool = False) -> tuple[type[TokenReduction], bool]:
@@ -80,4 +86,4 @@ def method_from_spec(
         keep=keep,
         **settings,
     )
-    return spec.build(model)  # type: ignore[return-value]  (parse never gives vanilla)
+    return spec.build(model)  # type: ignore[return-value]  # None is vanilla, which parse never gives

@@ -27,10 +27,13 @@ from .spec_parsing import (
     option_budget,
     option_keep,
     option_layers,
+    option_withdraw,
     parse_bool,
+    parse_layer,
     parse_list,
     parse_number,
 )
+from .stage1 import build_composite, composite_label, parse_composite
 
 if TYPE_CHECKING:
     from .base import TokenReduction
@@ -80,6 +83,9 @@ class MethodSpec:
     settings
         The method class's own keywords (``seed=`` for ``random``, ``score_from=``, Nüwa's ...), held as
         sorted ``(name, value)`` pairs so that the spec stays a hashable value; a mapping is accepted.
+    withdraw_at
+        VTW (arXiv 2405.05803): no visual token runs from this decoder layer on, under prune and
+        reroute alike; after the last decision layer, before the last layer (checked by the method).
 
     Names of avg_T. The quantity is ``avg_t`` inside the package (this field,
     :class:`~vlm_reroute.budget.BudgetTarget`, the solver's ``solve_schedule(avg_t=)``). The edges keep
@@ -99,6 +105,7 @@ class MethodSpec:
     keep: tuple[Keep, ...] | None = None
     strict: bool = False
     settings: tuple[tuple[str, Any], ...] = ()
+    withdraw_at: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("layers", "keep"):
@@ -108,7 +115,7 @@ class MethodSpec:
         settings = self.settings.items() if isinstance(self.settings, Mapping) else self.settings
         object.__setattr__(self, "settings", tuple(sorted(settings)))
         if self.key == VANILLA:
-            fields = (*_KEYWORD, "layers", "keep")
+            fields = (*_KEYWORD, "layers", "keep", "withdraw_at")
             extra = [_KEYWORD.get(k, k) for k in fields if getattr(self, k) is not None]
             extra += ["strict"] * self.strict + [k for k, _ in self.settings]
             if self.reroute or extra:
@@ -117,7 +124,11 @@ class MethodSpec:
                     f"name a method ({', '.join(method_names())}) to reduce tokens"
                 )
             return
-        if self.key not in method_names():
+        composite = parse_composite(self.key, self.reroute)  # "visionzip+pdrop": stage 1 + decoder
+        if composite is not None:
+            object.__setattr__(self, "key", composite[0])
+            object.__setattr__(self, "reroute", composite[1])
+        elif self.key not in method_names():
             raise ValueError(f"method={self.key!r}: allowed are none, {', '.join(method_names())}")
         self._check_combination()
         self.build()  # the method's own checks (ranges, schedules), without a model
@@ -155,6 +166,7 @@ class MethodSpec:
         strict: bool = False,
         layers: Sequence[int] | None = None,
         keep: Sequence[Keep] | None = None,
+        withdraw_at: int | None = None,
         **settings: Any,
     ) -> MethodSpec:
         """From keywords: ``parse("pdrop+reroute", tier=64)``, ``parse("random", ratio=0.2, seed=3)``.
@@ -162,8 +174,13 @@ class MethodSpec:
         ``method`` is a key or a display name, optionally with ``+ reroute`` (``"FastV + Reroute"``,
         ``"pdrop_reroute"``), which sets ``reroute``; ``tier`` is avg_T.
         """
-        rule, reroute = method_class(method, reroute)
-        return cls(rule.key, reroute, tier, ratio, flops_fraction, layers, keep, strict, settings)  # type: ignore[arg-type]
+        composite = parse_composite(method, reroute)  # "visionzip+pdrop": stage 1 + an in-decoder method
+        if composite is not None:
+            key, reroute = composite
+        else:
+            rule, reroute = method_class(method, reroute)
+            key = rule.key
+        return cls(key, reroute, tier, ratio, flops_fraction, layers, keep, strict, settings, withdraw_at)  # type: ignore[arg-type]
 
     @classmethod
     def from_args(
@@ -175,6 +192,7 @@ class MethodSpec:
         flops_fraction: Any = None,
         layers: Any = None,
         keep: Any = None,
+        withdraw_at: Any = None,
     ) -> MethodSpec:
         """From lmms-eval's ``--model_args`` values (strings, numbers, bools; lists as ``[2,7]`` or
         ``2;7``); ``method=none`` (or ``vanilla``) is vanilla."""
@@ -187,6 +205,7 @@ class MethodSpec:
             flops_fraction=parse_number(flops_fraction, "flops_fraction"),
             layers=parse_list(layers, "layers", integer=True),  # type: ignore[arg-type]
             keep=parse_list(keep, "keep", integer=False),
+            withdraw_at=parse_layer(withdraw_at, "withdraw_at"),
         )
 
     @classmethod
@@ -201,6 +220,7 @@ class MethodSpec:
         strict: bool = False,
         layers: str | None = None,
         keep: str | None = None,
+        withdraw_at: int | None = None,
     ) -> MethodSpec:
         """From the command line's option values (``--layers 2,7 --keep 46,23``, ``--tier 64``); with
         neither a budget nor ``--keep`` the budget is ``ratio`` = :data:`DEFAULT_RATIO`. Errors name the
@@ -209,7 +229,10 @@ class MethodSpec:
         if keep_list is not None and layer_list is None:
             raise ValueError("--keep needs --layers (the decision layers its counts apply to)")
         budget = option_budget(tier, ratio, flops_fraction, strict, explicit_keep=keep_list is not None)
-        return cls.parse(method, reroute=reroute, strict=strict, layers=layer_list, keep=keep_list, **budget)
+        return cls.parse(
+            method, reroute=reroute, strict=strict, layers=layer_list, keep=keep_list,
+            withdraw_at=option_withdraw(withdraw_at), **budget,
+        )  # fmt: skip
 
     # ---- the method -----------------------------------------------------------------------------
     def build(self, model: Any = None) -> TokenReduction | None:
@@ -220,8 +243,12 @@ class MethodSpec:
         """
         if self.key == VANILLA:
             return None
+        if "+" in self.key:  # a stage-1 method composed with an in-decoder one (methods/stage1.py)
+            return build_composite(self, model)
         cls: Any = method_class(self.key)[0]  # a registered TokenReduction subclass
         settings = dict(self.settings)
+        if self.withdraw_at is not None:  # VTW: a keyword of every method (methods/base.py)
+            settings["withdraw_at"] = self.withdraw_at
         if self.budget():
             target = BudgetTarget(
                 avg_t=self.avg_t, ratio=self.ratio, flops_fraction=self.flops_fraction, strict=self.strict
@@ -260,21 +287,24 @@ class MethodSpec:
         """``vanilla``, ``FastV``, ``PDrop + Reroute``...: the built method's ``name``."""
         if self.key == VANILLA:
             return "vanilla"
+        if "+" in self.key:
+            return composite_label(self.key, self.reroute)
         cls, reroute = method_class(self.key, self.reroute)
         return cls.label(reroute)
 
     @property
     def label(self) -> str:
-        """The name with its budget: ``FastV + Reroute @ avg_T 64``."""
+        """The name with its budget (and ``withdraw_at``): ``FastV + Reroute @ avg_T 64``."""
         if self.key == VANILLA:
             return "vanilla"
         budget = self.budget()
+        withdraw = "" if self.withdraw_at is None else f", withdraw_at={self.withdraw_at}"
         if budget:
             ((name, value),) = budget.items()
-            return f"{self.name} @ {_DESCRIBED[name]} {value:g}"
+            return f"{self.name} @ {_DESCRIBED[name]} {value:g}{withdraw}"
         if self.keep is not None:
-            return f"{self.name} layers={list(self.layers or ())} keep={list(self.keep)}"
-        return f"{self.name} (defaults)"
+            return f"{self.name} layers={list(self.layers or ())} keep={list(self.keep)}{withdraw}"
+        return f"{self.name} (defaults{withdraw})"
 
     def model_args(self) -> str:
         """The lmms-eval ``--model_args`` fragment that reproduces this spec (settings have no spelling
@@ -287,4 +317,6 @@ class MethodSpec:
             if getattr(self, k) is not None:
                 values = (f"{v:g}" if isinstance(v, float) else str(v) for v in getattr(self, k))
                 parts.append(f"{k}=[{','.join(values)}]")
+        if self.withdraw_at is not None:
+            parts.append(f"withdraw_at={self.withdraw_at}")
         return ",".join(parts)

@@ -10,8 +10,9 @@ Torch-free.
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 #: the key of vanilla (no method) in a spec and in ``--model_args``
@@ -34,6 +35,15 @@ def parse_bool(value: Any, what: str) -> bool:
     raise ValueError(f"{what}={value!r}: give true or false")
 
 
+def refuse_unknown_args(given: Iterable[str], extra: Sequence[str], init: Callable[..., Any]) -> None:
+    """``--model_args`` names that ``init`` (the plugin's ``__init__``) does not take, as one error
+    listing the ones it does; ``extra`` names are passed by lmms-eval itself and accepted."""
+    unknown = sorted(k for k in given if k not in extra)
+    if unknown:
+        allowed = [p for p in inspect.signature(init).parameters][1:-1]
+        raise ValueError(f"vlm_reroute: unknown model_args {unknown}; allowed are {', '.join(allowed)}")
+
+
 def _absent(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null"))
 
@@ -47,6 +57,16 @@ def parse_number(value: Any, what: str) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{what}={value!r}: give a number") from None
+
+
+def parse_layer(value: Any, what: str) -> int | None:
+    """A decoder layer index (``withdraw_at=20``, ``"20"``); the range is the method's check."""
+    if _absent(value):
+        return None
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.lstrip("-").isdigit():
+        raise ValueError(f"{what}={value!r}: give a decoder layer index (an integer, e.g. 20)")
+    return int(text)
 
 
 def parse_list(value: Any, what: str, integer: bool) -> tuple[int | float, ...] | None:
@@ -118,6 +138,16 @@ def option_keep(text: str | None) -> list[int | float] | None:
                     "of each image's tokens in (0, 1] (e.g. 0.5,0.25)"
                 ) from None
     return out
+
+
+def option_withdraw(layer: int | None) -> int | None:
+    """``--withdraw-at K`` (VTW): a layer index ≥ 1; the method checks it against its schedule and depth."""
+    if layer is not None and layer < 1:
+        raise ValueError(
+            f"--withdraw-at {layer}: give a decoder layer index ≥ 1, after the last decision layer "
+            "and before the last layer"
+        )
+    return layer
 
 
 def option_budget(

@@ -17,9 +17,13 @@ Qwen2-VL and Qwen2.5-VL by the first kit (:mod:`.models`, configurable ``image_s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from transformers import BaseImageProcessor, ProcessorMixin
 
 from ..families import get_family
 from ..loading import quiet_transformers
@@ -85,6 +89,7 @@ def _save(family: str, path: Path, **model_kwargs) -> Path:
     from transformers import CLIPImageProcessor, LlavaProcessor, Qwen2VLImageProcessor
 
     model = tiny_model(family, **model_kwargs)
+    processor: ProcessorMixin | BaseImageProcessor  # what is saved beside the model
     if family == "llava":
         tokenizer = _tokenizer({"<image>": IMAGE_TOKEN})
         size = model.config.vision_config.image_size

@@ -150,7 +150,7 @@ class FamilyProcessor:
     takes (``processor_kwargs``), and that processor where it can be built offline (else ``None``)."""
 
     family: str
-    tokenizer: tf.PreTrainedTokenizerFast
+    tokenizer: tf.PreTrainedTokenizerBase  # the tiny fast one, or what AutoTokenizer loads from a folder
     image_processor: Any
     processor: Any = None
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -200,7 +200,8 @@ def tiny_family_processor(family: str) -> FamilyProcessor:
     kind = _FORMAT_OF[_check(family)]
     tokenizer = _family_tokenizer(family)
     kwargs = PROCESSORS[family][1]
-    processor = None
+    processor: tf.ProcessorMixin | None = None
+    image_processor: tf.BaseImageProcessor
     if kind == "qwen":
         # one token per 32x32 pixels, between 4 and 36 tokens per image
         image_processor = tf.Qwen2VLImageProcessorPil(
@@ -341,7 +342,7 @@ def _onevision_tokens(height: int, width: int, ip: Any, base_tokens: int, aspect
     """
     crop = ip.size.height
     side = math.isqrt(base_tokens)
-    best_h, best_w = select_best_resolution([height, width], ip.image_grid_pinpoints)
+    best_h, best_w = select_best_resolution((height, width), ip.image_grid_pinpoints)
     cur_h, cur_w = side * (best_h // crop), side * (best_w // crop)
     if width / height > cur_w / cur_h:
         cur_h -= 2 * ((cur_h - int(round(height * (cur_w / width), 7))) // 2)

@@ -11,6 +11,8 @@ of the 512-token tiny vocabulary (:data:`SPECIALS`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import transformers as tf
 from transformers import PreTrainedModel
@@ -118,7 +120,7 @@ def _qwen3_vl(shape: TextShape, moe: bool) -> tf.PreTrainedConfig:
         # real 2B/4B/8B models, whose deepstack_visual_indexes are [5, 11, 17] / [8, 16, 24])
         deepstack_visual_indexes=[0, 1, 2],
     )
-    ids = {k: _QWEN[v] for k, v in _QWEN_IDS.items()}
+    ids: dict[str, Any] = {k: _QWEN[v] for k, v in _QWEN_IDS.items()}
     cls = tf.Qwen3VLMoeConfig if moe else tf.Qwen3VLConfig
     return cls(vision_config=vision, text_config=text, **ids)
 
@@ -164,7 +166,7 @@ def _qwen3_5(shape: TextShape, full_attention_interval: int = 2) -> tf.PreTraine
         out_hidden_size=shape.hidden,
         num_position_embeddings=64,
     )
-    ids = {k: _QWEN[v] for k, v in _QWEN_IDS.items()}
+    ids: dict[str, Any] = {k: _QWEN[v] for k, v in _QWEN_IDS.items()}
     return tf.Qwen3_5Config(vision_config=vision, text_config=text, **ids)
 
 
@@ -300,4 +302,4 @@ def tiny_family_model(
         getattr(config, sub)._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = getattr(tf, FAMILY_CLASSES[family])(config)
-    return _init_weights(model, std, seed).to(dtype)
+    return _init_weights(model, std, seed).to(dtype)  # type: ignore[arg-type]  # transformers' functools.wraps'd .to: typeshed's _Wrapped binds no self

@@ -9,6 +9,7 @@ decisions have no ties.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from transformers import (
@@ -16,6 +17,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PreTrainedConfig,
     PreTrainedModel,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -100,7 +102,7 @@ def tiny_llava(
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    return _init_weights(model, std, seed).to(dtype)
+    return _init_weights(model, std, seed).to(dtype)  # type: ignore[arg-type]  # transformers' functools.wraps'd .to: typeshed's _Wrapped binds no self
 
 
 def _check_vocab(vocab: int) -> None:
@@ -135,6 +137,19 @@ def _qwen_text_kwargs(shape: TextShape, vocab: int = VOCAB) -> dict:
     )
 
 
+_QwenConfig = TypeVar("_QwenConfig", Qwen2VLConfig, Qwen2_5_VLConfig)
+
+
+def _ready(config: _QwenConfig, attn_implementation: str, seed: int) -> _QwenConfig:
+    """``config`` with ``attn_implementation`` set (its text config's too), torch seeded with ``seed``."""
+    config._attn_implementation = attn_implementation
+    text_config = config.text_config  # typed as the constructor's argument: dict | config | None
+    assert isinstance(text_config, PreTrainedConfig)  # the constructor built it from the kwargs
+    text_config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return config
+
+
 def tiny_qwen2_vl(
     shape: TextShape | None = None,
     attn_implementation: str = "sdpa",
@@ -149,19 +164,21 @@ def tiny_qwen2_vl(
     ``vocab`` as in :func:`tiny_llava`.
     """
     shape = shape or TextShape()
-    common = dict(
+    common: dict[str, Any] = dict(
         image_token_id=IMAGE_TOKEN,
         video_token_id=VIDEO_TOKEN,
         vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END,
         text_config=_qwen_text_kwargs(shape, vocab),
     )
+    model: PreTrainedModel
+    vision: dict[str, Any]
     if version == "2":
         vision = dict(
             depth=1, embed_dim=32, hidden_size=shape.hidden, num_heads=2, mlp_ratio=2, patch_size=14
         )
         config = Qwen2VLConfig(vision_config=vision, **common)
-        cls = Qwen2VLForConditionalGeneration
+        model = Qwen2VLForConditionalGeneration(_ready(config, attn_implementation, seed))
     elif version == "2.5":
         vision = dict(
             depth=2,
@@ -173,15 +190,11 @@ def tiny_qwen2_vl(
             window_size=112,
             fullatt_block_indexes=[1],
         )
-        config = Qwen2_5_VLConfig(vision_config=vision, **common)
-        cls = Qwen2_5_VLForConditionalGeneration
+        config25 = Qwen2_5_VLConfig(vision_config=vision, **common)
+        model = Qwen2_5_VLForConditionalGeneration(_ready(config25, attn_implementation, seed))
     else:
         raise ValueError(f"version={version!r}: allowed are '2' and '2.5'")
-    config._attn_implementation = attn_implementation
-    config.text_config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = cls(config)
-    return _init_weights(model, std, seed).to(dtype)
+    return _init_weights(model, std, seed).to(dtype)  # type: ignore[arg-type]  # transformers' functools.wraps'd .to: typeshed's _Wrapped binds no self
 
 
 def tiny_model(family: str, **kwargs) -> PreTrainedModel:

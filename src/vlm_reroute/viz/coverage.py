@@ -21,7 +21,20 @@ from .states import image_cells, selection
 
 @dataclass(frozen=True)
 class BoxCoverage:
-    """Per decoder layer: ``box`` share seen, and ``tokens`` share of the image's tokens seen."""
+    """Per decoder layer: ``box`` share seen, and ``tokens`` share of the image's tokens seen.
+
+    It measures the project's claim (Reroute, arXiv 2606.12412): pruning loses where things are,
+    rerouting can bring a box back at the same budget. The rule is the module docstring's.
+
+    Attributes
+    ----------
+    box : ndarray
+        Per layer: the share of the box's cells the layer saw.
+    tokens : ndarray
+        Per layer: the share of the image's visual tokens the layer saw.
+    cells : int
+        Grid cells that belong to the box.
+    """
 
     box: np.ndarray
     tokens: np.ndarray

@@ -34,7 +34,11 @@ RUN_COLOURS = {False: "#000000", True: "#0072B2"}
 
 @dataclass(frozen=True)
 class Run:
-    """One routed prefill to draw: its trace, its display label and its mode."""
+    """One routed prefill to draw: its trace, its display label and its mode.
+
+    ``reroute`` picks the states its panels can show (prune: kept, removed; Reroute, arXiv
+    2606.12412: kept, re-entered, deferred).
+    """
 
     trace: Trace
     label: str
@@ -167,7 +171,7 @@ def trace_figure(
     Panels: each run's states (and scores) row over the decisions; ``kinds_across`` puts states
     and scores side by side instead (the GIF's frames).
     """
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure, SubFigure
 
     runs = make_runs(trace, compare, labels, reroute)
     pictures = sample_images(images, trace, sample)
@@ -191,9 +195,11 @@ def trace_figure(
     chart_height = panel * 1.2 if coverage else 0.0
     width = max(panel * n_cols * len(pictures) + 0.8, 5.0)
     fig = Figure(figsize=(width, panel * n_rows + 1.0 + chart_height), dpi=dpi, layout="constrained")
-    area = fig
+    area: Figure | SubFigure = fig
     if coverage:
-        area, chart_area = fig.subfigures(2, 1, height_ratios=[panel * n_rows + 0.6, chart_height])
+        area, chart_area = fig.subfigures(
+            2, 1, squeeze=False, height_ratios=[panel * n_rows + 0.6, chart_height]
+        )[:, 0]
     columns = area.subfigures(1, len(pictures), squeeze=False)[0]
     for i, (column, picture, placement) in enumerate(zip(columns, pictures, placements, strict=True)):
         axes = column.subplots(n_rows, n_cols, squeeze=False)
@@ -212,7 +218,7 @@ def trace_figure(
             if col == 0:
                 ax.set_ylabel(runs[k].label + ("" if kinds_across else f"\n{kinds[j]}"), fontsize=7)
     _draw_state_legend(fig, runs, scores, width)
-    if coverage:
+    if coverage and box is not None:  # coverage is measured only for a box
         marker = trace.decisions[shown[0]].layer if decisions is not None and len(shown) == 1 else None
         _coverage_chart(chart_area, runs, coverage, box, box_image, marker)
     return fig

@@ -41,7 +41,9 @@ class Placement:
     """The token grid of one image placed on the original picture.
 
     ``frame``: the processed frame ``(x0, y0, x1, y1)`` in original pixel coordinates (x right,
-    y down); the grid's ``rows × cols`` cells split it evenly. ``how`` says what was undone.
+    y down); the grid's ``rows × cols`` cells split it evenly. ``how`` says what was undone. It
+    exists so that pictures and box coverage agree on which token covers which pixels, whatever the
+    family's resizing, padding or cropping.
     """
 
     image_size: tuple[int, int]  # (width, height) of the original picture

@@ -101,7 +101,12 @@ def state_counts(states: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ImageStates:
-    """One image of one sample in one run: cells' states and scores at every decision."""
+    """One image of one sample in one run: cells' states and scores at every decision.
+
+    The states are the module docstring's (kept, re-entered, deferred under Reroute, arXiv
+    2606.12412; kept, removed under prune). ``states``: long ``(decisions, rows, cols)``;
+    ``scores``: float, the same shape, NaN where a cell was no candidate.
+    """
 
     layers: tuple[int, ...]
     states: torch.Tensor  # long (decisions, rows, cols)

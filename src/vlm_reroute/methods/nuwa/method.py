@@ -33,6 +33,7 @@ from ...budget.schedule import Keep, Schedule, check_keep_value
 from ...budget.target import BudgetTarget
 from ..base import TokenReduction, scale_layers
 from ..registry import register
+from ..stage1 import Composable, check_then
 from .release import (
     BY_SETTING,
     DEFAULT,
@@ -67,9 +68,12 @@ class ImagePlan:
     tau: float
     keep: tuple[Keep, ...]
     skip: bool = False
+    then: Any = None  # the composed in-decoder method's counts, as a function of the anchors
 
     def counts(self, anchors: int) -> tuple[int, ...]:
         """Keep count of each decision for an image that kept ``anchors`` anchors."""
+        if self.then is not None:
+            return tuple(self.then(anchors))
         return tuple(min(anchors, k) if isinstance(k, int) else max(1, int(anchors * k)) for k in self.keep)
 
 
@@ -82,7 +86,7 @@ def spread(first: int, num_layers: int, decisions: int) -> tuple[int, ...]:
 
 @register
 @dataclass(frozen=True)
-class Nuwa(TokenReduction):
+class Nuwa(Composable, TokenReduction):
     """Nüwa on LLaVA-1.5 and Qwen2.5-VL (prune, or with ``reroute=True`` routing among the anchors).
 
     Give one of: ``budget`` (LLaVA-1.5 release: 64, 128, 192), ``ratio`` (Qwen2.5-VL release: 0.25,
@@ -119,6 +123,7 @@ class Nuwa(TokenReduction):
     tau: float | None = None
     scorer: Scorer | None = None
     target: BudgetTarget | None = None
+    then: TokenReduction | None = None
     vision: str | None = field(default=None, init=False, compare=False, repr=False)
     depth: int | None = field(default=None, init=False, compare=False, repr=False)
 
@@ -146,11 +151,19 @@ class Nuwa(TokenReduction):
                 f"{owner}(ratio={self.ratio!r}): the Qwen2.5-VL release's ratios are 0.25, 0.5 and 0.75 "
                 "(give k1= and k2= for other counts, or target=BudgetTarget(ratio=...))"
             )
-        if (self.k1 is None) != (self.k2 is None):
-            raise ValueError(f"{owner}(k1={self.k1!r}, k2={self.k2!r}): give both (anchors; after stage 2)")
+        if self.then is not None:
+            stage2 = {
+                "k2": self.k2,
+                "layers": self.layers,
+                "stage2_layer": self.stage2_layer,
+                "scorer": self.scorer,
+            }
+            check_then(owner, self.then, {**stage2, "decisions": self.decisions, "target": self.target})
+        if self.k2 is not None and self.k1 is None:
+            raise ValueError(f"{owner}(k2={self.k2!r}): give k1 too (anchors; k2 alone has nothing to cut)")
         if self.k1 is not None:
             check_keep_value(owner, self.k1)
-            check_keep_value(owner, self.k2)
+            check_keep_value(owner, K2_PER_K1 if self.k2 is None else self.k2)
             if isinstance(self.k1, int) and isinstance(self.k2, int) and self.k2 > self.k1:
                 raise ValueError(f"{owner}(k1={self.k1}, k2={self.k2}): stage 2 keeps at most the anchors")
         _check_int(owner, "n_per_cell", self.n_per_cell, 1, 4, "a 2×2 cell proposes 1, 2, 3 or 4 candidates")
@@ -214,7 +227,7 @@ class Nuwa(TokenReduction):
         family, release = release_for(adapter.model)
         check_release_setting("budget", self.budget, family, release)
         check_release_setting("ratio", self.ratio, family, release)
-        bound = dataclasses.replace(self)
+        bound = dataclasses.replace(self, then=None if self.then is None else self.then.bind(adapter))
         object.__setattr__(bound, "vision", family.vision)
         object.__setattr__(bound, "depth", len(adapter.layers))
         check_tower(family.vision, adapter.model)
@@ -245,11 +258,13 @@ class Nuwa(TokenReduction):
         if self.ratio is not None:
             return QWEN_RATIOS[self.ratio]
         if self.k1 is not None:
-            return self.k1, self.k2, None
+            return self.k1, K2_PER_K1 if self.k2 is None else self.k2, None  # k1 alone: K₂ = K₁/7
         return self.release.presets[self.release.default]
 
     def layers_for(self, num_layers: int) -> tuple[int, ...]:
         """The stage-2 decision layers on a ``num_layers``-deep decoder."""
+        if self.then is not None:
+            return self.then.layers_for(num_layers)
         if self.layers is not None:
             return tuple(self.layers)
         if self.stage2_layer is not None:
@@ -281,6 +296,9 @@ class Nuwa(TokenReduction):
         if self.target is not None:
             return None
         k1, k2, _ = self._preset()
+        if self.then is not None:
+            inner = self.then.schedule()
+            return None if inner is None else dataclasses.replace(inner, owner=self.name, entry=k1)
         layers = self.layers_for(self.depth or 32)
         return Schedule(layers, (k2,) * len(layers), self.reroute, owner=type(self).__name__, entry=k1)
 
@@ -292,6 +310,7 @@ class Nuwa(TokenReduction):
         height, width = grid
         n = height * width
         layers = self.layers_for(num_layers)
+        then = None if self.then is None else self.then.keep_counts(num_layers, shape)
         preset_n = None
         if self.target is not None:
             from ...budget.solver import solve_for_target
@@ -310,7 +329,7 @@ class Nuwa(TokenReduction):
                 "fewer; give a smaller setting (k1=, budget=) or larger images"
             )
         if k1 == n:
-            return ImagePlan(k1=n, n_per_cell=4, tau=math.nan, keep=keep, skip=True)
+            return ImagePlan(k1=n, n_per_cell=4, tau=math.nan, keep=keep, skip=True, then=then)
         ph, pw = padded_grid(height, width)
         cells = (ph // 2) * (pw // 2)
         n_per_cell = self.n_per_cell or preset_n or min(4, math.ceil(k1 / cells))
@@ -324,7 +343,7 @@ class Nuwa(TokenReduction):
                 )
             k1 = limit  # the release's min(⌈N·s₁⌉, |C|)
         tau = self.settings.tau if self.settings.tau is not None else qwen_tau(height, width)
-        return ImagePlan(k1=k1, n_per_cell=n_per_cell, tau=tau, keep=keep)
+        return ImagePlan(k1=k1, n_per_cell=n_per_cell, tau=tau, keep=keep, then=then)
 
     def keep_counts(self, num_layers: int, shape: Any):
         """Stage-2 counts for an image of ``n`` tokens, assuming a square grid (the engine takes each
@@ -346,6 +365,8 @@ class Nuwa(TokenReduction):
         """The release's: at the layer before the stage-2 layer, LLaVA-1.5's last token with the head
         mean; Qwen2.5-VL's last three query rows with the head max (without a causal mask among them
         when ``official``)."""
+        if self.then is not None:
+            return self.then.make_scorer()
         if self.scorer is not None:
             return self.scorer
         return self.release.scorer(self.official)
@@ -354,7 +375,8 @@ class Nuwa(TokenReduction):
         from ...budget.shapes import ModelShape
         from .vision import NuwaVision
 
-        shape = ModelShape.from_config(adapter.model.config) if self.target is not None else None
+        composed = self.target is not None or self.then is not None
+        shape = ModelShape.from_config(adapter.model.config) if composed else None
         depth = len(adapter.layers)
         return NuwaVision(self, lambda grid: self.plan_image(grid, shape, depth))
 

@@ -14,13 +14,14 @@ Importing it registers each Nüwa family's tower with the stage-1 cost (:mod:`vl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...budget.schedule import Keep
-from ...budget.stage1 import CLIP, WINDOWED_VIT, VisionTower, add_tower
+from ...budget.stage1 import CLIP, MERGER_VIT, WINDOWED_VIT, VisionTower, add_tower
 from ...families import FAMILIES, Family
 
 if TYPE_CHECKING:
@@ -116,10 +117,18 @@ RELEASES: Mapping[str, Release] = {
         unmasked=True,
     ),
 }
+#: Qwen2-VL, Qwen3-VL and Qwen3.5 towers have the same blocks and merger without windows: the Qwen2.5-VL
+#: release's constants, the hooks skip the window order (``signals.QwenSignalHooks``).
+RELEASES = {
+    **RELEASES,
+    MERGER_VIT: dataclasses.replace(
+        RELEASES[WINDOWED_VIT], tower=VisionTower(MERGER_VIT, 1280, 0.1, merge=4)
+    ),
+}
 #: An unbound Nüwa (no model yet) uses the first release's constants.
 DEFAULT = RELEASES[CLIP]
 #: The release a ``budget=`` or ``ratio=`` setting belongs to.
-BY_SETTING: Mapping[str, Release] = {release.setting: release for release in RELEASES.values()}
+BY_SETTING: Mapping[str, Release] = {r.setting: r for r in reversed(list(RELEASES.values()))}  # the first
 
 
 def nuwa_families() -> tuple[Family, ...]:

@@ -25,7 +25,7 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
 
-from ...budget.stage1 import WINDOWED_VIT
+from ...budget.stage1 import MERGER_VIT, WINDOWED_VIT
 from ...families import vision_families
 
 
@@ -58,9 +58,10 @@ def qwen_similarity_blocks(depth: int) -> range:
     """Vision blocks (0-based) whose outputs are averaged for similarity in a ``depth``-block tower.
 
     The release averages blocks 7..23 of Qwen2.5-VL-7B's 32 (``nuwa.md`` §3.1): ``round(7·depth/32)
-    .. round(23·depth/32)`` (depth 2 → 0..1, depth 4 → 1..3).
+    .. round(23·depth/32)``, at most the last block (depth 1 → 0, depth 2 → 0..1, depth 4 → 1..3).
     """
-    return _depth_range(7 / 32, 23 / 32, depth)
+    blocks = _depth_range(7 / 32, 23 / 32, depth)
+    return range(blocks.start, min(blocks.stop, depth))
 
 
 def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
@@ -288,10 +289,16 @@ class QwenSignalHooks:
         with torch.no_grad():
             merged_sim = visual.merger((store.sum / len(self.sim)).to(visual.dtype))
         merge = visual.spatial_merge_size
-        window_index, _ = get_vision_window_index(
-            grid_thw, spatial_merge_size=merge, window_size=visual.window_size, patch_size=visual.patch_size
-        )
-        to_raster = torch.argsort(window_index.to(grid_thw.device))
+        if getattr(visual, "window_size", None) is None:  # Qwen2-VL, Qwen3-VL, Qwen3.5: raster already
+            to_raster = torch.arange(int(grid_thw.prod(dim=1).sum()) // merge**2, device=grid_thw.device)
+        else:
+            window_index, _ = get_vision_window_index(
+                grid_thw,
+                spatial_merge_size=merge,
+                window_size=visual.window_size,
+                patch_size=visual.patch_size,
+            )
+            to_raster = torch.argsort(window_index.to(grid_thw.device))
         unit = store.received.view(-1, merge * merge).mean(dim=-1)
         sizes = (grid_thw[:, 1] * grid_thw[:, 2] // (merge * merge)).tolist()
         salience = unit[to_raster].split(sizes)
@@ -343,7 +350,8 @@ def qwen_signals(
     model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs
 ) -> VisionSignals:
     """:func:`qwen_vision_signals` for a model whose family's tower is a windowed ViT (Qwen2.5-VL)."""
-    name, classes = type(model).__name__, [f.model_class for f in vision_families(WINDOWED_VIT)]
+    kinds = (*vision_families(WINDOWED_VIT), *vision_families(MERGER_VIT))
+    name, classes = type(model).__name__, [f.model_class for f in kinds]
     if name not in classes:
         raise TypeError(f"{name}: Nüwa's Qwen stage 1 is defined for {', '.join(classes)}")
     return qwen_vision_signals(model.model.visual, pixel_values, image_grid_thw, **kwargs)

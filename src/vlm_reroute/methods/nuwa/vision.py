@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ...budget.stage1 import CLIP, WINDOWED_VIT
+from ...budget.stage1 import CLIP, MERGER_VIT, WINDOWED_VIT
 from ...engine.vision import EncodedImage
 from .aggregate import run_stage1
 from .signals import ClipSignalHooks, QwenSignalHooks, check_image_grids, check_llava_config, square_grid
@@ -72,7 +72,8 @@ class NuwaVision:
     def install(
         self, model: nn.Module, report: Callable[[list[EncodedImage]], None]
     ) -> list[torch.utils.hooks.RemovableHandle]:
-        installers = {CLIP: self._install_clip, WINDOWED_VIT: self._install_windowed}
+        windowed = self._install_windowed  # a merger ViT without windows: the same hooks
+        installers = {CLIP: self._install_clip, WINDOWED_VIT: windowed, MERGER_VIT: windowed}
         return installers[self.method.vision](model, report)  # type: ignore[index]
 
     # ---- per tower kind -------------------------------------------------------------------------
