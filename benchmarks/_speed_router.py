@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+import vlm_reroute.engine.decide as decide
 import vlm_reroute.engine.executor as executor
 import vlm_reroute.engine.masks as masks
 import vlm_reroute.engine.prefill as prefill
@@ -44,8 +45,8 @@ ROUTER_PARTS = {
         executor.RoutingExecutor,
         ("_before_call", "_before_layer", "_after_last_layer", "_after_call"),
     ),
-    "decision": (executor.RoutingExecutor, ("_decide",)),
-    "  scoring (gathers + last-token attention)": (executor.RoutingExecutor, ("_score",)),
+    "decision": (decide.Decider, ("decide",)),
+    "  scoring (gathers + last-token attention)": (decide.Decider, ("score",)),
     "    last-token attention (norm, K/Q proj, RoPE, softmax)": (LastTokenAttention, ("score",)),
     "      RMSNorm of keys + query": None,  # inside the scorer: see _scorer_parts
     "      K projection (all keys)": None,

@@ -28,8 +28,12 @@ METHODS = [
     "PDrop + Reroute",
     "SparseVLM",
     "SparseVLM + Reroute",
+    "DART",
+    "DART + Reroute",
     "Nüwa",
     "Nüwa + Reroute",
+    "DivPrune",  # vision-side methods alone: one row (their reroute form runs what prune runs)
+    "VisionZip",
 ]
 
 
@@ -235,3 +239,19 @@ def test_version_and_python_dash_m_without_torch():
     assert shown.stdout.splitlines()[0] == f"vlm-reroute {__version__}"
     libraries = [line.split()[0] for line in shown.stdout.splitlines()[1:]]
     assert libraries == ["transformers", "torch", "lmms-eval"]
+
+
+def test_budget_lists_every_method_with_the_published_tiers_of_the_new_ones():
+    """Issue 19's 'Done means': every registered method has a row at ratio 0.111, and DART's /
+    VisionZip's / DivPrune's published tiers are given at code level beside ours (methods.md §2)."""
+    result = invoke("budget", "--model", "llava-1.5-7b", "--ratio", "0.111", "--json")
+    assert result.exit_code == 0, result.output
+    names = {r["method"] for r in json.loads(result.stdout)}
+    assert set(METHODS) <= names
+    from vlm_reroute.methods import method_class, method_names
+
+    labels = {method_class(k, False)[0].display for k in method_names() if k != "random"}
+    assert labels <= names
+    text = " ".join(invoke("budget", "--model", "llava-1.5-7b", "--ratio", "0.111").stdout.split())
+    assert 'DART\'s published tiers run avg_T "64" 99.75, "128" 159.75, "192" 219.75' in text
+    assert 'DivPrune\'s published tiers run avg_T "0.098" 56' in text

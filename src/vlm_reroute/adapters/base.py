@@ -10,13 +10,25 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..kinds import ScoreFrom
 from .layout import ImageLayout, single_view_layouts
+
+if TYPE_CHECKING:
+    from .vision import VisionTap
+
+
+def by_name(module: nn.Module) -> Any:
+    """``module``, its submodules and settings read by name (``by_name(layer).self_attn.head_dim``).
+
+    ``nn.Module`` types every attribute it does not declare as ``Tensor | Module`` (its ``__getattr__``),
+    and which one a family's ``self_attn`` or ``visual`` is, no annotation can say: the one place the
+    package says "the family's own modules, as transformers defines them" instead of casting per line."""
+    return module
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -34,13 +46,23 @@ class ModelAdapter(ABC):
         self.model = model
 
     @property
+    def config(self) -> Any:
+        """The checkpoint's config (its fields differ per family, so they are read by name)."""
+        return self.model.config
+
+    @property
+    def inner(self) -> Any:
+        """``model.model``: the family's base model (towers, projector, language model), read by name."""
+        return self.model.model
+
+    @property
     def decoder(self) -> nn.Module:
         """The text decoder (holds ``layers``, ``rotary_emb`` and ``config``)."""
-        return self.model.model.language_model
+        return self.inner.language_model
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.decoder.layers
+        return by_name(self.decoder).layers
 
     @property
     def text_config(self) -> Any:
@@ -50,11 +72,11 @@ class ModelAdapter(ABC):
     def final_norm(self) -> nn.Module:
         """The decoder's final norm (before the LM head): DART (arXiv 2502.11494) compares tokens
         through it."""
-        return self.decoder.norm
+        return by_name(self.decoder).norm
 
     @property
     def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
+        return int(self.config.image_token_id)
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Bool ``(B, N)``: positions that hold image features."""
@@ -80,7 +102,7 @@ class ModelAdapter(ABC):
         """Per sample, per image: span, grid and offsets (see :class:`ImageLayout`)."""
         return single_view_layouts(image_ids, self.image_grids(image_ids, model_kwargs))
 
-    def vision_tap(self) -> Any:
+    def vision_tap(self) -> VisionTap | None:
         """The tower's stage-1 signals as a :class:`~.vision.VisionTap` (salience and keys per token,
         rows written back), or None when the family provides none (``adapters/vision.py``)."""
         return None
@@ -113,10 +135,15 @@ class ModelAdapter(ABC):
     image_placements: ClassVar[Mapping[str, str]] = {}
 
     # ---- hybrid decoders (Qwen3.5): where decisions may be scored, which layers are recurrent -----
-    #: Layers without attention (linear attention / recurrent): they take a 2-D padding mask, no KV cache.
-    recurrent_layers: tuple[int, ...] = ()
-    #: The layer whose cache length ``Cache.get_seq_length()`` (no argument) reports.
-    length_layer: int = 0
+    @property
+    def recurrent_layers(self) -> tuple[int, ...]:
+        """Layers without attention (linear attention / recurrent): a 2-D padding mask, no KV cache."""
+        return ()
+
+    @property
+    def length_layer(self) -> int:
+        """The layer whose cache length ``Cache.get_seq_length()`` (no argument) reports."""
+        return 0
 
     def allowed_decision_layers(self, score_from: ScoreFrom = ScoreFrom.CURRENT) -> tuple[int, ...]:
         """Layers a decision may be made at (every layer but the first, unless the family says otherwise)."""
@@ -133,8 +160,10 @@ class ModelAdapter(ABC):
             )
 
     # ---- inputs the decoder adds after some layers (Qwen3-VL's DeepStack) -----------------------
-    #: Layers after which :meth:`take_layer_additions` may add rows (hooks are installed on them only).
-    addition_layers: tuple[int, ...] = ()
+    @property
+    def addition_layers(self) -> tuple[int, ...]:
+        """Layers after which :meth:`take_layer_additions` may add rows (hooks are installed on them only)."""
+        return ()
 
     def take_layer_additions(
         self, decoder_kwargs: dict[str, Any]
@@ -161,7 +190,7 @@ class ModelAdapter(ABC):
         self, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         """Queries ``(B, T, heads, head_dim)`` of ``hidden`` entering ``layer``, rotated and scaled."""
-        attn = layer.self_attn
+        attn = by_name(layer).self_attn
         return self._project(layer, attn.q_proj, getattr(attn, "q_norm", None), hidden, cos, sin).mul_(
             attn.scaling
         )
@@ -170,7 +199,7 @@ class ModelAdapter(ABC):
         self, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         """Keys ``(B, T, kv_heads, head_dim)`` of ``hidden`` entering ``layer``, rotated."""
-        attn = layer.self_attn
+        attn = by_name(layer).self_attn
         return self._project(layer, attn.k_proj, getattr(attn, "k_norm", None), hidden, cos, sin)
 
     def _project(
@@ -185,7 +214,8 @@ class ModelAdapter(ABC):
         """The layer's input norm, one projection split into heads, its per-head norm (q_norm /
         k_norm where the family has one, as Qwen3 does), then the rotary embedding."""
         batch, n = hidden.shape[:2]
-        x = proj(layer.input_layernorm(hidden)).view(batch, n, -1, layer.self_attn.head_dim)
+        modules = by_name(layer)
+        x = proj(modules.input_layernorm(hidden)).view(batch, n, -1, modules.self_attn.head_dim)
         if norm is not None:
             x = norm(x)
         return self.apply_rope(x, cos, sin)

@@ -50,7 +50,7 @@ class Idefics3Adapter(ModelAdapter):
         )
         fake = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
         global_token = getattr(tokenizer, "global_image_token", "<global-img>")
-        per_tile = int(self.model.model.image_seq_len)
+        per_tile = int(self.inner.image_seq_len)
         grids = zip(
             [r for row in vision.pop("rows") for r in row],
             [c for col in vision.pop("cols") for c in col],
@@ -61,12 +61,12 @@ class Idefics3Adapter(ModelAdapter):
 
     @property
     def decoder(self) -> nn.Module:
-        return self.model.model.text_model
+        return self.inner.text_model
 
     @property
     def tile_side(self) -> int:
         """Tokens per side of one tile (the square root of ``image_seq_len``)."""
-        per_tile = int(self.model.model.image_seq_len)
+        per_tile = int(self.inner.image_seq_len)
         side = math.isqrt(per_tile)
         if side * side != per_tile:
             raise ValueError(f"image_seq_len={per_tile} is not a square grid of tokens")
@@ -112,7 +112,8 @@ class Idefics3Adapter(ModelAdapter):
             int(input_ids[sample[r], end[r]]) if end[r] < input_ids.shape[1] else -1 for r in last_runs
         }
         fake = closers.pop() if len(closers) == 1 else -1
-        image_of_run, groups = [], [[]]
+        image_of_run: list[int] = []
+        groups: list[list[int]] = [[]]
         for r in range(n_runs):
             image_of_run.append(len(groups) - 1)
             groups[-1].append(r)

@@ -51,7 +51,7 @@ class InternVLAdapter(ModelAdapter):
     @property
     def tile_grid(self) -> tuple[int, int]:
         """Rows × cols of one tile's tokens after the pixel shuffle."""
-        cfg = self.model.config
+        cfg = self.config
         vision = cfg.vision_config
         size, patch = vision.image_size, vision.patch_size
         size = size if isinstance(size, list | tuple) else (size, size)

@@ -89,14 +89,14 @@ def single_view_layouts(image_ids: torch.Tensor, grids: list[tuple[int, int]]) -
     n_images = len(grids)
     flat_ids = image_ids[visual]
     flat_pos = positions[visual]
-    first = torch.full((n_images,), image_ids.shape[1], dtype=torch.long, device=image_ids.device)
-    last = torch.full((n_images,), -1, dtype=torch.long, device=image_ids.device)
-    first = first.scatter_reduce(0, flat_ids, flat_pos, "amin").tolist()
-    last = last.scatter_reduce(0, flat_ids, flat_pos, "amax").tolist()
-    sizes = torch.bincount(flat_ids, minlength=n_images).tolist()
+    lowest = torch.full((n_images,), image_ids.shape[1], dtype=torch.long, device=image_ids.device)
+    highest = torch.full((n_images,), -1, dtype=torch.long, device=image_ids.device)
+    first: list[int] = lowest.scatter_reduce(0, flat_ids, flat_pos, "amin").tolist()
+    last: list[int] = highest.scatter_reduce(0, flat_ids, flat_pos, "amax").tolist()
+    sizes: list[int] = torch.bincount(flat_ids, minlength=n_images).tolist()
     sample_of = visual.nonzero()[:, 0]
-    owner = torch.zeros(n_images, dtype=torch.long, device=image_ids.device)
-    owner = owner.scatter(0, flat_ids, sample_of).tolist()
+    nobody = torch.zeros(n_images, dtype=torch.long, device=image_ids.device)
+    owner: list[int] = nobody.scatter(0, flat_ids, sample_of).tolist()
     out: list[list[ImageLayout]] = [[] for _ in range(image_ids.shape[0])]
     for g in range(n_images):  # a loop over images, not tokens
         sample = owner[g]

@@ -7,11 +7,14 @@ are refused instead of being split into wrong "images".
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .base import ModelAdapter
+
+if TYPE_CHECKING:
+    from .vision import ClipTap
 
 
 class LlavaAdapter(ModelAdapter):
@@ -20,7 +23,7 @@ class LlavaAdapter(ModelAdapter):
 
     @property
     def grid_side(self) -> int:
-        vision = self.model.config.vision_config
+        vision = self.config.vision_config
         return int(vision.image_size) // int(vision.patch_size)
 
     def tokens_per_image(self, model_kwargs: dict[str, Any]) -> int:
@@ -32,7 +35,7 @@ class LlavaAdapter(ModelAdapter):
                 f"pixel_values of shape {tuple(pixel_values.shape)}: LLaVA-1.5 routing needs one "
                 "(images, channels, height, width) batch; multi-crop inputs belong to LLaVA-NeXT"
             )
-        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
+        strategy = getattr(self.config, "vision_feature_select_strategy", "default")
         if strategy != "default":
             raise ValueError(
                 f"vision_feature_select_strategy={strategy!r}: routing knows the 'default' layout "
@@ -68,17 +71,17 @@ class LlavaAdapter(ModelAdapter):
         """Every image is the tower's ``side × side`` patch grid, whatever its size."""
         return self.grid_side, self.grid_side
 
-    def vision_tap(self):
+    def vision_tap(self) -> ClipTap:
         """The [CLS] row and keys of the feature-layer block; rows from the projector (``vision.py``)."""
         from .vision import ClipTap
 
-        cfg = self.model.config
+        cfg = self.config
         if cfg.vision_feature_select_strategy != "default" or not isinstance(cfg.vision_feature_layer, int):
             raise ValueError(
                 f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}, "
                 f"vision_feature_layer={cfg.vision_feature_layer!r}: a stage-1 salience needs the [CLS] "
                 "token and one feature layer (LLaVA-1.5's 'default' strategy and an int layer)"
             )
-        tower = self.model.model.vision_tower
+        tower = self.inner.vision_tower
         layers = getattr(tower, "vision_model", tower).encoder.layers
-        return ClipTap(layers, cfg.vision_feature_layer, self.model.model.multi_modal_projector)
+        return ClipTap(layers, cfg.vision_feature_layer, self.inner.multi_modal_projector)

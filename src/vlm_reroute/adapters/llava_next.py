@@ -59,7 +59,7 @@ class LlavaNextAdapter(ModelAdapter):
 
     @property
     def side(self) -> int:
-        vision = self.model.config.vision_config
+        vision = self.config.vision_config
         return int(vision.image_size) // int(vision.patch_size)
 
     def check(self) -> None:
@@ -84,9 +84,9 @@ class LlavaNextAdapter(ModelAdapter):
 
     def _grid_from_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """The crop grid's rows × cols for an image of ``image_size``: the model's packing arithmetic."""
-        cfg = self.model.config
+        cfg = self.config
         crop = int(cfg.vision_config.image_size)
-        best_h, best_w = select_best_resolution(list(image_size), cfg.image_grid_pinpoints)
+        best_h, best_w = select_best_resolution(image_size, cfg.image_grid_pinpoints)
         rows, cols = unpadded_size(image_size, best_h // crop * self.side, best_w // crop * self.side)
         if self.onevision:
             aspect = getattr(cfg, "vision_aspect_ratio", "anyres_max_9")
@@ -113,7 +113,7 @@ class LlavaNextAdapter(ModelAdapter):
 
     def _shapes_from_features(self, features: list[torch.Tensor]) -> list[ImageShape]:
         """Shapes read from packed image features: their newline rows equal ``image_newline``."""
-        newline = self.model.model.image_newline
+        newline = self.inner.image_newline
         base = self.side**2
         shapes = []
         for i, feature in enumerate(features):
@@ -124,8 +124,7 @@ class LlavaNextAdapter(ModelAdapter):
                 continue
             cols = length // rows - 1 if rows else -1
             shape = self._shape((rows, cols)) if rows and cols > 0 and rows * (cols + 1) == length else None
-            expected = [e - base for e in shape.extras] if shape is not None else None
-            if expected != is_newline.tolist():
+            if shape is None or [e - base for e in shape.extras] != is_newline.tolist():
                 raise ValueError(
                     f"image {i}: its {feature.shape[0]} features do not follow the LLaVA-NeXT packing "
                     f"(a {self.side}x{self.side} base view, then rows each ending in image_newline)"

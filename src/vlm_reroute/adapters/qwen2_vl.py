@@ -8,16 +8,19 @@ its grid ``image_grid_thw / spatial_merge_size`` in raster order. Video tokens a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .base import ModelAdapter
 
+if TYPE_CHECKING:
+    from .vision import MergerTap
+
 
 class Qwen2VLAdapter(ModelAdapter):
-    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-    prompt_classes = model_classes
+    model_classes: tuple[str, ...] = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    prompt_classes: tuple[str, ...] = model_classes
     token_type_ids = True
     image_placements = {"Qwen2VLImageProcessor": "smart_resize"}
 
@@ -30,12 +33,12 @@ class Qwen2VLAdapter(ModelAdapter):
         merge = image_processor.merge_size
         return vision, [placeholder * (int(g.prod()) // merge**2) for g in vision["image_grid_thw"]]
 
-    def vision_tap(self):
+    def vision_tap(self) -> MergerTap:
         """Attention received in ViT block −2 and its keys, per merged token; rows from the merger
         (``vision.py``; Qwen3-VL and Qwen3.5 inherit it: same blocks, same merger)."""
         from .vision import MergerTap
 
-        return MergerTap(self.model.model.visual)
+        return MergerTap(self.inner.visual)
 
     def image_ids(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> torch.Tensor:
         visual = self.visual_mask(input_ids)
@@ -57,7 +60,7 @@ class Qwen2VLAdapter(ModelAdapter):
         sizes = torch.bincount(image_ids[image_ids >= 0]).tolist()
         grid = model_kwargs.get("image_grid_thw")
         if grid is not None:
-            merge = int(self.model.config.vision_config.spatial_merge_size)
+            merge = int(self.config.vision_config.spatial_merge_size)
             grids = [(t, h // merge, w // merge) for t, h, w in grid.tolist()]
         else:
             grids = self._grids_from_positions(image_ids, model_kwargs.get("position_ids"), len(sizes))

@@ -25,10 +25,13 @@ in the released checkpoints). What routing means there (``docs/hybrid.md``):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..kinds import ScoreFrom
+from .base import by_name
 from .qwen2_vl import Qwen2VLAdapter
 
 
@@ -87,7 +90,8 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
         super().apply_rope(x[..., : cos.shape[-1]], cos, sin)  # rotates the view in place
         return x
 
-    def _attention(self, layer: nn.Module) -> nn.Module:
+    def _attention(self, layer: nn.Module) -> Any:
+        """The layer's ``Qwen3_5Attention``, its projections and sizes read by name (``by_name``)."""
         attn = getattr(layer, "self_attn", None)
         if attn is None:
             raise ValueError("a linear-attention layer has no queries or keys to score with")
@@ -98,7 +102,7 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     ) -> torch.Tensor:
         attn = self._attention(layer)
         batch, n = hidden.shape[:2]
-        both = attn.q_proj(layer.input_layernorm(hidden)).view(batch, n, -1, 2 * attn.head_dim)
+        both = attn.q_proj(by_name(layer).input_layernorm(hidden)).view(batch, n, -1, 2 * attn.head_dim)
         q = attn.q_norm(both[..., : attn.head_dim])  # per head: query, then the output gate
         return self.apply_rope(q, cos, sin).mul_(attn.scaling)
 
@@ -107,5 +111,5 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     ) -> torch.Tensor:
         attn = self._attention(layer)
         batch, n = hidden.shape[:2]
-        k = attn.k_norm(attn.k_proj(layer.input_layernorm(hidden)).view(batch, n, -1, attn.head_dim))
+        k = attn.k_norm(attn.k_proj(by_name(layer).input_layernorm(hidden)).view(batch, n, -1, attn.head_dim))
         return self.apply_rope(k, cos, sin)

@@ -36,7 +36,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     @property
     def addition_layers(self) -> tuple[int, ...]:
-        levels = getattr(self.model.config.vision_config, "deepstack_visual_indexes", None) or []
+        levels = getattr(self.config.vision_config, "deepstack_visual_indexes", None) or []
         return tuple(range(min(len(levels), len(self.layers))))
 
     def take_layer_additions(

@@ -27,12 +27,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
-from .base import rotate_half
+from .base import by_name, rotate_half
+
+if TYPE_CHECKING:
+    from .base import ModelAdapter
 
 __all__ = ["ClipTap", "MergerTap", "TowerSignals", "VisionTap", "column_sums", "require_tap"]
 
@@ -60,7 +63,7 @@ class VisionTap(Protocol):
     def install(self, rewrite: Rewrite) -> list[torch.utils.hooks.RemovableHandle]: ...
 
 
-def require_tap(adapter, method: str) -> VisionTap:
+def require_tap(adapter: ModelAdapter, method: str) -> VisionTap:
     """The adapter's tap, or one ValueError naming the model and the families that have one."""
     tap = adapter.vision_tap()
     if tap is None:
@@ -85,17 +88,17 @@ class ClipTap:
                 f"vision_feature_layer={feature_layer!r}: one hidden-state index of a {depth}-block tower "
                 f"in [-{depth}, -1] or [1, {depth}] (a stage-1 salience reads one block)"
             )
-        self.block = layers[feature_layer % (depth + 1) - 1]  # hs[k] is block k's output
+        self.block: nn.Module = layers[feature_layer % (depth + 1) - 1]  # hs[k] is block k's output
         self.projector = projector
         self.local = threading.local()
 
     def install(self, rewrite: Rewrite) -> list[torch.utils.hooks.RemovableHandle]:
         store = self.local
 
-        def read(module, args):
+        def read(module: nn.Module, args: tuple[Any, ...]) -> None:
             store.salience, store.keys = cls_row(module, args[0])
 
-        def after_projector(_module, _args, output):
+        def after_projector(_module: nn.Module, _args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             side = int(round(output.shape[1] ** 0.5))
             signals = TowerSignals(
                 list(output), list(store.salience), list(store.keys), [(side, side)] * output.shape[0]
@@ -112,10 +115,11 @@ def cls_row(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch
     """``([CLS]→patch attention summed over heads (B, N), patch keys averaged over heads (B, N, h))``
     of a CLIP encoder ``layer`` whose input is ``hidden`` ``(B, 1 + N, D)``; the softmax runs over all
     ``1 + N`` keys, the CLS column is dropped afterwards (VisionZip's ``attn[:, :, 0, 1:]``)."""
-    attn = layer.self_attn
+    modules = by_name(layer)
+    attn = modules.self_attn
     batch, tokens, _ = hidden.shape
     with torch.no_grad():
-        normed = layer.layer_norm1(hidden)
+        normed = modules.layer_norm1(hidden)
         q = attn.q_proj(normed[:, :1]).view(batch, attn.num_heads, attn.head_dim).float()
         k = attn.k_proj(normed).view(batch, tokens, attn.num_heads, attn.head_dim).float()
         probs = (torch.einsum("bhd,bthd->bht", q, k) * attn.scale).softmax(dim=-1)
@@ -147,19 +151,22 @@ class MergerTap:
     salience = "received"
 
     def __init__(self, visual: nn.Module, block: int = -2, max_elements: int = 1 << 25) -> None:
-        self.visual = visual
-        self.block = visual.blocks[max(block, -len(visual.blocks))]  # a one-block tower: its only block
+        self.visual = by_name(visual)  # the family's vision model: blocks, merge size, windows
+        blocks = self.visual.blocks
+        self.block: nn.Module = blocks[max(block, -len(blocks))]  # a one-block tower: its only block
         self.max_elements = max_elements
         self.local = threading.local()
 
     def install(self, rewrite: Rewrite) -> list[torch.utils.hooks.RemovableHandle]:
         store, visual = self.local, self.visual
 
-        def read(module, args, kwargs):
+        def read(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
             store.received, store.keys = self._signals(module, hidden, kwargs)
 
-        def after_tower(_module, args, kwargs, output):
+        def after_tower(
+            _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> Any:
             grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
             if grid_thw.ndim != 2 or bool((grid_thw[:, 0] != 1).any()):
                 raise ValueError(f"grid_thw={grid_thw.tolist()}: a stage-1 method handles images, (1, h, w)")
@@ -183,12 +190,13 @@ class MergerTap:
         ]
 
     def _signals(
-        self, block: nn.Module, hidden: torch.Tensor, kwargs: dict
+        self, block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        attn = block.attn
+        modules = by_name(block)
+        attn = modules.attn
         length = hidden.shape[0]
         with torch.no_grad():
-            qkv = attn.qkv(block.norm1(hidden)).reshape(length, 3, attn.num_heads, -1).float()
+            qkv = attn.qkv(modules.norm1(hidden)).reshape(length, 3, attn.num_heads, -1).float()
             q, k = qkv[:, 0], qkv[:, 1]
             cos, sin = (t.unsqueeze(-2).float() for t in kwargs["position_embeddings"])
             q_rot = (q * cos + rotate_half(q) * sin) * attn.scaling

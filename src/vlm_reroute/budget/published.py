@@ -167,3 +167,16 @@ CODE_LEVEL: tuple[CodeLevelTier, ...] = _code_level()
 def code_level_tiers(method: str) -> tuple[CodeLevelTier, ...]:
     """The code-level tiers of registry key ``method`` (none for most methods)."""
     return tuple(entry for entry in CODE_LEVEL if entry.method == method)
+
+
+# ---- DART, VisionZip, DivPrune: what their published tiers run (``methods.md`` §2) ---------------
+
+#: avg_T at code level of each published tier on LLaVA-1.5-7B (576 tokens, 32 layers), with how it
+#: follows from the release: DART keeps layers 0-1 full, then 4 + 8·⌊T/8⌋ tokens (run with
+#: ``max_num_trunction`` = T); VisionZip enters exactly D + C tokens; DivPrune's default ratio 0.098
+#: keeps 56.
+STAGE_TIERS: dict[str, tuple[str, tuple[tuple[str, float], ...]]] = {
+    "dart": ("layers 0-1 full, then 4 + 8·⌊T/8⌋", (("64", 99.75), ("128", 159.75), ("192", 219.75))),
+    "visionzip": ("D + C tokens enter", (("64", 64.0), ("128", 128.0), ("192", 192.0))),
+    "divprune": ("ratio 0.098 of the image", (("0.098", 56.0),)),
+}

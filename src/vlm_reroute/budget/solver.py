@@ -47,6 +47,7 @@ __all__ = [
     "solve",
     "solve_for_target",
     "solve_schedule",
+    "stage_one_methods",
     "tabulated_methods",
     "UnreachableTargetWarning",
 ]
@@ -63,6 +64,13 @@ def parse_method(method: str | type, reroute: bool = False) -> tuple[str, bool]:
 def tabulated_methods() -> tuple[str, ...]:
     """Registry keys of the methods with a schedule rule of their own (budget tables list these)."""
     return tuple(k for k in rule_names() if rule_for(k)[0].tabulated)
+
+
+def stage_one_methods() -> tuple[str, ...]:
+    """Registry keys of the vision-side methods without rows of their own in :func:`tabulated_methods`
+    (VisionZip, DivPrune): alone they keep a count before the language model and every layer carries
+    it, so their reroute form runs what their prune form runs; budget tables give them one row."""
+    return tuple(k for k in rule_names() if rule_for(k)[0].stage_zero and not rule_for(k)[0].tabulated)
 
 
 def default_layers(method: str | type, num_layers: int, reroute: bool = False) -> tuple[int, ...]:

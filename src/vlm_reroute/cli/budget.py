@@ -19,9 +19,13 @@ from rich.console import Console
 from rich.table import Table
 
 from ..budget import Budget, ModelShape, compute_budget, known_models, load_model_info, load_shape
-from ..budget.published import code_level_tiers
-from ..budget.rules import round_half_up
-from ..budget.solver import SolvedSchedule, solve_for_target, solve_schedule, tabulated_methods
+from ..budget.solver import (
+    SolvedSchedule,
+    solve_for_target,
+    solve_schedule,
+    stage_one_methods,
+    tabulated_methods,
+)
 from ..budget.target import BudgetTarget
 from ..families import family_of_model_type
 from .app import (
@@ -41,6 +45,7 @@ from .app import (
     withdraw_option,
     write_json,
 )
+from .budget_notes import published_note, published_tiers
 
 _UNITS = ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"), (1.0, "FLOPs"))
 
@@ -188,6 +193,8 @@ def budget_rows(
     for key in tabulated_methods():
         for reroute in (False, True):
             rows.append(method_row(facts.shape, n_visual, n_text, key, reroute, spec, withdraw_at))
+    for key in stage_one_methods():  # one row: alone, their reroute form runs what prune runs
+        rows.append(method_row(facts.shape, n_visual, n_text, key, False, spec, withdraw_at))
     return rows
 
 
@@ -219,41 +226,6 @@ def rows_json(rows: list[Row], spec: dict[str, float]) -> list[dict[str, Any]]:
         }
         for r in rows
     ]
-
-
-def published_tiers(key: str) -> list[dict[str, Any]]:
-    """The method's published tiers as its release runs them (LLaVA-1.5-7B, 576 tokens, 32 layers):
-    SparseVLM's "64" averages 82.3 visual tokens per layer at code level (``methods.md`` §2)."""
-    return [
-        {
-            "variant": t.variant,
-            "tier": t.tier,
-            "layers": list(t.layers),
-            "keep": list(t.keep),
-            "recycled": list(t.recycled),
-            "avg_t": t.avg_t,
-        }
-        for t in code_level_tiers(key)
-    ]
-
-
-def published_note(rows: list[Row]) -> list[str]:
-    """One line per method in the table whose published tiers run more tokens than their labels."""
-    lines = []
-    for key in dict.fromkeys(r.key for r in rows if r.key):
-        tiers = code_level_tiers(key)
-        if not tiers:
-            continue
-        by_variant: dict[str, list[str]] = {}
-        for t in tiers:
-            by_variant.setdefault(t.variant, []).append(f'"{t.tier}" {round_half_up(t.avg_t * 10) / 10:.1f}')
-        name = next(r.name for r in rows if r.key == key)
-        runs = "; ".join(f"{v}: {', '.join(items)}" for v, items in by_variant.items())
-        lines.append(
-            f"{name}'s published tiers run, at code level (LLaVA-1.5-7B, 576 tokens), avg_T {runs} "
-            "(v1.5's recycled tokens included); the rows above solve its rule for the budget asked"
-        )
-    return lines
 
 
 def _number(value: float) -> str:

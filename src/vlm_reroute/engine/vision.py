@@ -189,13 +189,15 @@ def report_logical_length(cache: Cache, removed: int) -> None:
 
     def get_seq_length(layer_idx: int | None = None) -> int:
         owner = ref()
+        if owner is None:  # it lives on the cache and is reached through it: the cache is alive
+            raise ReferenceError("the cache whose length this reports is gone")
         real = type(owner).get_seq_length
         if layer_idx is None:
             held = real(owner, 0)
             return held + removed if held else 0
         return real(owner, layer_idx)
 
-    cache.get_seq_length = get_seq_length
+    cache.get_seq_length = get_seq_length  # type: ignore[method-assign]  # this instance only, by design
 
 
 def forget_logical_length(cache: Cache) -> None:

@@ -26,7 +26,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..budget.rules import round_half_up
 from ..budget.schedule import Keep, Schedule, check_keep_value, resolve_keep
@@ -35,7 +35,7 @@ from .base import TokenReduction, check_layer_list, scale_layers
 
 if TYPE_CHECKING:
     from ..adapters.base import ModelAdapter
-    from ..scoring.base import Scorer
+    from ..scoring.base import Scorer, Selector
 
 __all__ = [
     "PASS_DECISIONS",
@@ -138,11 +138,23 @@ def build_composite(spec: Any, model: Any = None) -> TokenReduction:
     return method
 
 
+class _MethodDataclass(Protocol):
+    """What :class:`Composable` uses of the frozen method dataclass it is mixed into."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+    display: ClassVar[str]
+
+    @property
+    def reroute(self) -> bool: ...
+
+    def label(self, reroute: bool) -> str: ...
+
+
 class Composable:
     """``Stage1 + InDecoder`` for every stage-1 method (VisionZip, DivPrune, Nüwa): this method's
     stage 1, then ``other`` on the tokens that entered (held as ``then``; the mode is ``other``'s)."""
 
-    def __add__(self, other: Any) -> Any:
+    def __add__(self: _MethodDataclass, other: Any) -> Any:
         if not isinstance(other, TokenReduction):
             return NotImplemented
         return dataclasses.replace(self, then=other, reroute=other.reroute, withdraw_at=other.withdraw_at)
@@ -156,7 +168,7 @@ class Composable:
         return NotImplemented
 
     @property
-    def name(self) -> str:
+    def name(self: _MethodDataclass) -> str:
         then = getattr(self, "then", None)
         return f"{self.display} + {then.name}" if then is not None else self.label(self.reroute)
 
@@ -273,7 +285,7 @@ class Stage1Method(Composable, TokenReduction):
         k1, counts = self.image_plan(n_visual, shape, shape.num_layers)
         return Schedule(layers, counts, self.reroute, owner=self.name, entry=k1)
 
-    def make_scorer(self) -> Scorer:
+    def make_scorer(self) -> Scorer | Selector:
         if self.then is not None:
             return self.then.make_scorer()
         from ..scoring.attention import LastTokenAttention

@@ -78,7 +78,7 @@ class VisionZip(Stage1Method):
             raise ValueError(
                 f"{owner}(dominant={self.dominant!r}, contextual={self.contextual!r}): give both"
             )
-        if self.dominant is not None:
+        if self.dominant is not None and self.contextual is not None:  # both or neither (checked above)
             if self.k is not None or self.target is not None:
                 raise ValueError(f"{owner}: give dominant= with contextual=, or k=, or target=; not several")
             if self.dominant + self.contextual == 0:
@@ -86,14 +86,15 @@ class VisionZip(Stage1Method):
         self._check_common()
 
     def entry_setting(self) -> float | int:
-        if self.dominant is not None:
+        if self.dominant is not None and self.contextual is not None:  # both or neither (__post_init__)
             return self.dominant + self.contextual
         return DOMINANT + CONTEXTUAL if self.k is None else self.k
 
     def counts_of(self, k1: int) -> tuple[int, int]:
         """``(dominant, contextual)`` for ``k1`` entering tokens."""
-        if self.dominant is not None and k1 == self.dominant + self.contextual:
-            return self.dominant, self.contextual
+        dominant, contextual = self.dominant, self.contextual
+        if dominant is not None and contextual is not None and k1 == dominant + contextual:
+            return dominant, contextual
         return split(k1)
 
     def stage(self, adapter: ModelAdapter, plan: Callable[[int], tuple[int, tuple[int, ...]]]) -> Any:

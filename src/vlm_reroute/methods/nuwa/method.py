@@ -49,7 +49,7 @@ from .release import (
 if TYPE_CHECKING:
     from ...adapters.base import ModelAdapter
     from ...engine.vision import VisionStage
-    from ...scoring.base import Scorer
+    from ...scoring.base import Scorer, Selector
 
 __all__ = ["LLAVA_BUDGETS", "QWEN_RATIOS", "FamilySettings", "ImagePlan", "Nuwa", "spread"]
 
@@ -229,11 +229,12 @@ class Nuwa(Composable, TokenReduction):
         check_release_setting("ratio", self.ratio, family, release)
         bound = dataclasses.replace(self, then=None if self.then is None else self.then.bind(adapter))
         object.__setattr__(bound, "vision", family.vision)
-        object.__setattr__(bound, "depth", len(adapter.layers))
+        depth = len(adapter.layers)
+        object.__setattr__(bound, "depth", depth)
         check_tower(family.vision, adapter.model)
         grid = adapter.fixed_grid()
         if grid is not None and self.target is None:
-            bound.plan_image(grid, None, bound.depth)  # a budget the grid cannot meet fails here
+            bound.plan_image(grid, None, depth)  # a budget the grid cannot meet fails here
         return bound
 
     @property
@@ -312,17 +313,21 @@ class Nuwa(Composable, TokenReduction):
         layers = self.layers_for(num_layers)
         then = None if self.then is None else self.then.keep_counts(num_layers, shape)
         preset_n = None
+        keep: tuple[Keep, ...]
         if self.target is not None:
             from ...budget.solver import solve_for_target
 
-            solved = solve_for_target(shape, n, type(self), self.reroute, self.target, layers)
+            # `type`, as solve_for_target takes it: mypy checks type[Nuwa] against the cache's Hashable
+            # with Nuwa's instance __hash__ and refuses it; a class is hashable
+            method: type = type(self)
+            solved = solve_for_target(shape, n, method, self.reroute, self.target, layers)
             k1, keep = solved.keep[0], tuple(solved.keep[1:])
             clip = True
         else:
             k1_setting, k2, preset_n = self._preset()
             keep = (k2,) * len(layers)
             clip = isinstance(k1_setting, float)
-            k1 = min(n, math.ceil(n * k1_setting)) if clip else k1_setting
+            k1 = min(n, math.ceil(n * k1_setting)) if isinstance(k1_setting, float) else k1_setting
         if k1 > n:
             raise ValueError(
                 f"{self!r}: K₁ = {k1} anchors per image, but an image of {height}×{width} = {n} tokens has "
@@ -361,7 +366,7 @@ class Nuwa(Composable, TokenReduction):
         plan = self.plan_image(_grid_of(n_visual), shape, shape.num_layers)
         return Schedule(layers, plan.counts(plan.k1), self.reroute, owner=self.name, entry=plan.k1)
 
-    def make_scorer(self) -> Scorer:
+    def make_scorer(self) -> Scorer | Selector:
         """The release's: at the layer before the stage-2 layer, LLaVA-1.5's last token with the head
         mean; Qwen2.5-VL's last three query rows with the head max (without a causal mask among them
         when ``official``)."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ...budget.schedule import Keep
 from ...budget.stage1 import CLIP, MERGER_VIT, WINDOWED_VIT, VisionTower, add_tower
 from ...families import FAMILIES, Family
+from ...kinds import ScoreFrom
 
 if TYPE_CHECKING:
     from ...scoring.base import Scorer
@@ -76,10 +77,11 @@ class Release:
 
     def scorer(self, official: bool) -> Scorer:
         """The stage-2 scorer: attention of the last rows at the layer before the stage-2 layer."""
-        from ...scoring.attention import LastTokenAttention
+        from ...scoring.attention import HeadReduction, LastTokenAttention
 
         causal = not (official and self.unmasked)
-        return LastTokenAttention(rows=self.rows, heads=self.heads, score_from="previous", causal=causal)
+        heads = HeadReduction(self.heads)
+        return LastTokenAttention(rows=self.rows, heads=heads, score_from=ScoreFrom.PREVIOUS, causal=causal)
 
     @property
     def model(self) -> str:

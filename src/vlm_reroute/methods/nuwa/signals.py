@@ -19,12 +19,14 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
 
+from ...adapters.base import by_name
 from ...budget.stage1 import MERGER_VIT, WINDOWED_VIT
 from ...families import vision_families
 
@@ -66,7 +68,7 @@ def qwen_similarity_blocks(depth: int) -> range:
 
 def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
     inner = getattr(tower, "vision_model", tower)
-    return inner.encoder.layers
+    return by_name(inner).encoder.layers
 
 
 def cls_attention(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -76,9 +78,10 @@ def cls_attention(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     projections give one query row per image; the softmax runs over all ``1 + N`` keys and the CLS
     column is dropped afterwards without renormalising (``nuwa.md`` §1.1 "Salience").
     """
-    attn = layer.self_attn
+    modules = by_name(layer)
+    attn = modules.self_attn
     batch, tokens, _ = hidden.shape
-    normed = layer.layer_norm1(hidden)
+    normed = modules.layer_norm1(hidden)
     q = attn.q_proj(normed[:, :1]).view(batch, attn.num_heads, attn.head_dim).float()
     k = attn.k_proj(normed).view(batch, tokens, attn.num_heads, attn.head_dim).float()
     probs = (torch.einsum("bhd,bthd->bht", q, k) * attn.scale).softmax(dim=-1)
@@ -163,7 +166,7 @@ def clip_signals(
     handles = hooks.install()
     try:
         with torch.no_grad():
-            tower(pixel_values.to(dtype=tower.dtype))
+            tower(pixel_values.to(dtype=by_name(tower).dtype))
     finally:
         for handle in handles:
             handle.remove()
@@ -184,7 +187,7 @@ def square_grid(patches: int) -> tuple[int, int]:
     return side, side
 
 
-def check_llava_config(cfg) -> None:
+def check_llava_config(cfg: Any) -> None:
     """Refuse LLaVA settings Nüwa's CLIP path cannot read (no [CLS] row, several feature layers)."""
     if cfg.vision_feature_select_strategy != "default":
         raise ValueError(
@@ -198,11 +201,12 @@ def check_llava_config(cfg) -> None:
         )
 
 
-def llava_signals(model: nn.Module, pixel_values: torch.Tensor, **kwargs) -> VisionSignals:
+def llava_signals(model: nn.Module, pixel_values: torch.Tensor, **kwargs: Any) -> VisionSignals:
     """:func:`clip_signals` for a ``LlavaForConditionalGeneration`` with its configured feature layer."""
-    check_llava_config(model.config)
-    kwargs.setdefault("feature_layer", model.config.vision_feature_layer)
-    return clip_signals(model.model.vision_tower, pixel_values, **kwargs)
+    llava = by_name(model)
+    check_llava_config(llava.config)
+    kwargs.setdefault("feature_layer", llava.config.vision_feature_layer)
+    return clip_signals(llava.model.vision_tower, pixel_values, **kwargs)
 
 
 def received_attention(
@@ -219,9 +223,10 @@ def received_attention(
     ``(L, D)`` is the block input in the tower's window order. Queries go in chunks of at most
     ``max_elements // (heads · segment)`` rows.
     """
-    attn = block.attn
+    modules = by_name(block)
+    attn = modules.attn
     length = hidden.shape[0]
-    qkv = attn.qkv(block.norm1(hidden)).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
+    qkv = attn.qkv(modules.norm1(hidden)).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
     q, k = apply_rotary_pos_emb_vision(qkv[0], qkv[1], *position_embeddings)
     q, k = q.float() * attn.scaling, k.float()
     received = torch.zeros(attn.num_heads, length, dtype=torch.float32, device=hidden.device)
@@ -247,8 +252,8 @@ class QwenSignalHooks:
     def __init__(
         self, visual: nn.Module, similarity_blocks: Sequence[int] | None = None, max_elements: int = 1 << 25
     ) -> None:
-        self.visual = visual
-        depth = len(visual.blocks)
+        self.visual = by_name(visual)  # the family's vision model: blocks, merger, merge size, windows
+        depth = len(self.visual.blocks)
         sim = list(qwen_similarity_blocks(depth) if similarity_blocks is None else similarity_blocks)
         if not sim or any(not 0 <= i < depth for i in sim):
             raise ValueError(f"similarity_blocks={sim}: block indices in [0, {depth - 1}]")
@@ -339,7 +344,7 @@ def qwen_vision_signals(
     handles = hooks.install()
     try:
         with torch.no_grad():
-            out = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw)
+            out = visual(pixel_values.type(by_name(visual).dtype), grid_thw=grid_thw)
     finally:
         for handle in handles:
             handle.remove()
@@ -347,11 +352,11 @@ def qwen_vision_signals(
 
 
 def qwen_signals(
-    model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs
+    model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs: Any
 ) -> VisionSignals:
     """:func:`qwen_vision_signals` for a model whose family's tower is a windowed ViT (Qwen2.5-VL)."""
     kinds = (*vision_families(WINDOWED_VIT), *vision_families(MERGER_VIT))
     name, classes = type(model).__name__, [f.model_class for f in kinds]
     if name not in classes:
         raise TypeError(f"{name}: Nüwa's Qwen stage 1 is defined for {', '.join(classes)}")
-    return qwen_vision_signals(model.model.visual, pixel_values, image_grid_thw, **kwargs)
+    return qwen_vision_signals(by_name(model).model.visual, pixel_values, image_grid_thw, **kwargs)

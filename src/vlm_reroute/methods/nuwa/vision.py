@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ...adapters.base import by_name
 from ...budget.stage1 import CLIP, MERGER_VIT, WINDOWED_VIT
 from ...engine.vision import EncodedImage
 from .aggregate import run_stage1
@@ -78,8 +79,9 @@ class NuwaVision:
 
     # ---- per tower kind -------------------------------------------------------------------------
     def _install_clip(self, model: nn.Module, report: Callable) -> list:
-        signals = ClipSignalHooks(model.model.vision_tower, feature_layer=model.config.vision_feature_layer)
-        projector = model.model.multi_modal_projector
+        llava = by_name(model)
+        signals = ClipSignalHooks(llava.model.vision_tower, feature_layer=llava.config.vision_feature_layer)
+        projector = llava.model.multi_modal_projector
         pending = threading.local()
 
         def before_projector(_module, args):
@@ -101,7 +103,7 @@ class NuwaVision:
         return handles
 
     def _install_windowed(self, model: nn.Module, report: Callable) -> list:
-        visual = model.model.visual
+        visual = by_name(model).model.visual
         signals = QwenSignalHooks(visual)
         official = self.method.official
 
