@@ -192,6 +192,21 @@ class TokenReduction:
                 "(avg_t=, ratio= or flops_fraction=)"
             )
 
+    def _solved_per_prompt(self, owner: str) -> bool:
+        """Checks of a method given a ``target``: no ``keep`` beside it, valid ``layers`` and reroute
+        flag. True when the keep counts are solved per prompt (the caller's own checks stop there)."""
+        if self.target is None:
+            return False
+        keep = getattr(self, "keep", None)
+        if keep is not None:
+            raise ValueError(
+                f"{owner}(keep={keep!r}, target={self.target!r}): give keep counts or a target to solve "
+                "them from, not both"
+            )
+        object.__setattr__(self, "layers", check_layer_list(owner, getattr(self, "layers", None)))
+        Schedule.of([1], [1], self.reroute, owner=owner)  # checks the reroute flag
+        return True
+
     def keep_counts(self, num_layers: int, shape: Any) -> Callable[[int], tuple[int, ...]]:
         """Per-image keep counts as a function of the image's visual tokens, for one model."""
         fixed = self.schedule()

@@ -23,7 +23,7 @@ from ..budget.published import SPARSEVLM_KEEP, SPARSEVLM_LAYERS
 from ..budget.schedule import Keep, Schedule
 from ..budget.target import BudgetTarget
 from ..kinds import ScoreFrom
-from .base import TokenReduction, check_layer_list
+from .base import TokenReduction
 from .registry import register
 
 if TYPE_CHECKING:
@@ -76,14 +76,7 @@ class SparseVLM(TokenReduction):
             )
         self._check_score_from(self.score_from)
         self._check_target(self.target)
-        if self.target is not None:
-            if self.keep is not None:
-                raise ValueError(
-                    f"{owner}(keep={self.keep!r}, target={self.target!r}): give keep counts or a target "
-                    "to solve them from, not both"
-                )
-            object.__setattr__(self, "layers", check_layer_list(owner, self.layers))
-            Schedule.of([1], [1], self.reroute, owner=owner)  # checks the reroute flag
+        if self._solved_per_prompt(owner):
             return
         if self.layers is not None and self.keep is None:
             raise ValueError(
