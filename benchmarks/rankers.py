@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
 from pathlib import Path
 from statistics import median
 from typing import Any
 
 import torch
+from speed import wait_for_quiet  # this folder is on the path when the script runs
 
 from vlm_reroute.bench.profiler import profile
 from vlm_reroute.budget import ModelShape
@@ -61,14 +60,6 @@ def paired(report: Any, a: str, b: str) -> dict[str, float]:
     ra, rb = report.row(a).prefill_runs_s, report.row(b).prefill_runs_s
     ratios = [x / y for x, y in zip(ra, rb, strict=True)]
     return {"median": median(ratios), "min": min(ratios), "max": max(ratios)}
-
-
-def wait_for_quiet(limit_s: float) -> float:
-    """Wait up to ``limit_s`` for the 1-minute load average to drop below 1; return the load."""
-    end = time.monotonic() + limit_s
-    while os.getloadavg()[0] >= 1 and time.monotonic() < end:
-        time.sleep(10)
-    return os.getloadavg()[0]
 
 
 def main() -> None:

@@ -67,9 +67,9 @@ def _rope(model, hidden, position_ids):
     return _decoder(model).rotary_emb(hidden, position_ids)
 
 
-def full_matrix_scores(model, layer_idx, hidden, position_ids, present: torch.Tensor) -> torch.Tensor:
-    """Last-row softmax attention over the present tokens, mean over heads, from the layer's own
-    attention module in eager mode (its full attention matrix)."""
+def eager_attention(model, layer_idx, hidden, position_ids, present: torch.Tensor):
+    """The layer's own attention module in eager mode over the present tokens (causal):
+    ``(idx, weights (1, H, n, n), (cos, sin))``, ``idx`` the present positions in order."""
     layer = _decoder(model).layers[layer_idx]
     attn = layer.self_attn
     idx = present.nonzero().flatten()
@@ -84,6 +84,13 @@ def full_matrix_scores(model, layer_idx, hidden, position_ids, present: torch.Te
         )
     finally:
         config._attn_implementation = saved
+    return idx, weights, (cos, sin)
+
+
+def full_matrix_scores(model, layer_idx, hidden, position_ids, present: torch.Tensor) -> torch.Tensor:
+    """Last-row softmax attention over the present tokens, mean over heads, from the layer's own
+    attention module in eager mode (its full attention matrix)."""
+    idx, weights, _ = eager_attention(model, layer_idx, hidden, position_ids, present)
     row = weights.float().mean(1)[0, -1]
     out = torch.zeros(hidden.shape[1])
     out[idx] = row

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
-from reference import _causal_mask, _decoder, _rope, embeddings_and_positions
+from reference import _decoder, eager_attention, embeddings_and_positions
 
 
 def reference_raters(
@@ -36,24 +36,12 @@ def reference_raters(
 
 def rater_attention(model, layer_idx, hidden, position_ids, present, visual, raters, gravity, priority):
     """Scores ``(N,)`` of every present token from the rater rows (zeros elsewhere)."""
-    layer = _decoder(model).layers[layer_idx]
-    attn = layer.self_attn
-    idx = present.nonzero().flatten()
-    h = layer.input_layernorm(hidden[:, idx])
-    cos, sin = _rope(model, h, position_ids[..., idx])
-    config = attn.config
-    saved = config._attn_implementation
-    config._attn_implementation = "eager"
-    try:
-        _, weights = attn(
-            hidden_states=h, position_embeddings=(cos, sin), attention_mask=_causal_mask(idx, h.dtype)
-        )
-    finally:
-        config._attn_implementation = saved
+    idx, weights, (cos, sin) = eager_attention(model, layer_idx, hidden, position_ids, present)
+    head_dim = _decoder(model).layers[layer_idx].self_attn.head_dim
     probs = weights[0].double()  # (H, n, n): the full matrix
     rows = raters[idx].nonzero().flatten()
     if gravity:
-        probs = probs / _bias(cos[0].double(), sin[0].double(), attn.head_dim)
+        probs = probs / _bias(cos[0].double(), sin[0].double(), head_dim)
     visual = visual[idx].nonzero().flatten()  # visual tokens present, in present order
     if priority is not None:
         heads = probs.shape[0]
