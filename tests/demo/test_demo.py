@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vlm_reroute.demo import FAMILIES, scenes
-from vlm_reroute.demo.data import Curriculum, collate, prompt_ids, training_scenes
+from vlm_reroute.demo.data import Curriculum, answer_of, collate, prompt_ids, training_scenes
 from vlm_reroute.demo.draw import GRID, SIZE
 from vlm_reroute.demo.model import DemoShape, build_model, build_processor, save
 from vlm_reroute.demo.vocab import EOS_ID, answer_ids, box_text, build_tokenizer
@@ -92,6 +92,33 @@ def test_batches_are_a_function_of_seed_and_step():
     scored = a["labels"] >= 0
     assert scored.any(dim=1).all()  # every row has an answer to learn
     assert (a["patch_color"] > 0).any() and (a["patch_color"] == 0).any()
+
+
+def test_multi_turn_batches_follow_the_chat_template_and_score_every_answer():
+    """``turns=3``: each image gets up to two more questions, in LLaVA's multi-turn template, with
+    every answer scored and no object's box asked twice (it would be a copy of an earlier answer)."""
+    processor = build_processor()
+    batch_scenes = training_scenes(7, 6, 0, Curriculum(), turns=3)
+    batch = collate(batch_scenes, processor, GRID * GRID)
+    tokenizer = processor.tokenizer
+    assert sum(len(s.extra["turns"]) for s in batch_scenes) >= 6
+    for b, scene in enumerate(batch_scenes):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": scene.prompt}]}]
+        answers = [answer_of(scene)] + [a for _, a in scene.extra["turns"]]
+        for k, answer in enumerate(answers):
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+            if k + 1 < len(answers):
+                question = scene.extra["turns"][k][0]
+                messages.append({"role": "user", "content": [{"type": "text", "text": question}]})
+        templated = processor.apply_chat_template(messages, tokenize=False)
+        row = batch["input_ids"][b][batch["attention_mask"][b] == 1].tolist()
+        text = tokenizer.decode(row, skip_special_tokens=False).replace("<image>", "")
+        squeeze = "".join  # decoding spaces word tokens differently from the template: compare without
+        assert squeeze(text.split()) == squeeze(templated.replace("<image>", "").lower().split())
+        scored = batch["labels"][b][batch["labels"][b] >= 0].tolist()
+        assert scored == [t for a in answers for t in answer_ids(a)]
+        boxes = [a for a in answers if a.startswith("[")]
+        assert len(boxes) == len(set(boxes))
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,10 @@ def test_demo_runs_end_to_end_with_table_json_and_pictures(tiny, tmp_path):
     assert "ratio 0.111" in result.stdout
     data = json.loads(report.read_text())
     names = [row["name"] for row in data["results"]]
-    assert names == ["vanilla", "PDrop", "PDrop + Reroute"]
-    vanilla, prune, reroute = data["results"]
+    assert names == ["vanilla", "PDrop", "PDrop + Reroute", "vanilla, blank image"]
+    vanilla, prune, reroute, blank = data["results"]
+    assert blank["method"] == "blank" and blank["accuracy"]["ground"]["n"] == 10
+    assert blank["cost"]["avg_visual_tokens"] == 196
     assert vanilla["accuracy"]["ground"]["n"] == 10 and vanilla["accuracy"]["vqa"]["n"] == 4
     assert vanilla["cost"]["avg_visual_tokens"] == 196
     budget = data["budget"]["ratio"] * 196
@@ -89,6 +91,7 @@ def test_shipped_demo_runs_with_defaults_but_fewer_scenes(tmp_path):
         *(["fastv"] * 2),
         *(["pdrop"] * 2),
         *(["nuwa"] * 2),
+        "blank",
     ]
 
 

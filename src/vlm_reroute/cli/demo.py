@@ -71,6 +71,9 @@ def demo(
         str | None, typer.Option(help="also sweep these ratios, e.g. 0.333,0.222,0.111")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="scenes per batch")] = 25,
+    blank: Annotated[
+        bool, typer.Option(help="add the control row: vanilla on blank (grey) images, which must fail")
+    ] = True,
     out: Annotated[Path | None, typer.Option(help="folder for the pictures")] = None,
     dtype: Dtype = "float32",
     device: Device = "auto",
@@ -103,11 +106,12 @@ def demo(
             pipe = pipeline(folder, None, dtype=dtype, device=device, max_new_tokens=12)
             ground, vqa = held_out(n, n_vqa, DEMO_SEED if seed is None else seed)
             configs = configurations(pipe.model, {**spec, **withdraw}, strict, keys)
-            results = _run_all(pipe, configs, [*ground, *vqa], batch_size)
+            results = _run_all(pipe, configs, [*ground, *vqa], batch_size, blank)
             swept = (
                 _sweep(pipe, results[0], sweep, ground, strict, keys, batch_size, withdraw) if sweep else None
             )
-            files = _pictures(out, pipe, ground, results, configs, swept) if out is not None else []
+            drawn = [r for r in results if r.method != "blank"]
+            files = _pictures(out, pipe, ground, drawn, configs, swept) if out is not None else []
         except (LoadError, ValueError, TypeError) as exc:
             fail(str(exc))
         report = {
@@ -177,16 +181,18 @@ def _progress(total: int) -> Any:
     return Progress(*columns, console=Console(stderr=True), transient=True)
 
 
-def _run_all(pipe: Any, configs: list, items: list[dict], batch_size: int) -> list:
-    from ..demo.benchmark import run_config
+def _run_all(pipe: Any, configs: list, items: list[dict], batch_size: int, blank: bool) -> list:
+    """Every configuration on ``items``; with ``blank``, then vanilla on the same items blanked."""
+    from ..demo.benchmark import BLANK, blanked, run_config
 
     pipe.batch([(items[0]["image"], items[0]["prompt"])], None, max_new_tokens=2)  # warm-up, untimed
+    runs = [(config, items) for config in configs] + ([(BLANK, blanked(items))] if blank else [])
     results = []
-    with _progress(len(configs) * len(items)) as bar:
-        task = bar.add_task("demo", total=len(configs) * len(items))
-        for config in configs:
+    with _progress(len(runs) * len(items)) as bar:
+        task = bar.add_task("demo", total=len(runs) * len(items))
+        for config, chosen in runs:
             bar.update(task, description=config[0])
-            results.append(run_config(pipe, config, items, batch_size, functools.partial(bar.advance, task)))
+            results.append(run_config(pipe, config, chosen, batch_size, functools.partial(bar.advance, task)))
     return results
 
 

@@ -105,6 +105,18 @@ def configurations(model: Any, spec: dict[str, Any], strict: bool, methods: Sequ
     return out
 
 
+#: the control row: vanilla with every image replaced by a uniform grey one (issue 17: "the
+#: benchmark needs the image" — grounding on blank images must stay near chance)
+BLANK = ("vanilla, blank image", "blank", None, None)
+
+
+def blanked(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``items`` with each image replaced by a uniform mid-grey image of the same size."""
+    from PIL import Image
+
+    return [{**s, "image": Image.new("RGB", s["image"].size, (128, 128, 128))} for s in items]
+
+
 def held_out(n_ground: int, n_vqa: int, seed: int = DEMO_SEED) -> tuple[list[dict], list[dict]]:
     """The benchmark's scenes (generated once, shared by every configuration)."""
     return scenes(n_ground, seed=seed, kind="ground"), scenes(n_vqa, seed=seed, kind="vqa")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .draw import COLORS, SHAPES, SIZE
-from .scenes import FAMILIES, Scene, make_scene
+from .scenes import FAMILIES, Scene, ask, make_scene
 from .vocab import PAD_ID, answer_ids, box_text
 
 COLOR_CLASSES = ("background", *COLORS)
@@ -43,22 +43,47 @@ class Curriculum:
         return low, high
 
 
-def training_scenes(step: int, batch_size: int, seed: int, curriculum: Curriculum) -> list[Scene]:
-    """The scenes of training step ``step`` (keyed by seed and step, so resumable exactly)."""
+def training_scenes(
+    step: int, batch_size: int, seed: int, curriculum: Curriculum, turns: int = 1
+) -> list[Scene]:
+    """The scenes of training step ``step`` (keyed by seed and step, so resumable exactly).
+
+    With ``turns`` > 1 each image also gets up to ``turns - 1`` further questions (any kind and
+    family, no repeats) in ``scene.extra["turns"]`` as ``(prompt, answer text)``: a multi-turn
+    conversation about one image, as LLaVA's instruction data has. The visual tokens are most of
+    a sequence's cost, so each extra question adds supervision for a few percent more compute.
+    """
     out = []
     for j in range(batch_size):
         rng = random.Random(f"train/{seed}/{step}/{j}")
         kind = "ground" if rng.random() < curriculum.ground_share else "vqa"
         family = rng.choice(FAMILIES[kind])
-        out.append(make_scene(rng, kind, family, curriculum.objects(step, rng)))
+        scene = make_scene(rng, kind, family, curriculum.objects(step, rng))
+        asked, targets, extra = {scene.prompt}, {scene.target}, []
+        for _ in range(3 * (turns - 1)):
+            if len(extra) == turns - 1:
+                break
+            kind = "ground" if rng.random() < curriculum.ground_share else "vqa"
+            made = ask(scene.objects, rng, kind, rng.choice(FAMILIES[kind]))
+            # no repeated question, no second box of the same object (its answer would be a copy)
+            if made is not None and made[0] not in asked and (made[1] is None or made[1] not in targets):
+                asked.add(made[0])
+                targets.add(made[1])
+                extra.append((made[0], _answer_text(scene, made[1], made[2])))
+        scene.extra["turns"] = extra
+        out.append(scene)
     return out
+
+
+def _answer_text(scene: Scene, target: int | None, answer: str | None) -> str:
+    if target is not None:
+        return box_text(scene.objects[target].box, SIZE, SIZE)
+    return str(answer)
 
 
 def answer_of(scene: Scene) -> str:
     """The text the model must produce for ``scene``."""
-    if scene.kind == "ground":
-        return box_text(scene.objects[scene.target].box, SIZE, SIZE)  # type: ignore[index]
-    return str(scene.answer)
+    return _answer_text(scene, scene.target, scene.answer)
 
 
 def prompt_ids(processor: Any, prompt: str, num_image_tokens: int) -> list[int]:
@@ -89,8 +114,13 @@ def collate(scenes: list[Scene], processor: Any, num_image_tokens: int) -> dict[
     for scene in scenes:
         prompt = prompt_ids(processor, scene.prompt, num_image_tokens)
         answer = answer_ids(answer_of(scene))
-        rows.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
+        row, lab_row = prompt + answer, [-100] * len(prompt) + answer
+        for question, text in scene.extra.get("turns", ()):  # LLaVA's template: "</s>USER: q ASSISTANT:"
+            turn = processor.tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
+            reply = answer_ids(text)
+            row, lab_row = row + turn + reply, lab_row + [-100] * len(turn) + reply
+        rows.append(row)
+        labels.append(lab_row)
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
     lab = torch.full((len(rows), length), -100, dtype=torch.long)

@@ -92,30 +92,35 @@ def scene_at(seed: int, kind: str, i: int, family: str, objects: tuple[int, int]
 
 def make_scene(rng: random.Random, kind: str, family: str, objects: tuple[int, int] = OBJECTS) -> Scene:
     """A scene whose question of ``family`` has exactly one answer (layouts are redrawn until so)."""
-    builders: dict[str, Callable] = {
-        "attribute": _attribute,
-        "spatial": _spatial,
-        "superlative": _superlative,
-        "color": _vqa_color,
-        "shape": _vqa_shape,
-        "count": _vqa_count,
-        "yesno": _vqa_yesno,
-    }
     if family not in FAMILIES[kind]:
         raise ValueError(f"family {family!r} for kind {kind!r}: allowed are {', '.join(FAMILIES[kind])}")
     low = max(objects[0], 2 if family in ("spatial", "superlative") else 1)
     for _ in range(200):
         layout = _layout(rng, rng.randint(low, max(low, objects[1])))
-        made = builders[family](layout, rng)
+        made = ask(layout, rng, kind, family)
         if made is not None:
             break
     else:  # pragma: no cover - 200 failed layouts would mean a bug in the builders
         raise RuntimeError(f"no {family} question found for 200 layouts")
     noise = np.random.default_rng(rng.getrandbits(63))
     image, index = render(layout, rng, noise)
-    text, target, answer = made
-    prompt = GROUND_PROMPT.format(text) if kind == "ground" else text
+    prompt, target, answer = made
     return Scene(image, prompt, kind, family, layout, patch_labels(index, layout), target, answer)
+
+
+def ask(objs: list[Shape], rng: random.Random, kind: str, family: str) -> Made | None:
+    """A question of ``family`` about the layout ``objs`` with exactly one answer, or None.
+
+    Returns ``(prompt, target, answer)``: the prompt as a user types it, the target object's index
+    (grounding) or the one-word answer (VQA). Training asks several of these about one image.
+    """
+    if family in ("spatial", "superlative") and len(objs) < 2:
+        return None
+    made = _BUILDERS[family](objs, rng)
+    if made is None:
+        return None
+    text, target, answer = made
+    return (GROUND_PROMPT.format(text) if kind == "ground" else text), target, answer
 
 
 # ---- layouts -----------------------------------------------------------------------------------
@@ -289,3 +294,14 @@ def _vqa_yesno(objs: list[Shape], rng: random.Random) -> Made | None:
         pairs = [(c, s) for c in COLORS for s in SHAPES if not _matches(objs, (c, s))]
     color, shape = rng.choice(pairs)
     return f"Is there a {color} {shape}?", None, "no"
+
+
+_BUILDERS: dict[str, Callable[[list[Shape], random.Random], Made | None]] = {
+    "attribute": _attribute,
+    "spatial": _spatial,
+    "superlative": _superlative,
+    "color": _vqa_color,
+    "shape": _vqa_shape,
+    "count": _vqa_count,
+    "yesno": _vqa_yesno,
+}

@@ -53,6 +53,8 @@ class TrainConfig:
     aux_weight: float = 0.5
     coord_sigma: float = 1.0
     ramp_steps: int = 1500
+    #: questions per image (a multi-turn conversation); 1 = one question, as at test time
+    turns: int = 1
     threads: int = 2
     #: bf16 autocast; None = on only where the CPU has bf16 instructions (see :func:`fast_bf16`)
     bf16: bool | None = None
@@ -283,7 +285,9 @@ def train(cfg: TrainConfig) -> Run:
     window: list[dict[str, float]] = []
     while run.step < cfg.steps:
         batch = collate(
-            training_scenes(run.step, cfg.batch_size, cfg.seed, curriculum), run.processor, num_image_tokens
+            training_scenes(run.step, cfg.batch_size, cfg.seed, curriculum, cfg.turns),
+            run.processor,
+            num_image_tokens,
         )
         run.model.train()
         window.append(train_step(run, batch, coords))
