@@ -104,7 +104,7 @@ def test_multi_turn_batches_follow_the_chat_template_and_score_every_answer():
     assert sum(len(s.extra["turns"]) for s in batch_scenes) >= 6
     for b, scene in enumerate(batch_scenes):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": scene.prompt}]}]
-        answers = [answer_of(scene)] + [a for _, a in scene.extra["turns"]]
+        answers = [answer_of(scene)] + [a for _, a, _ in scene.extra["turns"]]
         for k, answer in enumerate(answers):
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
             if k + 1 < len(answers):
@@ -206,3 +206,30 @@ def test_export_writes_fp16_weights_and_processor_only(tmp_path):
     assert '"step": 7' in (out / "training.json").read_text()
     with pytest.raises(SystemExit, match="no demo model"):
         export(tmp_path / "empty", tmp_path / "x")
+
+
+def test_pointing_loss_reads_the_models_own_attention():
+    """The pointing loss's attention rows equal the eager attention ``transformers`` computes."""
+    from vlm_reroute.demo.pointing import AttentionCatcher, point_loss
+
+    processor = build_processor()
+    model = build_model(TINY, seed=3).eval()
+    model.set_attn_implementation("eager")
+    batch = collate(training_scenes(5, 3, 0, Curriculum(), turns=3), processor, GRID * GRID)
+    rows, where = batch["point_rows"], batch["point_where"]
+    assert len(rows) >= 3
+    layer = model.model.language_model.layers[4]
+    catcher = AttentionCatcher([layer])
+    with torch.no_grad():
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            output_attentions=True,
+        )
+    catcher.remove()
+    probs = out.attentions[4][rows[:, 0], :, rows[:, 1]]  # (P, heads, S)
+    mass = (probs * where[:, None, :]).sum(-1).max(dim=1).values
+    expected = -torch.log(mass.clamp_min(1e-6)).mean()
+    assert torch.allclose(point_loss(catcher, rows, where), expected, rtol=1e-4, atol=1e-5)
+    assert where.any(dim=1).all() and not where[:, : int(rows[:, 1].min())].all()

@@ -49,7 +49,7 @@ def training_scenes(
     """The scenes of training step ``step`` (keyed by seed and step, so resumable exactly).
 
     With ``turns`` > 1 each image also gets up to ``turns - 1`` further questions (any kind and
-    family, no repeats) in ``scene.extra["turns"]`` as ``(prompt, answer text)``: a multi-turn
+    family, no repeats) in ``scene.extra["turns"]`` as ``(prompt, answer text, target)``: a multi-turn
     conversation about one image, as LLaVA's instruction data has. The visual tokens are most of
     a sequence's cost, so each extra question adds supervision for a few percent more compute.
     """
@@ -69,7 +69,7 @@ def training_scenes(
             if made is not None and made[0] not in asked and (made[1] is None or made[1] not in targets):
                 asked.add(made[0])
                 targets.add(made[1])
-                extra.append((made[0], _answer_text(scene, made[1], made[2])))
+                extra.append((made[0], _answer_text(scene, made[1], made[2]), made[1]))
         scene.extra["turns"] = extra
         out.append(scene)
     return out
@@ -109,15 +109,20 @@ def patch_targets(scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def collate(scenes: list[Scene], processor: Any, num_image_tokens: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids, attention mask, labels (answer only), pixels and per-patch targets."""
-    rows, labels = [], []
-    for scene in scenes:
+    """Right-padded ids, attention mask, labels (answers only), pixels, per-patch targets, and the
+    pointing targets: per grounding answer, ``point_rows`` (row, position of its ``[``) and
+    ``point_where`` (the target object's visual tokens in that row; :mod:`.pointing`)."""
+    rows, labels, points = [], [], []
+    for b, scene in enumerate(scenes):
         prompt = prompt_ids(processor, scene.prompt, num_image_tokens)
+        first = prompt.index(processor.image_token_id)
         answer = answer_ids(answer_of(scene))
         row, lab_row = prompt + answer, [-100] * len(prompt) + answer
-        for question, text in scene.extra.get("turns", ()):  # LLaVA's template: "</s>USER: q ASSISTANT:"
+        points.append((b, len(prompt), first, scene.target))
+        for question, text, target in scene.extra.get("turns", ()):  # "</s>USER: q ASSISTANT:"
             turn = processor.tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
             reply = answer_ids(text)
+            points.append((b, len(row) + len(turn), first, target))
             row, lab_row = row + turn + reply, lab_row + [-100] * len(turn) + reply
         rows.append(row)
         labels.append(lab_row)
@@ -131,6 +136,7 @@ def collate(scenes: list[Scene], processor: Any, num_image_tokens: int) -> dict[
         mask[b, : len(row)] = 1
     pixels = processor.image_processor(images=[s.image for s in scenes], return_tensors="pt")["pixel_values"]
     targets = [patch_targets(s) for s in scenes]
+    point_rows, point_where = _pointing(scenes, points, length)
     return {
         "input_ids": ids,
         "attention_mask": mask,
@@ -139,4 +145,26 @@ def collate(scenes: list[Scene], processor: Any, num_image_tokens: int) -> dict[
         "patch_color": torch.from_numpy(np.stack([t[0] for t in targets])),
         "patch_shape": torch.from_numpy(np.stack([t[1] for t in targets])),
         "patch_box": torch.from_numpy(np.stack([t[2] for t in targets])),
+        "point_rows": point_rows,
+        "point_where": point_where,
     }
+
+
+def _pointing(
+    scenes: list[Scene], points: list[tuple[int, int, int, int | None]], length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, ``[`` position) and target-token masks of the grounding answers whose object has patches."""
+    rows, where = [], []
+    for b, pos, first, target in points:
+        if target is None:
+            continue
+        patches = torch.from_numpy(scenes[b].labels.reshape(-1) == target)
+        if not patches.any():
+            continue
+        mask = torch.zeros(length, dtype=torch.bool)
+        mask[first : first + patches.numel()] = patches
+        rows.append((b, pos))
+        where.append(mask)
+    if not rows:
+        return torch.zeros((0, 2), dtype=torch.long), torch.zeros((0, length), dtype=torch.bool)
+    return torch.tensor(rows), torch.stack(where)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from . import curve
 from .data import COLOR_CLASSES, SHAPE_CLASSES, Curriculum, collate, training_scenes
 from .model import DemoShape, build_model, build_processor, count_parameters, save
+from .pointing import POINT_LAYERS, AttentionCatcher, point_loss
 from .trainer_eval import evaluate
 from .vocab import coordinate_ids
 
@@ -51,6 +52,8 @@ class TrainConfig:
     warmup: int = 200
     weight_decay: float = 0.05
     aux_weight: float = 0.5
+    #: weight of the pointing loss (:mod:`.pointing`); 0 = off
+    point_weight: float = 0.0
     coord_sigma: float = 1.0
     ramp_steps: int = 1500
     #: questions per image (a multi-turn conversation); 1 = one question, as at test time
@@ -245,6 +248,10 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -
     """One optimizer step; the projector output is caught by a hook for the auxiliary loss."""
     caught: list[torch.Tensor] = []
     hook = run.model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: caught.append(o))
+    layers = run.model.model.language_model.layers
+    catcher = AttentionCatcher(
+        [layers[i] for i in POINT_LAYERS if i < len(layers)] if run.cfg.point_weight else []
+    )
     try:  # enable_grad: a caller (e.g. a test harness) may have switched autograd off
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16)
         with torch.enable_grad(), autocast:
@@ -255,9 +262,13 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -
             )
             lm = answer_loss(out.logits, batch["labels"], coords, run.cfg.coord_sigma)
             aux = aux_loss(run.head, caught[0], batch)
+            point = point_loss(catcher, batch["point_rows"], batch["point_where"]) if catcher.caught else None
             loss = lm + run.cfg.aux_weight * aux
+            if point is not None:
+                loss = loss + run.cfg.point_weight * point
     finally:
         hook.remove()
+        catcher.remove()
     for group in run.opt.param_groups:
         group["lr"] = lr_at(run.cfg, run.step)
     run.opt.zero_grad(set_to_none=True)
@@ -265,7 +276,8 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -
         loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in run.opt.param_groups for p in g["params"]], 1.0)
     run.opt.step()
-    return {"loss": loss.item(), "lm": lm.item(), "aux": aux.item(), "lr": run.opt.param_groups[0]["lr"]}
+    record = {"loss": loss.item(), "lm": lm.item(), "aux": aux.item(), "lr": run.opt.param_groups[0]["lr"]}
+    return record | ({"point": point.item()} if point is not None else {})
 
 
 def train(cfg: TrainConfig) -> Run:

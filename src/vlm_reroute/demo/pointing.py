@@ -1,0 +1,74 @@
+"""Pointing supervision for the demo model: the token that writes a box attends to the box's object.
+
+Why: probes of the demo model (docs/demo.md, training record) showed that once the first corner of
+a box is given, the model reads the rest of the box from the right object's patches (median error
+3–5 coordinate bins), but it rarely finds the object a referring expression names: most greedy
+boxes overlapped *no* object. Binding words to patches was the bottleneck, and the answer loss
+alone teaches it slowly. This loss supervises that binding directly: at a few decoder layers, the
+query at the answer's ``[`` (the position that predicts ``x1``) should put attention mass on the
+target object's visual tokens. Only the **best head** of each layer is asked to (``-log max_h
+mass_h``), so the other heads stay free. It is a training-only objective, like the per-patch
+auxiliary loss; nothing of it is in the shipped model, and it does not look at any reduction.
+
+What it means for the prune-vs-reroute comparison: a model that attends to the target makes
+attention-ranked methods (FastV, PDrop, Nüwa's stage 2) keep the target more often, in both modes
+alike, since prune and reroute share the ranking rule and the schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters.base import rotate_half
+
+#: decoder layers whose attention is supervised (of 12), early enough for the box tokens to use it
+POINT_LAYERS = (3, 5, 7)
+
+
+class AttentionCatcher:
+    """Catches the input and the rotary tables of chosen attention modules during one forward."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.caught: list[tuple[nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+        self.handles = [m.self_attn.register_forward_pre_hook(self._catch, with_kwargs=True) for m in layers]
+
+    def _catch(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.caught.append((module, hidden, kwargs["position_embeddings"]))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def point_loss(catcher: AttentionCatcher, rows: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Mean over caught layers and pointing rows of ``-log`` (best head's attention mass on the target).
+
+    ``rows`` ``(P, 2)``: (batch row, query position); ``where`` ``(P, S)`` bool: the target's visual
+    tokens in that row. Keys are the positions ≤ the query (causal; rows are right-padded, so all
+    of them are real tokens).
+    """
+    if rows.numel() == 0:
+        return torch.zeros(())
+    losses = []
+    b, pos = rows[:, 0], rows[:, 1]
+    for attn, hidden, (cos, sin) in catcher.caught:
+        heads, dim = attn.config.num_attention_heads, attn.head_dim
+        kv = attn.config.num_key_value_heads
+        q = attn.q_proj(hidden[b, pos]).view(len(b), heads, dim)
+        k = attn.k_proj(hidden[b]).view(len(b), -1, kv, dim)
+        batch = hidden.shape[0]  # the tables may be shared by the batch (first dimension 1)
+        c, s = cos.expand(batch, -1, -1)[b], sin.expand(batch, -1, -1)[b]  # (P, S, dim)
+        q = q * c[torch.arange(len(b)), pos][:, None] + rotate_half(q) * s[torch.arange(len(b)), pos][:, None]
+        k = k * c[:, :, None] + rotate_half(k) * s[:, :, None]
+        k = k.repeat_interleave(heads // kv, dim=2)
+        logits = torch.einsum("phd,pshd->phs", q.float(), k.float()) * attn.scaling
+        causal = torch.arange(k.shape[1])[None, :] <= pos[:, None]
+        logits = logits.masked_fill(~causal[:, None, :], float("-inf"))
+        probs = logits.softmax(dim=-1)
+        mass = (probs * where[:, None, :].float()).sum(-1)  # (P, heads)
+        losses.append(-torch.log(mass.max(dim=1).values.clamp_min(1e-6)).mean())
+    return torch.stack(losses).mean()
