@@ -59,7 +59,8 @@ def training_scenes(
         kind = "ground" if rng.random() < curriculum.ground_share else "vqa"
         family = rng.choice(FAMILIES[kind])
         scene = make_scene(rng, kind, family, curriculum.objects(step, rng))
-        asked, targets, extra = {scene.prompt}, {scene.target}, []
+        asked, targets = {scene.prompt}, {scene.target}
+        extra: list[tuple[str, str, int | None]] = []
         for _ in range(3 * (turns - 1)):
             if len(extra) == turns - 1:
                 break

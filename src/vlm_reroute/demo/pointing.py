@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..adapters.base import rotate_half
 
@@ -31,12 +30,14 @@ POINT_LAYERS = (3, 5, 7)
 class AttentionCatcher:
     """Catches the input and the rotary tables of chosen attention modules during one forward."""
 
-    def __init__(self, layers: list[nn.Module]) -> None:
-        self.caught: list[tuple[nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+    def __init__(self, layers: list[Any]) -> None:
+        # decoder layers and their attention modules are typed Any: their attributes
+        # (``self_attn``, ``q_proj``, ``config``) are the Llama modelling code's, not nn.Module's
+        self.caught: list[tuple[Any, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
         self.handles = [m.self_attn.register_forward_pre_hook(self._catch, with_kwargs=True) for m in layers]
 
-    def _catch(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
+    def _catch(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         self.caught.append((module, hidden, kwargs["position_embeddings"]))
 
     def remove(self) -> None:
