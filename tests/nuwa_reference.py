@@ -228,7 +228,8 @@ def stage1(model, inputs: dict, k1: list[int], n_per_cell: int, official: bool =
 
 
 def _decoder(model):
-    return model.model.language_model  # LLaVA and Qwen2.5-VL
+    inner = model.model  # LLaVA, LLaVA-NeXT, Qwen: language_model; Idefics3 / SmolVLM: text_model
+    return inner.language_model if hasattr(inner, "language_model") else inner.text_model
 
 
 def embeddings_and_positions(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -367,6 +367,21 @@ def apply(method, model, inputs=None):
             model(**inputs)
 
 
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "internvl", "idefics3", "smolvlm"])
+def test_multi_view_families_are_refused_in_one_line(family):
+    """Nüwa's stage 1 is a one-grid rule; the multi-view families get one line naming them and why."""
+    model = small_model_for(family)
+    label = {"llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision", "internvl": "InternVL"}
+    label |= {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}
+    name = type(model).__name__
+    with pytest.raises(
+        TypeError,
+        match=rf"; {label[family]}\S* \({name}\) needs its own stage-1 signals: each of its images is",
+    ) as info:
+        apply(Nuwa(k1=16, k2=4), model)
+    assert "\n" not in str(info.value) and "VisionZip and DivPrune run on it" in str(info.value)
+
+
 def test_errors_for_settings_that_do_not_fit():
     llava, qwen = small_model_for("llava"), small_model_for("qwen2_5_vl")
     with pytest.raises(ValueError, match=r"K₁ = 112 anchors per image, but an image of 8×8 = 64 tokens"):
@@ -379,7 +394,9 @@ def test_errors_for_settings_that_do_not_fit():
         apply(Nuwa(budget=64), qwen)
     with pytest.raises(ValueError, match=r"ratio=0.5\) is the Qwen2.5-VL release's setting"):
         apply(Nuwa(ratio=0.5), llava)
-    with pytest.raises(TypeError, match="LlavaNextForConditionalGeneration needs its own stage-1 signals"):
+    with pytest.raises(
+        TypeError, match=r"\(LlavaNextForConditionalGeneration\) needs its own stage-1 signals"
+    ):
         apply(Nuwa(k1=16, k2=4), small_model_for("llava_next"))
     inputs = small_inputs(qwen, (20,))
     with pytest.raises(ValueError, match=r"K₁ = 100 anchors per image, but an image of 8×8 = 64 tokens"):

@@ -1,11 +1,12 @@
 """VisionZip (arXiv 2412.04467): its dominant and contextual tokens, and the stage in the engine.
 
-The formulas are written here from ``methods.md`` §4 (one image, loops): dominant = the D highest
-salience; contextual = C targets at stride ``max(1, ⌊R/C⌋)`` among the R remaining tokens (ascending),
-each other remaining token assigned to its most key-cosine-similar target, ``h_target + mean(h_assigned)``.
-The signals are read from eager copies of the towers (``output_attentions`` for CLIP's [CLS] row, the
-eager attention weights for the Qwen ViT's column sums); the logits are checked against
-``nuwa_reference``'s hand-driven decoder on text + the kept tokens at their original positions.
+The formulas are written in ``visionzip_reference.py`` from ``methods.md`` §4 (one image, loops):
+dominant = the D highest salience; contextual = C targets at stride ``max(1, ⌊R/C⌋)`` among the R
+remaining tokens (ascending), each other remaining token assigned to its most key-cosine-similar
+target, ``h_target + mean(h_assigned)``. The signals are read from eager copies of the towers
+(``output_attentions`` for CLIP's [CLS] row, the eager attention weights for the Qwen ViT's column
+sums); the logits are checked against ``nuwa_reference``'s hand-driven decoder on text + the kept
+tokens at their original positions. The multi-view families: ``test_visionzip_views.py``.
 """
 
 from __future__ import annotations
@@ -18,34 +19,12 @@ import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as qwen_modeling
 from conftest import small_inputs, small_model_for
 from nuwa_reference import nuwa_reference
 from transformers.vision_utils import get_vision_window_index
+from visionzip_reference import zip_reference
 
 from vlm_reroute.adapters.vision import column_sums
 from vlm_reroute.methods import FastV, MethodSpec, PDrop, VisionZip
 from vlm_reroute.methods.visionzip import split
 from vlm_reroute.scoring.visionzip import visionzip_select
-
-
-def zip_reference(h, salience, keys, dominant, contextual):
-    """``(kept indices ascending, rewritten rows)`` from the published formulas, with loops."""
-    n = h.shape[0]
-    ranked = sorted(range(n), key=lambda i: (-float(salience[i]), i))
-    top = sorted(ranked[:dominant])
-    rest = sorted(ranked[dominant:])
-    out = h.clone()
-    if contextual == 0:
-        return top, out
-    stride = max(1, len(rest) // contextual)
-    targets = [rest[i] for i in range(0, len(rest), stride)][:contextual]
-    others = [j for j in rest if j not in targets]
-    unit = keys.double() / keys.double().norm(dim=1, keepdim=True)
-    members = {t: [] for t in targets}
-    for j in others:
-        sims = [float(unit[j] @ unit[t]) for t in targets]
-        members[targets[max(range(len(targets)), key=lambda c: (sims[c], -c))]].append(j)
-    for t in targets:
-        mean = torch.stack([h[j].double() for j in members[t]]).mean(0) if members[t] else 0.0
-        out[t] = (h[t].double() + mean).to(h.dtype)
-    return sorted(top + targets), out
 
 
 @pytest.mark.parametrize(("n", "dominant", "contextual"), [(20, 5, 3), (30, 0, 7), (16, 12, 0), (9, 2, 7)])
@@ -73,6 +52,21 @@ def test_column_sums_by_tiles_equal_the_full_matrix():
         expected[a:b] = probs.sum(dim=(0, 1))
     for max_elements in (1, 16, 1 << 20):
         torch.testing.assert_close(column_sums(q, k, bounds, max_elements), expected)
+
+
+def test_column_sums_leave_out_padded_tokens():
+    """Idefics3's padded patches: no key (probability 0) and no query row counted, per segment."""
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(12, 2, 4, generator=gen), torch.randn(12, 2, 4, generator=gen)
+    valid = torch.tensor([True] * 4 + [False] * 2 + [True] * 5 + [False])
+    bounds = [0, 6, 12]
+    expected = torch.zeros(12)
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        idx = [i for i in range(a, b) if valid[i]]
+        probs = torch.einsum("qhd,khd->hqk", q[idx], k[idx]).softmax(-1)
+        expected[idx] = probs.sum(dim=(0, 1))
+    for max_elements in (1, 16, 1 << 20):
+        torch.testing.assert_close(column_sums(q, k, bounds, max_elements, valid), expected)
 
 
 def clip_reference_signals(model, pixel_values):
@@ -167,12 +161,14 @@ def test_composition_and_spec():
     )
 
 
-def test_a_family_without_a_tap_is_refused_in_one_line():
-    model = small_model_for("llava_next")
+def test_a_family_without_a_tap_is_refused_in_one_line(monkeypatch):
+    """Every family has a tap now; an adapter without one (a new family) gets ``require_tap``'s line."""
+    from vlm_reroute.adapters.internvl import InternVLAdapter
+
+    monkeypatch.setattr(InternVLAdapter, "vision_tap", lambda self: None)
+    model = small_model_for("internvl")
     with (
-        pytest.raises(
-            ValueError, match=r"VisionZip needs a vision-side salience .* LlavaNextAdapter"
-        ) as info,
+        pytest.raises(ValueError, match=r"VisionZip needs a vision-side salience .* InternVLAdapter") as info,
         VisionZip()(model),
     ):
         pass

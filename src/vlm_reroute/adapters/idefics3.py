@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from itertools import pairwise
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from .base import ModelAdapter
 from .internvl import runs_of
 from .layout import GridView, ImageLayout
 from .views import ImageShape, layouts_with_views
+
+if TYPE_CHECKING:
+    from .vision_prompt import PromptTap
 
 
 class Idefics3Adapter(ModelAdapter):
@@ -156,3 +159,33 @@ class Idefics3Adapter(ModelAdapter):
         if input_ids is None:
             raise ValueError("Idefics3 / SmolVLM layouts are read from the prompt: pass input_ids")
         return layouts_with_views(image_ids, self._images(input_ids)[1])
+
+    def vision_tap(self) -> PromptTap:
+        """Per view (tiles, global view): the attention each patch receives in block −2 of the SigLIP-like
+        tower (no [CLS]: ``methods.md`` §4's substitute) and that block's keys, each token the mean over
+        the patches the connector's pixel shuffle puts in it; views grouped into images by the prompt's
+        tags (``vision_prompt.PromptTap``)."""
+        from .vision_prompt import PromptTap, shuffled_mean, visual_tokens_per_image
+        from .vision_views import ViewReader, received_rows
+
+        inner = self.inner
+        layers = inner.vision_model.encoder.layers
+        connector = inner.connector
+        scale = int(connector.scale_factor)
+
+        def shuffle(values: torch.Tensor) -> torch.Tensor:
+            return connector.pixel_shuffle(values, scale)
+
+        def to_tokens(salience: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            unit = scale * scale
+            return shuffled_mean(salience[..., None], shuffle, unit)[..., 0], shuffled_mean(
+                keys, shuffle, unit
+            )
+
+        def tokens_per_image(input_ids: torch.Tensor) -> list[int]:
+            if not bool(self.visual_mask(input_ids).any()):
+                return []
+            return visual_tokens_per_image(self._images(input_ids)[0])
+
+        reader = ViewReader(layers[max(-2, -len(layers))], received_rows)
+        return PromptTap(self.model, inner, reader, to_tokens, self.tile_side, tokens_per_image, "received")

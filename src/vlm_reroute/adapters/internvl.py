@@ -17,13 +17,16 @@ its tiles and the thumbnail. Video frames (``Frame{i}: <img>…</img>``) are one
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .base import ModelAdapter
 from .layout import GridView, ImageLayout
 from .views import ImageShape, layouts_with_views
+
+if TYPE_CHECKING:
+    from .vision_prompt import PromptTap
 
 
 def runs_of(visual: torch.Tensor) -> torch.Tensor:
@@ -91,3 +94,43 @@ class InternVLAdapter(ModelAdapter):
                 crops = tuple(GridView(rows, cols, box=None) for _ in range(tiles - 1))
                 shapes.append(ImageShape((*crops, GridView(rows, cols))))
         return layouts_with_views(image_ids, shapes)
+
+    def vision_tap(self) -> PromptTap:
+        """Per tile (InternViT has a [CLS] token): the [CLS] row of the feature-layer block summed over
+        heads and that block's keys, each token the mean over the patches the 0.5 pixel shuffle puts in
+        it; tiles grouped into images by the prompt's runs (``vision_prompt.PromptTap``)."""
+        from .vision_prompt import PromptTap, internvit_cls, shuffled_mean, visual_tokens_per_image
+        from .vision_views import ViewReader
+
+        cfg, inner = self.config, self.inner
+        layers = inner.vision_tower.encoder.layer
+        depth, layer = len(layers), cfg.vision_feature_layer
+        rows, cols = self.tile_grid
+        if cfg.vision_feature_select_strategy != "default" or not isinstance(layer, int) or rows != cols:
+            raise ValueError(
+                f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}, "
+                f"vision_feature_layer={layer!r}, tiles of {rows}x{cols} tokens: a stage-1 salience needs "
+                "the [CLS] token dropped ('default'), one int feature layer and square tiles"
+            )
+        if layer == 0 or not -depth <= layer <= depth:
+            raise ValueError(f"vision_feature_layer={layer}: one block of the {depth}-block tower")
+        ratio = float(cfg.downsample_ratio)
+        unit = round(1 / ratio**2)
+
+        def shuffle(values: torch.Tensor) -> torch.Tensor:
+            side = int(round(values.shape[1] ** 0.5))
+            grid = values.reshape(values.shape[0], side, side, values.shape[-1])
+            return inner.pixel_shuffle(grid, scale_factor=ratio).reshape(values.shape[0], rows * cols, -1)
+
+        def to_tokens(salience: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return shuffled_mean(salience[..., None], shuffle, unit)[..., 0], shuffled_mean(
+                keys, shuffle, unit
+            )
+
+        def tokens_per_image(input_ids: torch.Tensor) -> list[int]:
+            if not bool(self.visual_mask(input_ids).any()):
+                return []
+            return visual_tokens_per_image(self.image_ids(input_ids, {}))
+
+        reader = ViewReader(layers[layer % (depth + 1) - 1], internvit_cls)
+        return PromptTap(self.model, inner, reader, to_tokens, rows, tokens_per_image, "cls")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.image_processing_utils import select_best_resolution
@@ -36,6 +36,9 @@ from transformers.image_processing_utils import select_best_resolution
 from .base import ModelAdapter
 from .layout import GridView, ImageLayout
 from .views import ImageShape, ids_from_lengths, layouts_with_views
+
+if TYPE_CHECKING:
+    from .vision_views import AnyresTap
 
 
 def unpadded_size(image_size: tuple[int, int], height: int, width: int) -> tuple[int, int]:
@@ -162,3 +165,32 @@ class LlavaNextAdapter(ModelAdapter):
 
     def image_layouts(self, image_ids: torch.Tensor, model_kwargs: dict[str, Any]) -> list[list[ImageLayout]]:
         return layouts_with_views(image_ids, self.image_shapes(model_kwargs))
+
+    def vision_tap(self) -> AnyresTap:
+        """Per crop: the [CLS] row of the feature-layer block (a CLIP tower, ``"default"`` strategy:
+        LLaVA-NeXT) or the attention received in block −2 (a tower without [CLS], ``"full"`` strategy:
+        OneVision's SigLIP), and that block's keys; mapped to tokens by the family's own
+        ``pack_image_features`` (``vision_views.py``)."""
+        from .vision_views import AnyresTap
+
+        cfg, tower = self.config, self.inner.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        depth, layer = len(layers), cfg.vision_feature_layer
+        strategy = cfg.vision_feature_select_strategy
+        has_cls = (
+            getattr(getattr(tower, "vision_model", tower).embeddings, "class_embedding", None) is not None
+        )
+        if not isinstance(layer, int) or layer == 0 or not -depth <= layer <= depth:
+            raise ValueError(
+                f"vision_feature_layer={layer!r}: a stage-1 salience reads one block of the {depth}-block "
+                f"tower (one int in [-{depth}, -1] or [1, {depth}])"
+            )
+        if has_cls != (strategy == "default"):
+            raise ValueError(
+                f"vision_feature_select_strategy={strategy!r} on a tower {'with' if has_cls else 'without'} "
+                "a [CLS] token: a stage-1 salience needs the [CLS] token dropped ('default') or a tower "
+                "without one ('full')"
+            )
+        if has_cls:  # VisionZip's signal: the [CLS] row of the block producing the feature layer
+            return AnyresTap(self.inner, layers[layer % (depth + 1) - 1], "cls", self.side)
+        return AnyresTap(self.inner, layers[max(-2, -depth)], "received", self.side)

@@ -18,8 +18,12 @@ back in place of the projected features. Two taps exist:
   computed by query tiles: no N×N buffer), and the keys of that block, both averaged over the
   patches each merged token holds and put in raster order; the rows are the patch merger's output.
 
-Families without a tap (multi-view layouts: LLaVA-NeXT, OneVision, InternVL, Idefics3, SmolVLM)
-return None; a method that needs one refuses them with one error (:func:`require_tap`).
+The multi-view families (one image = several views) have taps that read these signals per view and
+map them to tokens as the family maps its features: ``vision_views.AnyresTap`` (LLaVA-NeXT, OneVision:
+the family's own ``pack_image_features`` run on the signals; newline tokens are ``extras``, never
+picked) and ``vision_prompt.PromptTap`` (InternVL, Idefics3, SmolVLM: the pixel shuffle, views grouped
+into images by the prompt). An adapter without a tap returns None; a method that needs one refuses
+it with one error (:func:`require_tap`).
 """
 
 from __future__ import annotations
@@ -46,12 +50,22 @@ Rewrite = Callable[["TowerSignals"], list[torch.Tensor]]
 class TowerSignals:
     """One encoding, per image ``i``: ``features[i]`` ``(N_i, D)`` the rows the language model would
     receive (model dtype, untouched), ``salience[i]`` ``(N_i,)`` and ``keys[i]`` ``(N_i, h)`` (float32),
-    ``grids[i]`` the image's rows × cols of tokens (raster order)."""
+    ``views[i]`` the rows × cols of each view of the image in token order (one view, raster order, for
+    the single-view families; base view then crop grid, or tiles then thumbnail, for the multi-view
+    ones: ``vision_views.py``), ``extras[i]`` the indices of its tokens that are no view cell (LLaVA-NeXT's
+    ``image_newline`` rows): they carry no image content, so a method never picks or merges them."""
 
     features: list[torch.Tensor]
     salience: list[torch.Tensor]
     keys: list[torch.Tensor]
-    grids: list[tuple[int, int]]
+    views: list[tuple[tuple[int, int], ...]]
+    extras: list[torch.Tensor] | None = None
+
+    def extras_of(self, image: int) -> torch.Tensor:
+        """Long indices of image ``image``'s non-cell tokens (empty for a single-view family)."""
+        if self.extras is None:
+            return torch.zeros(0, dtype=torch.long)
+        return self.extras[image]
 
 
 class VisionTap(Protocol):
@@ -69,9 +83,8 @@ def require_tap(adapter: ModelAdapter, method: str) -> VisionTap:
     if tap is None:
         raise ValueError(
             f"{method} needs a vision-side salience (a [CLS] row or attention received in the tower) that "
-            f"the {type(adapter).__name__} of {type(adapter.model).__name__} does not provide; it is "
-            "provided for LLaVA-1.5 and the Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 towers "
-            "(DivPrune needs none and runs on every family)"
+            f"the {type(adapter).__name__} of {type(adapter.model).__name__} does not provide (its adapter "
+            "has no vision_tap); every built-in family has one (DivPrune needs none and runs on any model)"
         )
     return tap
 
@@ -101,7 +114,7 @@ class ClipTap:
         def after_projector(_module: nn.Module, _args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             side = int(round(output.shape[1] ** 0.5))
             signals = TowerSignals(
-                list(output), list(store.salience), list(store.keys), [(side, side)] * output.shape[0]
+                list(output), list(store.salience), list(store.keys), [((side, side),)] * output.shape[0]
             )
             return torch.stack(rewrite(signals))
 
@@ -127,20 +140,34 @@ def cls_row(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def column_sums(
-    q: torch.Tensor, k: torch.Tensor, bounds: list[int], max_elements: int = 1 << 25
+    q: torch.Tensor,
+    k: torch.Tensor,
+    bounds: list[int],
+    max_elements: int = 1 << 25,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention each token receives ``(L,)``, summed over queries and heads, within each segment
     ``bounds[i]..bounds[i+1]`` of ``q``/``k`` ``(L, heads, h)`` (``q`` scaled): query tiles of at most
-    ``max_elements // (heads · segment)`` rows, one softmax buffer at a time, never ``L × L``."""
+    ``max_elements // (heads · segment)`` rows, one softmax buffer at a time, never ``L × L``.
+
+    ``valid`` ``(L,)`` bool (None: all): a tower's padding mask (Idefics3's padded patches); an invalid
+    token is no key (probability 0) and its query row is not counted, as the tower's own mask does."""
     heads, length = q.shape[1], q.shape[0]
     received = torch.zeros(length, dtype=torch.float32, device=q.device)
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):  # a loop over segments and tiles
         keys = k[start:end]
+        bias = None if valid is None else torch.where(valid[start:end], 0.0, -torch.inf).to(q.device)
         tile = max(1, max_elements // (heads * (end - start)))
         for first in range(start, end, tile):
-            probs = torch.einsum("qhd,khd->hqk", q[first : min(first + tile, end)], keys)
+            last = min(first + tile, end)
+            probs = torch.einsum("qhd,khd->hqk", q[first:last], keys)
+            if bias is not None:
+                probs.add_(bias)
             probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
-            received[start:end] += probs.div_(probs.sum(dim=-1, keepdim=True)).sum(dim=(0, 1))
+            probs.div_(probs.sum(dim=-1, keepdim=True))
+            if valid is not None:
+                probs.mul_(valid[first:last].to(probs)[None, :, None])
+            received[start:end] += probs.sum(dim=(0, 1))
     return received
 
 
@@ -176,7 +203,9 @@ class MergerTap:
             salience = store.received.view(-1, unit).mean(dim=-1)[order]
             keys = store.keys.view(-1, unit, store.keys.shape[-1]).mean(dim=1)[order]
             sizes = (grid_thw[:, 1] * grid_thw[:, 2] // unit).tolist()
-            grids = [(h // merge, w // merge) for h, w in grid_thw[:, 1:].tolist()]
+            grids: list[tuple[tuple[int, int], ...]] = [
+                ((h // merge, w // merge),) for h, w in grid_thw[:, 1:].tolist()
+            ]
             features = output.pooler_output
             signals = TowerSignals(
                 list(features.split(sizes)), list(salience.split(sizes)), list(keys.split(sizes)), grids

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..adapters.base import ModelAdapter
+    from ..adapters.vision import TowerSignals
 
 DOMINANT, CONTEXTUAL = 54, 10  # the reference's 64-token setting (LLaVA-1.5)
 
@@ -42,18 +43,28 @@ def split(k: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class VisionZipRecord:
-    """``trace.stage1[sample][image]``: ``dominant`` and contextual ``targets`` (long, ascending),
-    ``assigned`` (target index of each merged token), the image's ``grid``."""
+    """``trace.stage1[sample][image]``: ``dominant`` and contextual ``targets`` (long, ascending, indices
+    among the image's tokens), ``assigned`` (target index of each merged token), the image's ``views``
+    (rows × cols of each view in token order: one for LLaVA-1.5 and the Qwen towers; LLaVA-NeXT's base
+    view then its crop grid) and ``newlines``: its tokens that are no view cell, never picked nor merged
+    (they enter only when K₁ exceeds the cells)."""
 
     dominant: torch.Tensor
     targets: torch.Tensor
     assigned: torch.Tensor
-    grid: tuple[int, int]
+    views: tuple[tuple[int, int], ...]
+    newlines: torch.Tensor
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The first view's rows × cols (the whole image for a single-view family)."""
+        return self.views[0]
 
     @property
     def anchors(self) -> torch.Tensor:
-        """The kept tokens, ascending."""
-        return self.dominant.new_tensor(sorted([*self.dominant.tolist(), *self.targets.tolist()]))
+        """The kept tokens, ascending (newlines that entered included)."""
+        kept = [*self.dominant.tolist(), *self.targets.tolist(), *self.newlines.tolist()]
+        return self.dominant.new_tensor(sorted(kept))
 
 
 @register
@@ -112,33 +123,53 @@ class VisionZipStage:
         self.method, self.tap, self.plan = method, tap, plan
 
     def install(self, model: Any, report: Callable) -> list:
-        import torch
-
         from ..engine.vision import EncodedImage
-        from ..scoring.visionzip import visionzip_select
 
-        def rewrite(signals) -> list[torch.Tensor]:
+        def rewrite(signals: TowerSignals) -> list[torch.Tensor]:
             rows, images = [], []
-            for features, salience, keys, grid in zip(  # a loop over images
-                signals.features, signals.salience, signals.keys, signals.grids, strict=True
-            ):
-                n = features.shape[0]
-                k1, counts = self.plan(n)
-                if k1 >= n:
-                    everyone = torch.arange(n)
-                    record = VisionZipRecord(everyone, everyone[:0], everyone[:0], grid)
-                    kept, new = kept_mask(n, everyone), features
-                else:
-                    dominant, contextual = self.method.counts_of(k1)
-                    with torch.no_grad():
-                        done = visionzip_select(features, salience, keys, dominant, contextual)
-                    record = VisionZipRecord(
-                        done.dominant.cpu(), done.targets.cpu(), done.assigned.cpu(), grid
-                    )
-                    kept, new = kept_mask(n, done.kept), done.features
+            for i, features in enumerate(signals.features):  # a loop over images
+                k1, counts = self.plan(features.shape[0])
+                new, record = self.image(signals, i, k1)
+                salience = signals.salience[i].float().cpu()
                 rows.append(new)
-                images.append(EncodedImage(new, kept, salience.float().cpu(), counts, record))
+                images.append(
+                    EncodedImage(new, kept_mask(len(new), record.anchors), salience, counts, record)
+                )
             report(images)
             return rows
 
         return self.tap.install(rewrite)
+
+    def image(self, signals: TowerSignals, i: int, k1: int) -> tuple[torch.Tensor, VisionZipRecord]:
+        """Image ``i``'s rewritten rows and record for ``k1`` entering tokens: VisionZip among its view
+        cells; its non-cell tokens (newlines) enter only to fill a K₁ above the cells, first ones first."""
+        import torch
+
+        from ..scoring.visionzip import visionzip_select
+
+        features, views = signals.features[i], signals.views[i]
+        n = features.shape[0]
+        cells = torch.ones(n, dtype=torch.bool)
+        cells[signals.extras_of(i).cpu()] = False
+        newlines = (~cells).nonzero().flatten()
+        if k1 >= n:
+            everyone = torch.arange(n)
+            return features, VisionZipRecord(everyone[cells], everyone[:0], everyone[:0], views, newlines)
+        at = cells.nonzero().flatten().to(features.device)
+        take = min(k1, at.numel())
+        dominant, contextual = self.method.counts_of(take)
+        with torch.no_grad():
+            done = visionzip_select(
+                features[at], signals.salience[i][at], signals.keys[i][at], dominant, contextual
+            )
+        new = features.clone()
+        new[at] = done.features
+        back = at.cpu()
+        record = VisionZipRecord(
+            back[done.dominant.cpu()],
+            back[done.targets.cpu()],
+            done.assigned.cpu(),
+            views,
+            newlines[: k1 - take],
+        )
+        return new, record

@@ -145,7 +145,16 @@ def release_for(model: Any) -> tuple[Family, Release]:
         if family.model_class == name:
             return family, RELEASES[family.vision]  # type: ignore[index]
     known = " and ".join(f"{f.label} ({f.model_class})" for f in nuwa_families())
-    raise TypeError(f"Nüwa is defined for {known}; {name} needs its own stage-1 signals")
+    listed = next((f for f in FAMILIES if f.model_class == name), None)
+    if listed is None:
+        raise TypeError(f"Nüwa is defined for {known}; {name} needs its own stage-1 signals")
+    raise TypeError(
+        f"Nüwa is defined for {known}; {listed.label} ({name}) needs its own stage-1 signals: each of its "
+        "images is several views (crops or tiles and a whole-image view, with newline or separator tokens "
+        "between them), and Nüwa's stage 1 (2×2 cells and a spatial aggregation kernel over one token grid, "
+        "the releases' similarity layers and constants) is defined for one grid per image; VisionZip and "
+        "DivPrune run on it"
+    )
 
 
 def check_release_setting(name: str, value: float | None, family: Family, release: Release) -> None:
