@@ -205,3 +205,22 @@ def test_hand_crop_arithmetic():
     scale = 200 / 149
     assert placement.frame == pytest.approx((18 * scale, 0, 130 * scale, 150 * 112 / 112))
     assert math.isclose(placement.cell_edges()[1][1], 150 / 8)
+
+
+def test_tokens_a_vision_side_stage_left_out_stay_removed_under_reroute():
+    """A decision at layer 0 is a vision-side stage (DivPrune, VisionZip, Nüwa's stage 1): what it
+    leaves out never enters the language model, so no later decision can defer or bring it back."""
+    K, R, D, X = KEPT, REENTERED, DEFERRED, REMOVED
+    method = "DivPrune(k=6, then=None, reroute=True)"
+    trace = hand_trace(method, [[0, 1, 2, 3, 6, 7], [0, 1, 6], [2, 3, 6]], layers=(0, 2, 5))
+    assert token_states(trace).tolist() == [
+        [K, K, K, K, X, X, K, K, X, X],
+        [K, K, D, D, X, X, K, D, X, X],
+        [D, D, R, R, X, X, K, D, X, X],
+    ]
+    scores = candidate_scores(trace)
+    assert not torch.isnan(scores[0]).any()  # every token is a candidate of the vision-side stage
+    no_candidate = [False] * 4 + [True] * 2 + [False] * 2 + [True] * 2
+    assert torch.isnan(scores[1]).tolist() == no_candidate == torch.isnan(scores[2]).tolist()
+    assert image_states(trace, 0, 0).title(2) == "layer 5\nkept 0 · re-entered 2 · deferred 2 · removed 2"
+    assert image_states(trace, 0, 1).title(0) == "layer 0\nkept 2 · re-entered 0 · deferred 0 · removed 2"

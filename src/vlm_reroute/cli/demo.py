@@ -122,9 +122,7 @@ def demo(
             "scenes": {"ground": n, "vqa": n_vqa},
             "threads": n_threads,
             "seconds": time.perf_counter() - started,
-            "results": [_public(r.to_dict()) for r in results],
-            "sweep": {str(q): rows for q, rows in swept.items()} if swept else None,
-            "files": [str(f) for f in files],
+            **_rows(results, swept, files),
             "warnings": shown,
         }
     write_json(output, report)
@@ -133,6 +131,15 @@ def demo(
         return
     withdrawn = f", withdrawn from layer {withdraw_at}" if withdraw else ""
     _print(report, describe_budget(spec) + withdrawn, threads_text(n_threads, default))
+
+
+def _rows(results: list, swept: dict | None, files: list[Path]) -> dict[str, Any]:
+    """The report's result rows, sweep and picture files (per-scene answers left out)."""
+    return {
+        "results": [_public(r.to_dict()) for r in results],
+        "sweep": {str(q): rows for q, rows in swept.items()} if swept else None,
+        "files": [str(f) for f in files],
+    }
 
 
 def _model_folder(model: str | None) -> str:

@@ -137,7 +137,7 @@ def collate(scenes: list[Scene], processor: Any, num_image_tokens: int) -> dict[
         mask[b, : len(row)] = 1
     pixels = processor.image_processor(images=[s.image for s in scenes], return_tensors="pt")["pixel_values"]
     targets = [patch_targets(s) for s in scenes]
-    point_rows, point_where = _pointing(scenes, points, length)
+    point_rows, point_where, point_box = _pointing(scenes, points, length)
     return {
         "input_ids": ids,
         "attention_mask": mask,
@@ -148,14 +148,16 @@ def collate(scenes: list[Scene], processor: Any, num_image_tokens: int) -> dict[
         "patch_box": torch.from_numpy(np.stack([t[2] for t in targets])),
         "point_rows": point_rows,
         "point_where": point_where,
+        "point_box": point_box,
     }
 
 
 def _pointing(
     scenes: list[Scene], points: list[tuple[int, int, int, int | None]], length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, ``[`` position) and target-token masks of the grounding answers whose object has patches."""
-    rows, where = [], []
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, ``[`` position), target-token masks and normalised target boxes of the grounding
+    answers whose object has patches."""
+    rows, where, boxes = [], [], []
     for b, pos, first, target in points:
         if target is None:
             continue
@@ -166,6 +168,8 @@ def _pointing(
         mask[first : first + patches.numel()] = patches
         rows.append((b, pos))
         where.append(mask)
+        boxes.append([v / SIZE for v in scenes[b].objects[target].box])
     if not rows:
-        return torch.zeros((0, 2), dtype=torch.long), torch.zeros((0, length), dtype=torch.bool)
-    return torch.tensor(rows), torch.stack(where)
+        empty = torch.zeros((0, 2), dtype=torch.long), torch.zeros((0, length), dtype=torch.bool)
+        return (*empty, torch.zeros((0, 4)))
+    return torch.tensor(rows), torch.stack(where), torch.tensor(boxes, dtype=torch.float32)

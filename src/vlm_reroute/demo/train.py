@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import curve
 from .data import COLOR_CLASSES, SHAPE_CLASSES, Curriculum, collate, training_scenes
 from .model import DemoShape, build_model, build_processor, count_parameters, save
-from .pointing import POINT_LAYERS, AttentionCatcher, point_loss
+from .pointing import POINT_LAYERS, AttentionCatcher, point_loss, readout_loss
 from .trainer_eval import evaluate
 from .vocab import coordinate_ids
 
@@ -54,6 +54,8 @@ class TrainConfig:
     aux_weight: float = 0.5
     #: weight of the pointing loss (:mod:`.pointing`); 0 = off
     point_weight: float = 0.0
+    #: weight of the box readout at each box answer's ``[`` (:func:`.pointing.readout_loss`); 0 = off
+    readout_weight: float = 0.0
     coord_sigma: float = 1.0
     ramp_steps: int = 1500
     #: questions per image (a multi-turn conversation); 1 = one question, as at test time
@@ -94,6 +96,7 @@ class AuxHead(torch.nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.proj = torch.nn.Linear(width, len(COLOR_CLASSES) + len(SHAPE_CLASSES) + 4)
+        self.readout = torch.nn.Linear(width, 4)  # the box from the final state at "[" (pointing.py)
 
     def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.proj(feats)
@@ -201,7 +204,11 @@ def start(cfg: TrainConfig) -> Run:
     run = Run(cfg, model, build_processor(), head, opt)
     if state is not None:
         model.load_state_dict(state["model"])
-        head.load_state_dict(state["head"])
+        missing, unexpected = head.load_state_dict(state["head"], strict=False)
+        if unexpected or any(not k.startswith("readout.") for k in missing):  # older states lack readout
+            raise RuntimeError(
+                f"auxiliary head state does not fit: missing {missing}, unexpected {unexpected}"
+            )
         opt.load_state_dict(state["opt"])
         run.step, run.seconds = state["step"], state["seconds"]
         random.setstate(state["py_rng"])
@@ -248,7 +255,11 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -
     """One optimizer step; the projector output is caught by a hook for the auxiliary loss."""
     caught: list[torch.Tensor] = []
     hook = run.model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: caught.append(o))
-    layers = run.model.model.language_model.layers
+    language = run.model.model.language_model
+    normed: list[torch.Tensor] = []
+    if run.cfg.readout_weight:
+        hook_norm = language.norm.register_forward_hook(lambda m, i, o: normed.append(o))
+    layers = language.layers
     catcher = AttentionCatcher(
         [layers[i] for i in POINT_LAYERS if i < len(layers)] if run.cfg.point_weight else []
     )
@@ -266,9 +277,15 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -
             loss = lm + run.cfg.aux_weight * aux
             if point is not None:
                 loss = loss + run.cfg.point_weight * point
+            readout = None
+            if normed:
+                readout = readout_loss(run.head.readout, normed[0], batch["point_rows"], batch["point_box"])
+                loss = loss + run.cfg.readout_weight * readout
     finally:
         hook.remove()
         catcher.remove()
+        if run.cfg.readout_weight:
+            hook_norm.remove()
     for group in run.opt.param_groups:
         group["lr"] = lr_at(run.cfg, run.step)
     run.opt.zero_grad(set_to_none=True)
@@ -277,7 +294,8 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -
     torch.nn.utils.clip_grad_norm_([p for g in run.opt.param_groups for p in g["params"]], 1.0)
     run.opt.step()
     record = {"loss": loss.item(), "lm": lm.item(), "aux": aux.item(), "lr": run.opt.param_groups[0]["lr"]}
-    return record | ({"point": point.item()} if point is not None else {})
+    record |= {"point": point.item()} if point is not None else {}
+    return record | ({"readout": readout.item()} if readout is not None else {})
 
 
 def train(cfg: TrainConfig) -> Run:

@@ -162,8 +162,28 @@ class TokenReduction:
         raise NotImplementedError
 
     def bind(self, adapter: ModelAdapter) -> TokenReduction:
-        """This method with the defaults of ``adapter``'s model family filled in (default: itself)."""
-        return self
+        """This method with the defaults of ``adapter``'s model family filled in: default decision layers
+        moved to layers the family can score at (:meth:`fit_default_layers`; a no-op on every
+        all-attention family)."""
+        score_from = ScoreFrom.of(getattr(self, "score_from", ScoreFrom.CURRENT)) or ScoreFrom.CURRENT
+        return self.fit_default_layers(len(adapter.layers), adapter.allowed_decision_layers(score_from))
+
+    def fit_default_layers(self, num_layers: int, allowed: Sequence[int]) -> TokenReduction:
+        """This method with its depth-dependent default layers placed on ``allowed`` (:func:`fit_layers`).
+
+        Why: on a hybrid decoder (Qwen3.5) only some layers can score a decision, and the published
+        layers scaled to the depth mostly miss them, so every method's defaults would be refused. The
+        defaults are the library's own mapping of a published schedule onto this model, so mapping
+        them once more onto the scoring layers is the same kind of choice; layers the caller gave (and
+        fixed default schedules such as ``PDrop()``'s) are taken at their word and refused if not
+        allowed. The moved layers are the method's ``layers`` from here on (its repr in the trace, the
+        solver's decision layers), so no schedule is substituted silently.
+        """
+        if self.schedule() is not None or getattr(self, "layers", None) is not None:
+            return self
+        default = self.default_layers(num_layers, self.reroute)
+        fitted = fit_layers(type(self).__name__, default, allowed)
+        return self if fitted == default else self.replace(layers=fitted)
 
     def vision_stage(self, adapter: ModelAdapter) -> VisionStage | None:
         """A stage run while the images are encoded, before the language model (Nüwa), or None."""
@@ -293,6 +313,57 @@ class TokenReduction:
         finally:
             executor.remove()
             _ACTIVE.discard(model)
+
+
+class LayerKeepMethod(TokenReduction):
+    """A method set by decision ``layers`` and a ``keep`` entry per decision (PDrop, SparseVLM, DART):
+    the one :meth:`schedule` they share.
+
+    ``layers`` may stay None without a ``target`` when the method has fixed counts but depth-dependent
+    default layers (SparseVLM's release tier, DART's default): the schedule is then known once the
+    depth is (:meth:`keep_counts`), and :meth:`~TokenReduction.bind` may move those layers.
+    """
+
+    if TYPE_CHECKING:  # the subclasses' own dataclass fields, in their own positional order
+        layers: Sequence[int] | None
+        keep: Any
+
+    def stage_keep(self, layers: Sequence[int]) -> tuple[Keep, ...]:
+        """The keep entry of every decision of ``layers``: ``keep`` as given (DART repeats one entry)."""
+        return tuple(self.keep)
+
+    def schedule(self) -> Schedule | None:
+        """The fixed schedule, or None when the counts are solved from ``target`` or the layers depend
+        on the depth (no ``layers`` given)."""
+        if self.target is not None or self.layers is None:
+            return None
+        return Schedule.of(self.layers, self.stage_keep(self.layers), self.reroute, owner=type(self).__name__)
+
+    def keep_counts(self, num_layers: int, shape: Any) -> Callable[[int], tuple[int, ...]]:
+        if self.target is not None or self.layers is not None:
+            return super().keep_counts(num_layers, shape)
+        layers = self.default_layers(num_layers, self.reroute)
+        return Schedule.of(layers, self.stage_keep(layers), self.reroute, owner=type(self).__name__).counts
+
+
+def fit_layers(owner: str, default: Sequence[int], allowed: Sequence[int]) -> tuple[int, ...]:
+    """Each of the ``default`` decision layers moved to the first ``allowed`` layer at or after it and
+    after the previous moved one (the decision count stays; nothing moves where all are allowed).
+
+    Later, not earlier: the layers before a published decision then still see every token, so the
+    moved schedule is never cheaper than the published one in those layers (a target is solved on
+    the moved layers). A default with no allowed layer left is a ``ValueError`` naming both lists.
+    """
+    out: list[int] = []
+    for layer in default:
+        later = [a for a in allowed if a >= layer and (not out or a > out[-1])]
+        if not later:
+            raise ValueError(
+                f"{owner}: the default decision layers {list(default)} cannot each move to a later "
+                f"allowed decision layer of this model (allowed: {list(allowed)}); give layers= explicitly"
+            )
+        out.append(min(later))
+    return tuple(out)
 
 
 def check_layer_list(owner: str, layers: Sequence[int] | None) -> tuple[int, ...] | None:

@@ -10,14 +10,14 @@ of 32 (``--pruned_layer 2``). DART + Reroute re-selects at the FastV + Reroute-s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..budget.schedule import Keep, Schedule
 from ..budget.target import BudgetTarget
 from ..kinds import ScoreFrom
-from .base import TokenReduction, check_layer_list, keep_tuple
+from .base import LayerKeepMethod, check_layer_list, keep_tuple
 from .registry import register
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ FEATURES = ("final_norm", "layer_norm", "hidden")
 
 @register
 @dataclass(frozen=True)
-class DART(TokenReduction):
+class DART(LayerKeepMethod):
     """Decisions at ``layers`` (default: [2] of 32 for prune, [2, 7, 15, 23] for reroute, scaled to
     the depth), each keeping ``keep`` tokens per image (one entry for every decision, or one per
     decision), or the counts solved per prompt from ``target``.
@@ -95,24 +95,24 @@ class DART(TokenReduction):
         """The same count at every decision (the published single prune; reroute re-selects it)."""
         return [a] * num_stages
 
-    def _stage_keep(self, layers: Sequence[int]) -> tuple[Keep, ...]:
+    @classmethod
+    def from_schedule(cls, schedule: Schedule, **settings: Any) -> DART:
+        """DART running ``schedule``. A solved schedule keeps one count at every decision, and on a
+        small image that count can fall below ``image_pivots`` (which an explicit ``keep`` may not):
+        a target-solved DART then keeps the top-count pivots at every stage, and so does this method
+        with ``image_pivots`` lowered to that count (no picks are left for any pivot either way), so
+        ``vlm-reroute explain --compare`` and the solver's ``to_method()`` run what the target ran."""
+        counts = set(schedule.keep)
+        pivots = settings.get("image_pivots", cls.image_pivots)
+        if len(counts) == 1 and all(isinstance(k, int) and 1 <= k < pivots for k in counts):
+            settings = {**settings, "image_pivots": schedule.keep[0]}
+        return cls(layers=schedule.layers, keep=schedule.keep, reroute=schedule.reroute, **settings)
+
+    def stage_keep(self, layers: Sequence[int]) -> tuple[Keep, ...]:
+        """One keep entry repeated for every decision of ``layers``, or one entry per decision."""
         assert self.keep is not None  # set by __post_init__ without a target (the only callers' case)
         keep = keep_tuple(self.keep)
         return keep * len(layers) if len(keep) == 1 else keep
-
-    def schedule(self) -> Schedule | None:
-        """The fixed schedule when ``layers`` are given (without them the layers depend on the depth)."""
-        if self.target is not None or self.layers is None:
-            return None
-        return Schedule.of(
-            self.layers, self._stage_keep(self.layers), self.reroute, owner=type(self).__name__
-        )
-
-    def keep_counts(self, num_layers: int, shape: Any) -> Callable[[int], tuple[int, ...]]:
-        if self.target is not None or self.layers is not None:
-            return super().keep_counts(num_layers, shape)
-        layers = self.default_layers(num_layers, self.reroute)
-        return Schedule.of(layers, self._stage_keep(layers), self.reroute, owner=type(self).__name__).counts
 
     def make_scorer(self) -> Selector:
         from ..scoring.dart import DartFeatures, DartSelector

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..budget.schedule import Keep, Schedule
 from ..budget.target import BudgetTarget
 from ..kinds import ScoreFrom
-from .base import TokenReduction
+from .base import LayerKeepMethod
 from .registry import register
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ _ORIGINAL_KEEP = (0.5, 0.25, 0.125)
 
 @register
 @dataclass(frozen=True)
-class PDrop(TokenReduction):
+class PDrop(LayerKeepMethod):
     """Decisions at ``layers``, stage ``i`` keeping ``keep[i]`` visual tokens per image.
 
     Defaults: the original PyramidDrop on LLaVA-1.5 (decisions at 8, 16, 24, halving). Give
@@ -69,12 +69,6 @@ class PDrop(TokenReduction):
         if not reroute:
             return [a * (a / n_visual) ** i for i in range(num_stages)]
         return [a if i < 2 else a / 2 ** (i - 1) for i in range(num_stages)]
-
-    def schedule(self) -> Schedule | None:
-        if self.target is not None:
-            return None
-        assert self.layers is not None and self.keep is not None  # set by __post_init__ without a target
-        return Schedule(tuple(self.layers), tuple(self.keep), self.reroute, owner=type(self).__name__)
 
     def make_scorer(self) -> Scorer:
         from ..scoring.attention import LastTokenAttention

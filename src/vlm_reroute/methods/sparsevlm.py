@@ -23,7 +23,7 @@ from ..budget.published import SPARSEVLM_KEEP, SPARSEVLM_LAYERS
 from ..budget.schedule import Keep, Schedule
 from ..budget.target import BudgetTarget
 from ..kinds import ScoreFrom
-from .base import TokenReduction
+from .base import LayerKeepMethod
 from .registry import register
 
 if TYPE_CHECKING:
@@ -39,8 +39,9 @@ PRIORITY_HEADS = 14 / 32
 
 @register
 @dataclass(frozen=True)
-class SparseVLM(TokenReduction):
-    """Decisions at ``layers`` (default ``[3, 7, 16]``), stage ``i`` keeping ``keep[i]`` per image.
+class SparseVLM(LayerKeepMethod):
+    """Decisions at ``layers`` (default ``[3, 7, 16]`` scaled to the depth), stage ``i`` keeping
+    ``keep[i]`` per image.
 
     ``variant``: ``"v1.5"`` (head mean) or ``"v2.0"`` (SparseVLM+: gravity correction and priority
     heads). Defaults: the release's default tier (``RETAIN_TOKN=192``) of the variant as fractions
@@ -83,12 +84,14 @@ class SparseVLM(TokenReduction):
                 f"{owner}(layers={list(self.layers)!r}, keep=None): give keep counts for these layers, "
                 "or a target to solve them from"
             )
-        layers = SPARSEVLM_LAYERS if self.layers is None else self.layers
         keep = self.keep
         if keep is None:
             keep = tuple(c / 576 for c in SPARSEVLM_KEEP[self.variant][192])
+        # without layers: the release's layers scaled to the depth once it is known (``keep_counts``),
+        # checked here at 32 layers, where they are the release's own
+        layers = SPARSEVLM_LAYERS if self.layers is None else self.layers
         schedule = Schedule.of(layers, keep, self.reroute, owner=owner)
-        object.__setattr__(self, "layers", schedule.layers)
+        object.__setattr__(self, "layers", None if self.layers is None else schedule.layers)
         object.__setattr__(self, "keep", schedule.keep)
 
     @classmethod
@@ -99,12 +102,6 @@ class SparseVLM(TokenReduction):
         while len(shape) < num_stages:
             shape.append(shape[-1] * _SHAPE[2] / _SHAPE[1])
         return [a * f for f in shape[:num_stages]]
-
-    def schedule(self) -> Schedule | None:
-        if self.target is not None:
-            return None
-        assert self.layers is not None and self.keep is not None  # set by __post_init__ without a target
-        return Schedule(tuple(self.layers), tuple(self.keep), self.reroute, owner=type(self).__name__)
 
     def make_scorer(self) -> Scorer:
         from ..scoring.query_rows import QueryRowAttention

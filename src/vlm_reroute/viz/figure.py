@@ -19,7 +19,7 @@ import numpy as np
 from ..engine.trace import Trace
 from .coverage import BoxCoverage, box_coverage
 from .geometry import Box, Placement, check_box, placement_for
-from .states import STATES, image_states, trace_reroute
+from .states import MODE_STATES, REMOVED, STATES, image_states, trace_reroute
 
 #: Colours of kept / re-entered / deferred / removed from Okabe & Ito's colour-blind-safe palette
 #: (https://jfly.uni-koeln.de/color/), and their opacity over the picture: tokens that go through
@@ -233,14 +233,18 @@ def _box_on_picture(box: Box, box_image: int, pictures: list, sample: int) -> Bo
 
 def _draw_state_legend(fig, runs: list[Run], scores: bool, width: float) -> None:
     """The legend above the panels: only the states the runs' modes can show (prune: kept / removed,
-    reroute: kept / re-entered / deferred), plus the no-candidate colour when pruned scores are drawn."""
+    reroute: kept / re-entered / deferred, and removed after a vision-side stage at layer 0), plus the
+    no-candidate colour when scores of tokens that were no candidates are drawn."""
     from matplotlib.patches import Patch
 
-    shown_states = sorted({s for r in runs for s in ((0, 1, 2) if r.reroute else (0, 3))})
+    staged = any(r.trace.decisions and r.trace.decisions[0].layer == 0 for r in runs)
+    shown_states = sorted(
+        {s for r in runs for s in MODE_STATES[r.reroute]} | ({REMOVED} if staged else set())
+    )
     handles = [
         Patch(fc=STATE_COLOURS[s], alpha=STATE_ALPHA[s], ec="none", label=STATES[s]) for s in shown_states
     ]
-    if scores and not all(r.reroute for r in runs):
+    if scores and (staged or not all(r.reroute for r in runs)):
         handles.append(Patch(fc=NO_CANDIDATE, label="no candidate (scores)"))
     ncols = min(len(handles), max(1, int(width / 1.3)))
     fig.legend(handles=handles, loc="outside upper center", ncols=ncols, fontsize=7, frameon=False)

@@ -7,6 +7,10 @@ States (exclusive):
 * **deferred**: not selected now, under reroute (it skips the stage and competes again later);
 * **removed**: not selected now, under prune (gone for good). A token removed at an earlier
   decision stays "removed" in every later panel.
+
+A vision-side stage (DivPrune, VisionZip, Nüwa's stage 1) is the trace's decision at layer 0: the
+tokens it leaves out never enter the language model, so they are "removed" in every panel under
+reroute too (no later decision can bring them back).
 """
 
 from __future__ import annotations
@@ -59,12 +63,22 @@ def selection(trace: Trace, sample: int = 0) -> torch.Tensor:
     return mask
 
 
+def entered(trace: Trace, sample: int = 0) -> torch.Tensor:
+    """Bool ``(visual tokens,)``: the tokens that entered the language model — those a vision-side
+    stage (the decision at layer 0) kept, or every token without one."""
+    chosen = selection(trace, sample)
+    if trace.decisions[0].layer == 0:
+        return chosen[0]
+    return torch.ones_like(chosen[0])
+
+
 def token_states(trace: Trace, sample: int = 0, reroute: bool | None = None) -> torch.Tensor:
     """Long ``(decisions, visual tokens)``: the state index (see :data:`STATES`) of every token."""
     chosen = selection(trace, sample)
     before = torch.cat([torch.ones_like(chosen[:1]), chosen[:-1]])
     if trace_reroute(trace, reroute):
-        return torch.where(chosen, torch.where(before, KEPT, REENTERED), DEFERRED)
+        waiting = torch.where(entered(trace, sample), DEFERRED, REMOVED)  # stage 1's leftovers are gone
+        return torch.where(chosen, torch.where(before, KEPT, REENTERED), waiting)
     if bool((chosen & ~before).any()):
         raise ValueError(f"trace of {trace.method!r} has tokens that came back: it did not run under prune")
     return torch.where(chosen, KEPT, REMOVED)
@@ -76,7 +90,9 @@ def candidate_scores(trace: Trace, sample: int = 0, reroute: bool | None = None)
     chosen = selection(trace, sample)
     scores = torch.stack([d.scores[sample].float() for d in trace.decisions])
     if trace_reroute(trace, reroute):
-        return scores
+        candidates = torch.ones_like(chosen)
+        candidates[1:] = entered(trace, sample)  # after a vision-side stage: what it let in
+        return torch.where(candidates, scores, torch.nan)
     candidates = torch.cat([torch.ones_like(chosen[:1]), chosen[:-1]])
     return torch.where(candidates, scores, torch.nan)
 
@@ -119,7 +135,10 @@ class ImageStates:
     def title(self, i: int) -> str:
         """Panel title of decision ``i``: the layer and the count of every state this mode shows."""
         counts = self.counts()[i].tolist()
-        parts = " · ".join(f"{STATES[s]} {counts[s]}" for s in MODE_STATES[self.reroute])
+        shown = MODE_STATES[self.reroute]
+        if self.reroute and counts[REMOVED]:  # left out by a vision-side stage
+            shown = (*shown, REMOVED)
+        parts = " · ".join(f"{STATES[s]} {counts[s]}" for s in shown)
         return f"layer {self.layers[i]}\n{parts}"
 
 
