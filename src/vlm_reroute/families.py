@@ -33,7 +33,9 @@ class Family:
     ``vision``: the kind of vision tower a vision-side stage reads (Nüwa's stage 1:
     :data:`~vlm_reroute.budget.stage1.CLIP`, :data:`~vlm_reroute.budget.stage1.WINDOWED_VIT` or
     :data:`~vlm_reroute.budget.stage1.MERGER_VIT`), ``None``
-    when no vision-side stage is defined for the family.
+    when no vision-side stage is defined for the family. For the multi-view families it names the
+    release whose constants Nüwa uses (LLaVA-NeXT, OneVision: the CLIP / LLaVA release; InternVL,
+    Idefics3, SmolVLM: the merger release), not the tower's architecture.
     """
 
     name: str
@@ -65,6 +67,7 @@ FAMILIES: tuple[Family, ...] = (
         "llava_next",
         "LlavaNextAdapter",
         "llava",
+        vision=CLIP,  # Nüwa: the LLaVA release's constants (nuwa.md §4 keeps DIST = 280 and stage 2 at 16/32)
     ),
     Family(
         "llava_onevision",
@@ -73,6 +76,7 @@ FAMILIES: tuple[Family, ...] = (
         "llava_onevision",
         "LlavaNextAdapter",
         "llava",
+        vision=CLIP,  # Nüwa: LLaVA-NeXT's layout, so its release (docs/methods.md "Nüwa on multi-view")
     ),
     Family(
         "qwen2_vl",
@@ -124,11 +128,34 @@ FAMILIES: tuple[Family, ...] = (
         True,
         vision=MERGER_VIT,
     ),
+    # Nüwa on tiles: pixel-shuffled (merged) tokens, as Qwen's merger gives, so the Qwen release's constants
     Family(
-        "internvl", "InternVL3", "InternVLForConditionalGeneration", "internvl", "InternVLAdapter", "internvl"
+        "internvl",
+        "InternVL3",
+        "InternVLForConditionalGeneration",
+        "internvl",
+        "InternVLAdapter",
+        "internvl",
+        vision=MERGER_VIT,
     ),
-    Family("idefics3", "Idefics3", "Idefics3ForConditionalGeneration", "idefics3", "Idefics3Adapter", None),
-    Family("smolvlm", "SmolVLM", "SmolVLMForConditionalGeneration", "smolvlm", "Idefics3Adapter", None),
+    Family(
+        "idefics3",
+        "Idefics3",
+        "Idefics3ForConditionalGeneration",
+        "idefics3",
+        "Idefics3Adapter",
+        None,
+        vision=MERGER_VIT,
+    ),
+    Family(
+        "smolvlm",
+        "SmolVLM",
+        "SmolVLMForConditionalGeneration",
+        "smolvlm",
+        "Idefics3Adapter",
+        None,
+        vision=MERGER_VIT,
+    ),
 )
 _BY_NAME: Mapping[str, Family] = {f.name: f for f in FAMILIES}
 

@@ -52,9 +52,11 @@ METHODS += ["divprune", "visionzip"]  # stage-1 methods (arXiv 2503.02175, 2412.
 # methods defined for some families only (the other cases are skipped with this reason)
 SUPPORTED = {"nuwa": ("llava", "qwen2_5_vl")}
 SUPPORTED["nuwa"] += ("qwen2_vl", "qwen3_vl", "qwen3_vl_moe")  # merger ViTs (Qwen3.5: test_nuwa_engine.py)
+SUPPORTED["nuwa"] += ("llava_next", "llava_onevision")  # anyres views (methods/nuwa/views.py)
+SUPPORTED["nuwa"] += ("idefics3", "smolvlm", "internvl")  # tiles + a whole-image view, each on its grid
 # visionzip: every family has a vision tap (adapters/vision.py, vision_views.py, vision_prompt.py)
 # methods whose exactness the generic full-matrix reference cannot express (checked elsewhere)
-OWN_REFERENCE = {"nuwa": "stage 1 rewrites features; tests/methods/test_nuwa_engine.py has its reference"}
+OWN_REFERENCE = {"nuwa": "stage 1 rewrites features; tests/methods/test_nuwa_engine.py, test_nuwa_views.py"}
 OWN_REFERENCE["divprune"] = "a decision at layer 0; tests/methods/test_divprune.py has its reference"
 OWN_REFERENCE["visionzip"] = "stage 1 rewrites features; tests/methods/test_visionzip*.py have its reference"
 MODES = {"prune": False, "reroute": True}

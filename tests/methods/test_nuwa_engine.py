@@ -367,19 +367,23 @@ def apply(method, model, inputs=None):
             model(**inputs)
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "internvl", "idefics3", "smolvlm"])
-def test_multi_view_families_are_refused_in_one_line(family):
-    """Nüwa's stage 1 is a one-grid rule; the multi-view families get one line naming them and why."""
-    model = small_model_for(family)
-    label = {"llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision", "internvl": "InternVL"}
-    label |= {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}
-    name = type(model).__name__
+def test_a_model_outside_the_family_table_is_refused_in_one_line():
+    """Every family of the table has a release now (the multi-view ones run per view:
+    ``test_nuwa_views.py``); a model class the table does not list gets one line naming the families."""
+    from vlm_reroute.methods.nuwa.release import release_for
+
+    class ImaginaryForConditionalGeneration:
+        pass
+
     with pytest.raises(
-        TypeError,
-        match=rf"; {label[family]}\S* \({name}\) needs its own stage-1 signals: each of its images is",
+        TypeError, match=r"Nüwa is defined for LLaVA-1.5 \(LlavaForConditionalGeneration\), "
     ) as info:
-        apply(Nuwa(k1=16, k2=4), model)
-    assert "\n" not in str(info.value) and "VisionZip and DivPrune run on it" in str(info.value)
+        release_for(ImaginaryForConditionalGeneration())
+    message = str(info.value)
+    assert "\n" not in message and message.endswith(
+        "ImaginaryForConditionalGeneration needs its own stage-1 signals"
+    )
+    assert "LLaVA-NeXT (LlavaNextForConditionalGeneration)" in message and "SmolVLM" in message
 
 
 def test_errors_for_settings_that_do_not_fit():
@@ -394,10 +398,6 @@ def test_errors_for_settings_that_do_not_fit():
         apply(Nuwa(budget=64), qwen)
     with pytest.raises(ValueError, match=r"ratio=0.5\) is the Qwen2.5-VL release's setting"):
         apply(Nuwa(ratio=0.5), llava)
-    with pytest.raises(
-        TypeError, match=r"\(LlavaNextForConditionalGeneration\) needs its own stage-1 signals"
-    ):
-        apply(Nuwa(k1=16, k2=4), small_model_for("llava_next"))
     inputs = small_inputs(qwen, (20,))
     with pytest.raises(ValueError, match=r"K₁ = 100 anchors per image, but an image of 8×8 = 64 tokens"):
         apply(Nuwa(k1=100, k2=4), qwen, inputs)  # Qwen grids vary: refused when the image arrives

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,8 +29,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .base import by_name
-from .vision import Rewrite, TowerSignals
-from .vision_views import MethodOverride, ViewReader
+from .vision import Rewrite
+from .vision_views import MethodOverride, SimilarityReader, ViewReader, ViewSignals, tower_layers
 
 __all__ = ["PromptTap", "ToTokens", "shuffled_mean"]
 
@@ -64,6 +64,19 @@ class PromptTap:
         self.model, self.inner, self.reader = model, inner, reader
         self.to_tokens, self.side, self.tokens_per_image = to_tokens, side, tokens_per_image
         self.local = threading.local()
+        self.similarity: SimilarityReader | None = None
+
+    def read_similarity(self, blocks: Callable[[int], Sequence[int]]) -> None:
+        """Also hand per-token similarity features (Nüwa, arXiv 2602.02951): the mean of the outputs of
+        ``blocks(depth)``, each token the mean over its patches as for the keys."""
+        layers = tower_layers(self.inner, self.reader.block)
+        self.similarity = SimilarityReader(layers, blocks(len(layers)), self.salience == "cls")
+
+    def _similarity(self, patch_salience: torch.Tensor) -> torch.Tensor | None:
+        """The similarity per token, mapped as the keys are (``to_tokens`` on the patches' values)."""
+        if self.similarity is None:
+            return None
+        return self.to_tokens(patch_salience, self.similarity.take())[1]
 
     def install(self, rewrite: Rewrite) -> list[RemovableHandle]:
         local = self.local
@@ -72,12 +85,14 @@ class PromptTap:
             @functools.wraps(encode)  # generate() reads the encoder's signature to pick its arguments
             def encoded(*args: Any, **kwargs: Any) -> Any:
                 output = encode(*args, **kwargs)
-                salience, keys = self.to_tokens(*self.reader.take())
+                patches = self.reader.take()
+                salience, keys = self.to_tokens(*patches)
+                similarity = self._similarity(patches[0])
                 lengths = getattr(local, "lengths", None)
                 if lengths is None:  # generate() encodes before its prefill: rewrite when the prompt comes
-                    local.pending = (output, salience, keys)
+                    local.pending = (output, salience, keys, similarity)
                 else:
-                    self._rewrite(output, salience, keys, lengths, rewrite)
+                    self._rewrite(output, (salience, keys, similarity), lengths, rewrite)
                 return output
 
             return encoded
@@ -90,7 +105,7 @@ class PromptTap:
             encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
             if pending is not None and encoded is pending[0] and lengths:
                 local.pending = None
-                self._rewrite(pending[0], pending[1], pending[2], lengths, rewrite)
+                self._rewrite(pending[0], pending[1:], lengths, rewrite)
 
         def after(_module: nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any], _output: Any) -> None:
             local.lengths = None  # an encoding outside a forward (generate's) waits for its prompt
@@ -100,10 +115,15 @@ class PromptTap:
             MethodOverride(self.inner, "get_image_features", wrap),
             self.model.register_forward_pre_hook(before, with_kwargs=True),
             self.model.register_forward_hook(after, with_kwargs=True, always_call=True),
+            *([] if self.similarity is None else self.similarity.install()),
         ]
 
     def _rewrite(
-        self, output: Any, salience: torch.Tensor, keys: torch.Tensor, lengths: list[int], rewrite: Rewrite
+        self,
+        output: Any,
+        signals: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        lengths: list[int],
+        rewrite: Rewrite,
     ) -> None:
         """Split the encoding's rows into images of ``lengths`` tokens, rewrite, and put them back in
         the encoding's own structure (one tensor of views, or one entry per prompt)."""
@@ -116,16 +136,19 @@ class PromptTap:
                 f"the prompt holds images of {lengths} visual tokens ({sum(lengths)} in all) but the tower "
                 f"encoded {rows.shape[0]}: a vision-side stage needs the images of the call's own prompt"
             )
+        salience, keys, similarity = signals
         unit = self.side * self.side
         views = [((self.side, self.side),) * (n // unit) for n in lengths]
         flat_keys = keys.flatten(0, 1)
-        signals = TowerSignals(
+        per_image = ViewSignals(
             list(rows.split(lengths)),
             list(salience.flatten().split(lengths)),
             list(flat_keys.split(lengths)),
             views,
+            similarity=None if similarity is None else list(similarity.flatten(0, 1).split(lengths)),
+            crops=[n // unit for n in lengths],
         )
-        new = torch.cat(rewrite(signals))
+        new = torch.cat(rewrite(per_image))
         output.pooler_output = new.view(pooled.shape) if one_tensor else list(new.split(per_prompt))
 
 

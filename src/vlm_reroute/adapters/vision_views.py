@@ -26,7 +26,8 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +37,16 @@ from torch.utils.hooks import RemovableHandle
 from .base import by_name
 from .vision import Rewrite, TowerSignals, cls_row, column_sums
 
-__all__ = ["AnyresTap", "MethodOverride", "Read", "ViewReader", "clip_cls", "received_rows"]
+__all__ = [
+    "AnyresTap",
+    "MethodOverride",
+    "Read",
+    "SimilarityReader",
+    "ViewReader",
+    "ViewSignals",
+    "clip_cls",
+    "received_rows",
+]
 
 CLS, RECEIVED = "cls", "received"
 
@@ -105,6 +115,66 @@ class ViewReader:
         return signals
 
 
+@dataclass(frozen=True)
+class ViewSignals(TowerSignals):
+    """:class:`~.vision.TowerSignals` of a multi-view tap, plus what Nüwa (arXiv 2602.02951) reads:
+    ``similarity[i]`` ``(N_i, Ds)`` float32 (the mean of late block outputs per view, mapped to tokens
+    as the features are; None unless a :class:`SimilarityReader` was attached) and ``crops[i]``, the
+    views the tower encoded for image ``i`` (LLaVA-NeXT: base + local crops; ``nuwa.md`` §4 splits K₁
+    by it). VisionZip ignores both."""
+
+    similarity: list[torch.Tensor] | None = None
+    crops: list[int] | None = None
+
+
+def tower_layers(root: nn.Module, block: nn.Module) -> nn.ModuleList:
+    """The ``ModuleList`` under ``root`` that holds ``block`` (a tower's encoder layers)."""
+    for module in root.modules():
+        if isinstance(module, nn.ModuleList) and any(layer is block for layer in module):
+            return module
+    raise ValueError(f"{type(block).__name__} is in no layer list of {type(root).__name__}")
+
+
+class SimilarityReader:
+    """Running float32 mean, per view, of the outputs of ``blocks`` (0-based) of a tower's ``layers``:
+    Nüwa's similarity features (``nuwa.md`` §1.1: the mean of the late block outputs; never a stack
+    of hidden states). ``drop_first``: the tower has a [CLS] token the family drops."""
+
+    def __init__(self, layers: nn.ModuleList, blocks: Sequence[int], drop_first: bool) -> None:
+        if not blocks or any(not 0 <= b < len(layers) for b in blocks):
+            raise ValueError(f"similarity blocks {list(blocks)}: indices in [0, {len(layers) - 1}]")
+        self.layers, self.blocks, self.drop_first = layers, list(blocks), drop_first
+        self.local = threading.local()
+
+    def install(self) -> list[RemovableHandle]:
+        store = self.local
+
+        def start(_module: nn.Module, _args: tuple[Any, ...]) -> None:
+            store.sum = None
+
+        def read(index: int) -> Callable[..., None]:
+            def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+                hidden = output[0] if isinstance(output, tuple) else output
+                weighted = hidden.detach().float() * self.blocks.count(index)
+                store.sum = weighted if store.sum is None else store.sum + weighted
+
+            return hook
+
+        handles = [self.layers[0].register_forward_pre_hook(start)]
+        return handles + [self.layers[b].register_forward_hook(read(b)) for b in sorted(set(self.blocks))]
+
+    def take(self) -> torch.Tensor:
+        """The last encoding's ``(V, N, D)`` mean (the [CLS] row dropped when asked), forgotten once taken."""
+        total = getattr(self.local, "sum", None)
+        if total is None:
+            raise RuntimeError(
+                "the vision tower's similarity blocks did not run before its features were used"
+            )
+        self.local.sum = None
+        mean = total / len(self.blocks)
+        return (mean[:, 1:] if self.drop_first else mean).contiguous()
+
+
 class MethodOverride(RemovableHandle):
     """Shadows one bound method of one *instance* (``owner.__dict__[name]``; the class is untouched)
     while a tap is installed; ``remove()`` restores the instance's own attribute table exactly.
@@ -136,9 +206,15 @@ class AnyresTap:
             raise ValueError(f"salience {salience!r}: {CLS!r} or {RECEIVED!r}")
         self.inner, self.side, self.salience = inner, side, salience
         self.reader = ViewReader(block, clip_cls if salience == CLS else received_rows)
+        self.similarity: SimilarityReader | None = None
+
+    def read_similarity(self, blocks: Callable[[int], Sequence[int]]) -> None:
+        """Also hand per-token similarity features (Nüwa): the mean of ``blocks(depth)`` outputs."""
+        layers = tower_layers(self.inner, self.reader.block)
+        self.similarity = SimilarityReader(layers, blocks(len(layers)), self.salience == CLS)
 
     def install(self, rewrite: Rewrite) -> list[RemovableHandle]:
-        reader, side = self.reader, self.side
+        reader, side, similarity = self.reader, self.side, self.similarity
 
         def wrap(pack: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(pack)
@@ -158,18 +234,25 @@ class AnyresTap:
                 is_newline = as_features(torch.zeros_like(salience)[..., None], one)
                 packed_keys = as_features(keys, keys.new_zeros(keys.shape[-1]))
                 extras = [(m[:, 0] == 1).nonzero().flatten() for m in is_newline]
-                signals = TowerSignals(
+                packed_similarity = None
+                if similarity is not None:
+                    mean = similarity.take()
+                    packed_similarity = as_features(mean, mean.new_zeros(mean.shape[-1]))
+                signals = ViewSignals(
                     list(features),
                     [s[:, 0] for s in packed_salience],
                     packed_keys,
                     [_anyres_views(side, len(f), e) for f, e in zip(features, extras, strict=True)],
                     extras,
+                    packed_similarity,
+                    sizes,
                 )
                 return rewrite(signals), lengths
 
             return packed
 
-        return [reader.install(), MethodOverride(self.inner, "pack_image_features", wrap)]
+        handles = [reader.install(), MethodOverride(self.inner, "pack_image_features", wrap)]
+        return handles + ([] if similarity is None else similarity.install())
 
 
 def _anyres_views(side: int, length: int, newlines: torch.Tensor) -> tuple[tuple[int, int], ...]:

@@ -87,7 +87,8 @@ def spread(first: int, num_layers: int, decisions: int) -> tuple[int, ...]:
 @register
 @dataclass(frozen=True)
 class Nuwa(Composable, TokenReduction):
-    """Nüwa on LLaVA-1.5 and Qwen2.5-VL (prune, or with ``reroute=True`` routing among the anchors).
+    """Nüwa on LLaVA-1.5 and the Qwen towers, and per view on the multi-view families (``views.py``);
+    prune, or with ``reroute=True`` routing among the anchors.
 
     Give one of: ``budget`` (LLaVA-1.5 release: 64, 128, 192), ``ratio`` (Qwen2.5-VL release: 0.25,
     0.5, 0.75), ``k1`` and ``k2`` (anchors per image: an int, or a fraction ``f`` of the image's
@@ -126,6 +127,7 @@ class Nuwa(Composable, TokenReduction):
     then: TokenReduction | None = None
     vision: str | None = field(default=None, init=False, compare=False, repr=False)
     depth: int | None = field(default=None, init=False, compare=False, repr=False)
+    views: bool = field(default=False, init=False, compare=False, repr=False)  # a multi-view family
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -222,6 +224,7 @@ class Nuwa(Composable, TokenReduction):
     def bind(self, adapter: ModelAdapter) -> Nuwa:
         """This method for ``adapter``'s model: its tower's release, its depth, and (a fixed grid) the
         budget checked against the grid now rather than at the first image."""
+        from .views import multi_view_tap
         from .vision import check_tower
 
         family, release = release_for(adapter.model)
@@ -231,7 +234,10 @@ class Nuwa(Composable, TokenReduction):
         object.__setattr__(bound, "vision", family.vision)
         depth = len(adapter.layers)
         object.__setattr__(bound, "depth", depth)
-        check_tower(family.vision, adapter.model)
+        views = multi_view_tap(adapter) is not None
+        object.__setattr__(bound, "views", views)
+        if not views:
+            check_tower(family.vision, adapter.model)
         grid = adapter.fixed_grid()
         if grid is not None and self.target is None:
             bound.plan_image(grid, None, depth)  # a budget the grid cannot meet fails here
@@ -305,11 +311,15 @@ class Nuwa(Composable, TokenReduction):
 
     def plan_image(self, grid: tuple[int, int], shape: Any, num_layers: int) -> ImagePlan:
         """Stage 1 for an image of ``grid`` tokens (``shape``: the decoder's, for a target)."""
-        from .aggregate import qwen_tau
-        from .select import candidate_count, padded_grid
+        from .plan import plan_grid
 
-        height, width = grid
-        n = height * width
+        return plan_grid(self, grid, shape, num_layers)
+
+    def entry(
+        self, n: int, shape: Any, num_layers: int
+    ) -> tuple[int, tuple[Keep, ...], bool, int | None, Any]:
+        """``(K₁, later keeps, K₁ was a fraction (clipped to the candidates), preset quota, composed
+        counts)`` for an image of ``n`` tokens."""
         layers = self.layers_for(num_layers)
         then = None if self.then is None else self.then.keep_counts(num_layers, shape)
         preset_n = None
@@ -328,42 +338,25 @@ class Nuwa(Composable, TokenReduction):
             keep = (k2,) * len(layers)
             clip = isinstance(k1_setting, float)
             k1 = min(n, math.ceil(n * k1_setting)) if isinstance(k1_setting, float) else k1_setting
-        if k1 > n:
-            raise ValueError(
-                f"{self!r}: K₁ = {k1} anchors per image, but an image of {height}×{width} = {n} tokens has "
-                "fewer; give a smaller setting (k1=, budget=) or larger images"
-            )
-        if k1 == n:
-            return ImagePlan(k1=n, n_per_cell=4, tau=math.nan, keep=keep, skip=True, then=then)
-        ph, pw = padded_grid(height, width)
-        cells = (ph // 2) * (pw // 2)
-        n_per_cell = self.n_per_cell or preset_n or min(4, math.ceil(k1 / cells))
-        limit = candidate_count(height, width, n_per_cell)
-        if k1 > limit:
-            if not clip:
-                raise ValueError(
-                    f"{self!r}: K₁ = {k1} anchors per image, but the 2×2 cells of a {height}×{width} grid "
-                    f"propose at most {limit} candidates with n_per_cell={n_per_cell}; give a smaller budget "
-                    f"or k1 (≤ {limit}), or a larger n_per_cell"
-                )
-            k1 = limit  # the release's min(⌈N·s₁⌉, |C|)
-        tau = self.settings.tau if self.settings.tau is not None else qwen_tau(height, width)
-        return ImagePlan(k1=k1, n_per_cell=n_per_cell, tau=tau, keep=keep, then=then)
+        return k1, keep, clip, preset_n, then
 
     def keep_counts(self, num_layers: int, shape: Any):
         """Stage-2 counts for an image of ``n`` tokens, assuming a square grid (the engine takes each
         image's counts from its stage 1 instead)."""
+        from .plan import plan_of
 
         def counts(n_visual: int) -> tuple[int, ...]:
-            plan = self.plan_image(_grid_of(n_visual), shape, num_layers)
+            plan = plan_of(self, n_visual, shape, num_layers)
             return plan.counts(plan.k1)
 
         return counts
 
     def resolve(self, shape: Any, n_visual: int) -> Schedule:
         """Integer entry (K₁) and stage-2 counts for one image of ``n_visual`` tokens (a square grid)."""
+        from .plan import plan_of
+
         layers = self.check_depth(shape.num_layers)
-        plan = self.plan_image(_grid_of(n_visual), shape, shape.num_layers)
+        plan = plan_of(self, n_visual, shape, shape.num_layers)
         return Schedule(layers, plan.counts(plan.k1), self.reroute, owner=self.name, entry=plan.k1)
 
     def make_scorer(self) -> Scorer | Selector:
@@ -378,11 +371,17 @@ class Nuwa(Composable, TokenReduction):
 
     def vision_stage(self, adapter: ModelAdapter) -> VisionStage:
         from ...budget.shapes import ModelShape
+        from .plan import plan_of
         from .vision import NuwaVision
 
         composed = self.target is not None or self.then is not None
         shape = ModelShape.from_config(adapter.model.config) if composed else None
         depth = len(adapter.layers)
+        if self.views:
+            from .views import NuwaViews, multi_view_tap
+
+            tap = multi_view_tap(adapter)
+            return NuwaViews(self, tap, lambda n: plan_of(self, n, shape, depth))
         return NuwaVision(self, lambda grid: self.plan_image(grid, shape, depth))
 
 
@@ -392,8 +391,3 @@ def _check_int(owner: str, name: str, value: Any, low: int, high: int | None, wh
     out_of_range = value < low or (high is not None and value > high) if isinstance(value, int) else True
     if isinstance(value, bool) or out_of_range:
         raise ValueError(f"{owner}({name}={value!r}): {what}")
-
-
-def _grid_of(n_visual: int) -> tuple[int, int]:
-    side = math.isqrt(n_visual)
-    return (side, side) if side * side == n_visual else (1, n_visual)

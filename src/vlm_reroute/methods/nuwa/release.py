@@ -127,6 +127,9 @@ RELEASES = {
         RELEASES[WINDOWED_VIT], tower=VisionTower(MERGER_VIT, 1280, 0.1, merge=4)
     ),
 }
+#: The multi-view families (LLaVA-NeXT, OneVision: the CLIP release; InternVL, Idefics3, SmolVLM: the
+#: merger release, as ``families.py`` declares) reuse these constants; their stage 1 runs per view
+#: (``views.py``), the releases' stage 2 unchanged.
 #: An unbound Nüwa (no model yet) uses the first release's constants.
 DEFAULT = RELEASES[CLIP]
 #: The release a ``budget=`` or ``ratio=`` setting belongs to.
@@ -144,16 +147,13 @@ def release_for(model: Any) -> tuple[Family, Release]:
     for family in nuwa_families():
         if family.model_class == name:
             return family, RELEASES[family.vision]  # type: ignore[index]
-    known = " and ".join(f"{f.label} ({f.model_class})" for f in nuwa_families())
+    known = ", ".join(f"{f.label} ({f.model_class})" for f in nuwa_families())
     listed = next((f for f in FAMILIES if f.model_class == name), None)
     if listed is None:
         raise TypeError(f"Nüwa is defined for {known}; {name} needs its own stage-1 signals")
     raise TypeError(
-        f"Nüwa is defined for {known}; {listed.label} ({name}) needs its own stage-1 signals: each of its "
-        "images is several views (crops or tiles and a whole-image view, with newline or separator tokens "
-        "between them), and Nüwa's stage 1 (2×2 cells and a spatial aggregation kernel over one token grid, "
-        "the releases' similarity layers and constants) is defined for one grid per image; VisionZip and "
-        "DivPrune run on it"
+        f"Nüwa is defined for {known}; {listed.label} ({name}) declares no release in the family table "
+        "(Family.vision names the release whose constants its stage 1 uses); VisionZip and DivPrune run on it"
     )
 
 

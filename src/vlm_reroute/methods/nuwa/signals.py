@@ -355,7 +355,7 @@ def qwen_signals(
     model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, **kwargs: Any
 ) -> VisionSignals:
     """:func:`qwen_vision_signals` for a model whose family's tower is a windowed ViT (Qwen2.5-VL)."""
-    kinds = (*vision_families(WINDOWED_VIT), *vision_families(MERGER_VIT))
+    kinds = tuple(f for f in (*vision_families(WINDOWED_VIT), *vision_families(MERGER_VIT)) if f.qwen_pixels)
     name, classes = type(model).__name__, [f.model_class for f in kinds]
     if name not in classes:
         raise TypeError(f"{name}: Nüwa's Qwen stage 1 is defined for {', '.join(classes)}")
