@@ -83,10 +83,7 @@ def demo(
 ) -> None:
     """Benchmark the shipped demo model: accuracy with 95 % CIs, cost, and pictures."""
     output = check_output(output)
-    if n < 1:
-        fail(f"--n {n}: give at least 1 grounding scene")
-    if n_vqa < 0:
-        fail(f"--n-vqa {n_vqa}: give a count >= 0")
+    _check_counts(n, n_vqa)
     if tier is None and ratio is None and flops_fraction is None:
         ratio = DEMO_RATIO
     spec = budget_spec(tier, ratio, flops_fraction, strict, explicit_keep=False)
@@ -131,6 +128,13 @@ def demo(
         return
     withdrawn = f", withdrawn from layer {withdraw_at}" if withdraw else ""
     _print(report, describe_budget(spec) + withdrawn, threads_text(n_threads, default))
+
+
+def _check_counts(n: int, n_vqa: int) -> None:
+    if n < 1:
+        fail(f"--n {n}: give at least 1 grounding scene")
+    if n_vqa < 0:
+        fail(f"--n-vqa {n_vqa}: give a count >= 0")
 
 
 def _rows(results: list, swept: dict | None, files: list[Path]) -> dict[str, Any]:
