@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, replace
 from statistics import median
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from .measure import environment
 from .report import VANILLA, ProfileReport, ProfileRow
 from .rounds import Measurements, RoundSettings, prefill_kwargs, run_rounds
 from .stats import Spread, ratio, spread
+
+if TYPE_CHECKING:
+    from ..adapters.base import ModelAdapter
 
 __all__ = ["VANILLA", "ProfileReport", "ProfileRow", "profile"]
 
@@ -57,9 +60,14 @@ def _input_facts(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _theory(
-    shape: ModelShape, facts: dict[str, Any], method: TokenReduction | None
+    shape: ModelShape, facts: dict[str, Any], method: TokenReduction | None, adapter: ModelAdapter
 ) -> tuple[list[int], list[int], Any]:
-    """Resolved schedule (keep per image) and its budget, or ``None`` when images differ in size."""
+    """Resolved schedule (keep per image) and its budget, or ``None`` when images differ in size.
+
+    Resolved on the method bound to ``adapter``'s model, as the engine runs it: on a hybrid decoder
+    binding moves the default layers to layers that can score (``methods.base.fit_layers``), and the
+    theory must price the layers the decisions were taken at.
+    """
     sizes = facts["image_sizes"]
     if not sizes or len(set(sizes)) != 1:
         return [], [], None
@@ -67,7 +75,7 @@ def _theory(
     layers: list[int] = []
     keep: list[int] = []
     if method is not None:
-        resolved = method.resolve(shape, per_image)
+        resolved = method.bind(adapter).resolve(shape, per_image)
         layers, keep = map(list, resolved.budget_form(per_image))  # an entry (Nüwa) as layer 0
     reroute = bool(method is not None and method.reroute)
     budget = compute_budget(
@@ -110,9 +118,10 @@ def _row(
     facts: dict[str, Any],
     measured: Measurements,
     vanilla: Spread,
+    adapter: ModelAdapter,
 ) -> ProfileRow:
     """One configuration's row: its measurements next to what theory predicts for its schedule."""
-    layers, keep, budget = _theory(shape, facts, method)
+    layers, keep, budget = _theory(shape, facts, method, adapter)
     trace = measured.traces[name]
     per_layer = _visual_tokens_per_layer(trace, shape, facts)
     batch_ok = budget is not None and not facts["padded"]
@@ -202,7 +211,10 @@ def profile(
     vanilla = spread(measured.prefill_s[VANILLA])
     outside = measured.outside_decoder_s
     return ProfileReport(
-        rows=[_row(name, method, shape, facts, measured, vanilla) for name, method in configs.items()],
+        rows=[
+            _row(name, method, shape, facts, measured, vanilla, adapter_for(model))
+            for name, method in configs.items()
+        ],
         model=_model_facts(model, shape),
         inputs=facts,
         settings={

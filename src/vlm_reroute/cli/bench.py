@@ -98,7 +98,7 @@ def bench(
                 decode_tokens=decode_tokens,
                 ideal=ideal,
             )
-        except (LoadError, ValueError, TypeError) as exc:
+        except (LoadError, ValueError, TypeError, NotImplementedError) as exc:
             fail(str(exc))
         report.settings.update(budget=specs[0].budget(), threads_default=default, warnings=shown)
         report.settings.update(withdraw_at=withdraw_at)

@@ -101,7 +101,7 @@ def run(
                 return
             assert image and pictures is not None and prompt is not None  # one prompt: checked above
             report = _run_one(pipe, pictures, prompt, compare, repeats, warmup)
-        except (LoadError, ValueError, TypeError) as exc:
+        except (LoadError, ValueError, TypeError, NotImplementedError) as exc:  # the profiler's refusals
             fail(str(exc))
         report.update(
             model=model,
@@ -138,21 +138,19 @@ def _run_one(pipe: Any, pictures: list, prompt: str, compare: bool, repeats: int
 
     import torch
 
-    from ..budget.shapes import ModelShape
     from ..engine.cache import kv_bytes
     from ..engine.compat import output_cache
 
     inputs = pipe.builder.batch([(pictures, prompt)], pipe.model)
     answer = pipe.generate(inputs)[0]
     method = pipe.method
-    shape = ModelShape.from_config(pipe.model.config)
     report: dict[str, Any] = {
         "method": method.name if method is not None else "vanilla",
         "method_spec": repr(method),
         "answer": answer.text,
         "visual_tokens": answer.visual_tokens,
         "avg_visual_tokens": answer.avg_visual_tokens,
-        "schedule": _schedule(method, shape, answer.visual_tokens),
+        "schedule": _schedule(method, pipe.model, answer.visual_tokens),
         "decisions": answer.decisions,
     }
     if not compare:  # one warm prefill (generate ran first), labelled as a single run
@@ -201,10 +199,20 @@ def _prefill_json(row: Any) -> dict[str, Any]:
     }
 
 
-def _schedule(method: Any, shape: Any, visual_tokens: list[int]) -> dict[str, Any]:
-    """Decision layers and, per image, the keep counts the method runs for its token count."""
+def _schedule(method: Any, model: Any, visual_tokens: list[int]) -> dict[str, Any]:
+    """Decision layers and, per image, the keep counts the method runs for its token count.
+
+    Resolved on the method bound to ``model``, as the engine runs it: on a hybrid decoder binding moves
+    the default layers to layers that can score (``methods.base.fit_layers``), and the report must name
+    the layers the decisions were taken at.
+    """
     if method is None:
         return {"layers": [], "keep": [], "keep_per_image": []}
+    from ..adapters import adapter_for
+    from ..budget.shapes import ModelShape
+
+    shape = ModelShape.from_config(model.config)
+    method = method.bind(adapter_for(model))
     forms = [method.resolve(shape, n).budget_form(n) for n in visual_tokens]  # Nüwa's entry as layer 0
     layers = list(forms[0][0]) if forms else list(method.check_depth(shape.num_layers))
     per_image = [list(keep) for _, keep in forms]

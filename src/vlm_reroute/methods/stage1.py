@@ -17,7 +17,9 @@ tokens (a fraction ``f`` keeps ``max(1, int(K₁·f))``; a budget target is solv
 Alone, a stage-1 method keeps what entered through the decoder: its registered schedule rule is the
 entry ``a`` followed by ``a`` at each decision (one pass-through decision at the middle layer, or four
 under reroute, as Nüwa's stage 2: the budget solver needs one decision layer, and a decision that keeps
-every candidate computes nothing different). ``keep=`` makes those decisions cut (Nüwa-style).
+every candidate computes nothing different; on a hybrid decoder binding moves them to layers that can
+score, dropping any that find none: :func:`fit_pass_through`). ``keep=`` makes those decisions cut
+(Nüwa-style).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "check_then",
     "composite_label",
     "entry_count",
+    "fit_pass_through",
     "parse_composite",
     "pass_through_layers",
 ]
@@ -294,10 +297,32 @@ class Stage1Method(Composable, TokenReduction):
 
     # ---- binding --------------------------------------------------------------------------------
     def bind(self, adapter: ModelAdapter) -> Stage1Method:
-        bound = dataclasses.replace(self, then=None if self.then is None else self.then.bind(adapter))
+        """This method for ``adapter``'s model: ``then`` bound (its own defaults fitted), or this method's
+        pass-through decisions fitted to the layers the family can score at (``TokenReduction.bind``),
+        the depth recorded, and a tower that cannot serve refused now."""
+        then = None if self.then is None else self.then.bind(adapter)
+        fitted = self if then is not None else super().bind(adapter)  # fit_default_layers, below
+        assert isinstance(fitted, Stage1Method)  # this method, fitted (a copy, never another class)
+        bound = dataclasses.replace(fitted, then=then)  # a copy: the depth is set on it, not on self
         object.__setattr__(bound, "depth", len(adapter.layers))
         bound.stage(adapter, lambda n: (n, ()))  # refuses a model whose tower cannot serve, now
         return bound
+
+    def fit_default_layers(self, num_layers: int, allowed: Sequence[int]) -> Stage1Method:
+        """This method with its default pass-through decisions placed on ``allowed`` (alone, no ``then``).
+
+        Why its own rule: the base rule leaves a fixed schedule alone, and a stage-1 method's schedule is
+        fixed whenever its entry is an int (``VisionZip()``) although its layers are only the default;
+        and the base rule keeps every decision, which a hybrid decoder may not have room for (four reroute
+        decisions after the middle of a 24-layer Qwen3.5 leave three full-attention layers). A
+        pass-through decision keeps every candidate, so one that finds no allowed layer is dropped
+        (:func:`fit_pass_through`); layers the caller gave (and ``keep=``, which needs them) stay as given.
+        """
+        if self.then is not None or self.layers is not None:
+            return self
+        default = self.default_layers(num_layers, self.reroute)
+        fitted = fit_pass_through(type(self).__name__, default, allowed)
+        return self if fitted == default else dataclasses.replace(self, layers=fitted)
 
     def vision_stage(self, adapter: ModelAdapter) -> Any:
         from ..budget.shapes import ModelShape
@@ -305,6 +330,23 @@ class Stage1Method(Composable, TokenReduction):
         shape = ModelShape.from_config(adapter.model.config)
         depth = len(adapter.layers)
         return self.stage(adapter, lambda n: self.image_plan(n, shape, depth))
+
+
+def fit_pass_through(owner: str, default: Sequence[int], allowed: Sequence[int]) -> tuple[int, ...]:
+    """The base rule (:func:`~.base.fit_layers`: each default to the first allowed layer at or after it
+    and after the previous one) for decisions that keep every candidate: a decision with no allowed
+    layer left is dropped instead of refused, as it computes nothing; none placed is a ``ValueError``."""
+    out: list[int] = []
+    for layer in default:
+        later = [a for a in allowed if a >= layer and (not out or a > out[-1])]
+        if later:
+            out.append(min(later))
+    if not out:
+        raise ValueError(
+            f"{owner}: no allowed decision layer of this model lies at or after the default pass-through "
+            f"layer {default[0]} (allowed: {list(allowed)}); give layers= explicitly"
+        )
+    return tuple(out)
 
 
 def kept_mask(n: int, kept: Any) -> Any:
