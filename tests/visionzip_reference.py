@@ -38,13 +38,10 @@ def zip_reference(h, salience, keys, dominant, contextual):
     return sorted(top + targets), out
 
 
-def view_reference_signals(model, inputs):
-    """LLaVA-NeXT / OneVision, one image: ``(packed rows (N, D), salience (N,), keys (N, h), newline
-    indices)``. Per view from an eager copy of the tower: CLIP's [CLS] row of the feature-layer block
-    summed over heads (``attn[:, :, 0, 1:]``), SigLIP's attention received in block −2 (its full eager
-    weights summed over heads and queries); keys of that block averaged over heads. Each packed token
-    gets the signals of the view patch whose projected row it *is* (nearest row, checked within 1e-4):
-    no packing arithmetic is repeated here; a row equal to ``image_newline`` is a newline."""
+def eager_anyres_pass(model, inputs):
+    """LLaVA-NeXT / OneVision, one image, through an eager copy of the tower: ``(tower, packed rows
+    (N, D), the tower's output with hidden states and attentions, has [CLS], index of the block read
+    — the feature-layer block with [CLS], block −2 without)``."""
     inner, cfg = model.model, model.config
     tower = copy.deepcopy(inner.vision_tower)
     for sub in tower.modules():
@@ -54,9 +51,22 @@ def view_reference_signals(model, inputs):
     with torch.no_grad():
         packed = inner.get_image_features(crops[None], inputs["image_sizes"]).pooler_output[0]
         out = tower(crops, output_hidden_states=True, output_attentions=True, return_dict=True)
-        depth = len(out.attentions)
-        cls = cfg.vision_feature_select_strategy == "default"
-        index = cfg.vision_feature_layer % (depth + 1) - 1 if cls else depth - 2  # block read
+    depth = len(out.attentions)
+    cls = cfg.vision_feature_select_strategy == "default"
+    index = cfg.vision_feature_layer % (depth + 1) - 1 if cls else depth - 2
+    return tower, packed, out, cls, index
+
+
+def view_reference_signals(model, inputs):
+    """LLaVA-NeXT / OneVision, one image: ``(packed rows (N, D), salience (N,), keys (N, h), newline
+    indices)``. Per view from an eager copy of the tower: CLIP's [CLS] row of the feature-layer block
+    summed over heads (``attn[:, :, 0, 1:]``), SigLIP's attention received in block −2 (its full eager
+    weights summed over heads and queries); keys of that block averaged over heads. Each packed token
+    gets the signals of the view patch whose projected row it *is* (nearest row, checked within 1e-4):
+    no packing arithmetic is repeated here; a row equal to ``image_newline`` is a newline."""
+    inner, cfg = model.model, model.config
+    tower, packed, out, cls, index = eager_anyres_pass(model, inputs)
+    with torch.no_grad():
         block = getattr(tower, "vision_model", tower).encoder.layers[index]
         probs = out.attentions[index]
         salience = probs[:, :, 0, 1:].sum(dim=1) if cls else probs.sum(dim=(1, 2))

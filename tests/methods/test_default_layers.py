@@ -8,11 +8,10 @@ gives are taken at their word and refused (``docs/hybrid.md``).
 
 from __future__ import annotations
 
-from functools import cache
-from types import SimpleNamespace
-
 import pytest
 import torch
+from hybrid_support import QWEN3_5_9B, released_layout
+from hybrid_support import tiny_qwen3_5 as _qwen3_5
 
 from vlm_reroute import PDrop
 from vlm_reroute.adapters import adapter_for
@@ -22,29 +21,9 @@ from vlm_reroute.budget.target import BudgetTarget
 from vlm_reroute.kinds import ScoreFrom
 from vlm_reroute.methods import DART, SparseVLM, method_from_spec
 from vlm_reroute.methods.base import fit_layers
-from vlm_reroute.testing.families import tiny_family_inputs, tiny_family_model
-from vlm_reroute.testing.family_inputs import DEFAULT_IMAGES
 from vlm_reroute.testing.models import tiny_model
 
-QWEN3_5_9B = tuple(range(3, 32, 4))  # full attention at 3, 7, ..., 31 of 32 layers
 METHODS = ["fastv", "pdrop", "random", "sparsevlm", "dart"]
-
-
-def released_layout(score_from: str = "current") -> SimpleNamespace:
-    """What ``bind`` reads of an adapter, for Qwen3.5-9B's layout (no 32-layer model is built)."""
-    previous = tuple(i + 1 for i in QWEN3_5_9B if i + 1 < 32)
-
-    def allowed(given=None):
-        return previous if str(getattr(given, "value", given)) == "previous" else QWEN3_5_9B
-
-    return SimpleNamespace(layers=[None] * 32, allowed_decision_layers=allowed)
-
-
-@cache
-def _qwen3_5():
-    model = tiny_family_model("qwen3_5")
-    inputs = tiny_family_inputs("qwen3_5", sizes=(DEFAULT_IMAGES["qwen"][1],), questions=("Compare them.",))
-    return model, inputs
 
 
 def test_fit_layers_moves_each_default_to_the_next_allowed_layer():

@@ -9,14 +9,14 @@ written out, packed rows matched to the crop patch they came from); the rule is 
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 from conftest import small_inputs, small_model_for
 from nuwa_reference import multi_view_stage1, nuwa_reference, split_k1
-from visionzip_reference import internvl_reference_signals, shuffle_reference_signals
+from stage1_support import generate_matches_forward
+from visionzip_reference import eager_anyres_pass, internvl_reference_signals, shuffle_reference_signals
 
 from vlm_reroute import Nuwa
 
@@ -38,17 +38,10 @@ def anyres_signals(model, inputs):
     """LLaVA-NeXT / OneVision, one image: packed rows, salience, similarity, newline indices, views and
     the crops the tower encoded. Each packed row is matched to the crop patch whose projected row it is."""
     inner, cfg = model.model, model.config
-    tower = copy.deepcopy(inner.vision_tower)
-    for sub in tower.modules():
-        if getattr(sub, "config", None) is not None:
-            sub.config._attn_implementation = "eager"
+    tower, packed, out, cls, index = eager_anyres_pass(model, inputs)
     crops = inputs["pixel_values"][0]
     with torch.no_grad():
-        packed = inner.get_image_features(crops[None], inputs["image_sizes"]).pooler_output[0]
-        out = tower(crops, output_hidden_states=True, output_attentions=True, return_dict=True)
         depth = len(out.attentions)
-        cls = cfg.vision_feature_select_strategy == "default"
-        index = cfg.vision_feature_layer % (depth + 1) - 1 if cls else depth - 2
         probs = out.attentions[index]
         salience = probs[:, :, 0, 1:].sum(dim=1) if cls else probs.sum(dim=(1, 2))
         hs = out.hidden_states
@@ -218,15 +211,7 @@ def test_generate_continues_from_the_routed_prefill(family):
     runs on (three tokens)."""
     model = small_model_for(family)
     inputs = small_inputs(model, (20, 13), seed=5)
-    method = Nuwa(k1=12, k2=3, stage2_layer=4)
-    with method(model) as trace:
-        forward = model(**inputs).logits[:, -1]
-        anchors = [[r.anchors.tolist() for r in sample] for sample in trace.stage1]
-        out = model.generate(
-            **inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True
-        )
-        assert [[r.anchors.tolist() for r in sample] for sample in trace.stage1] == anchors
-    torch.testing.assert_close(out.logits[0], forward, rtol=1e-4, atol=1e-4)
+    out = generate_matches_forward(model, inputs, Nuwa(k1=12, k2=3, stage2_layer=4), 3)
     assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 3
 
 

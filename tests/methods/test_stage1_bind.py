@@ -7,39 +7,17 @@ middle layer (4 of 8, 16 of 32), a linear-attention layer, and the adapter refus
 
 from __future__ import annotations
 
-from functools import cache
-from types import SimpleNamespace
-
 import pytest
 import torch
+from hybrid_support import QWEN3_5_9B, released_layout
+from hybrid_support import tiny_qwen3_5 as _qwen3_5
 
 from vlm_reroute.adapters import adapter_for
 from vlm_reroute.budget.shapes import ModelShape
 from vlm_reroute.kinds import ScoreFrom
 from vlm_reroute.methods import DivPrune, PDrop, SparseVLM, VisionZip, method_from_spec
 from vlm_reroute.methods.stage1 import fit_pass_through, pass_through_layers
-from vlm_reroute.testing.families import tiny_family_inputs, tiny_family_model
-from vlm_reroute.testing.family_inputs import DEFAULT_IMAGES
 from vlm_reroute.testing.models import tiny_model
-
-QWEN3_5_9B = tuple(range(3, 32, 4))  # full attention at 3, 7, ..., 31 of 32 layers
-
-
-def released_layout() -> SimpleNamespace:
-    """What ``bind`` reads of an adapter, for Qwen3.5-9B's layout (DivPrune's stage needs no tower)."""
-    previous = tuple(i + 1 for i in QWEN3_5_9B if i + 1 < 32)
-
-    def allowed(given=None):
-        return previous if str(getattr(given, "value", given)) == "previous" else QWEN3_5_9B
-
-    return SimpleNamespace(layers=[None] * 32, allowed_decision_layers=allowed)
-
-
-@cache
-def _qwen3_5():
-    model = tiny_family_model("qwen3_5")
-    inputs = tiny_family_inputs("qwen3_5", sizes=(DEFAULT_IMAGES["qwen"][1],), questions=("Compare them.",))
-    return model, inputs
 
 
 def test_pass_through_decisions_move_on_and_drop_when_no_layer_is_left():

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import small_inputs, small_model_for, split_sample
 from nuwa_reference import nuwa_reference
+from stage1_support import generate_matches_forward
 from visionzip_reference import (
     internvl_reference_signals,
     shuffle_reference_signals,
@@ -57,33 +58,26 @@ def test_newlines_enter_only_above_the_cells():
     assert trace.decisions[0].kept == [50]
 
 
-@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
-def test_shuffle_engine_matches_the_reference(family):
-    """Idefics3 / SmolVLM: VisionZip over all views of the image (3 tiles + global view, 64 tokens)."""
+@pytest.mark.parametrize(
+    ("family", "reference"),
+    [
+        ("idefics3", shuffle_reference_signals),
+        ("smolvlm", shuffle_reference_signals),
+        ("internvl", internvl_reference_signals),
+    ],
+)
+def test_tiled_engine_matches_the_reference(family, reference):
+    """Idefics3 / SmolVLM (received attention) and InternVL ([CLS] salience): VisionZip over all views
+    of the image (3 tiles + the global view / thumbnail, 64 tokens)."""
     model = small_model_for(family)
     inputs = small_inputs(model, (20,), seed=3)
-    rows, salience, keys = shuffle_reference_signals(model, inputs)
+    rows, salience, keys = reference(model, inputs)
     with VisionZip(dominant=9, contextual=4)(model) as trace:
         logits = model(**inputs).logits[0]
     kept, rewritten = zip_reference(rows, salience, keys, 9, 4)
     record = trace.stage1[0][0]
     assert record.anchors.tolist() == kept and record.views == ((4, 4),) * 4
     assert trace.decisions[0].selected[0].tolist() == kept
-    kept = torch.tensor(kept)
-    ref, _ = nuwa_reference(model, inputs, [rewritten], [kept], [4], [kept], False)
-    torch.testing.assert_close(logits[-1], ref[-1], rtol=1e-4, atol=1e-4)
-
-
-def test_internvl_engine_matches_the_reference():
-    """InternVL: VisionZip over the 3 tiles + thumbnail of the image (64 tokens), [CLS] salience."""
-    model = small_model_for("internvl")
-    inputs = small_inputs(model, (20,), seed=3)
-    rows, salience, keys = internvl_reference_signals(model, inputs)
-    with VisionZip(dominant=9, contextual=4)(model) as trace:
-        logits = model(**inputs).logits[0]
-    kept, rewritten = zip_reference(rows, salience, keys, 9, 4)
-    record = trace.stage1[0][0]
-    assert record.anchors.tolist() == kept and record.views == ((4, 4),) * 4
     kept = torch.tensor(kept)
     ref, _ = nuwa_reference(model, inputs, [rewritten], [kept], [4], [kept], False)
     torch.testing.assert_close(logits[-1], ref[-1], rtol=1e-4, atol=1e-4)
@@ -96,14 +90,7 @@ def test_generate_rewrites_the_encoding_it_made_before_the_prefill(family):
     model = small_model_for(family)
     inputs = small_inputs(model, (20, 13), seed=5)
     method = VisionZip(dominant=6, contextual=2)
-    with method(model) as trace:
-        forward = model(**inputs).logits[:, -1]
-        anchors = [[r.anchors.tolist() for r in sample] for sample in trace.stage1]
-        out = model.generate(
-            **inputs, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True
-        )
-        assert [[r.anchors.tolist() for r in sample] for sample in trace.stage1] == anchors
-    torch.testing.assert_close(out.logits[0], forward, rtol=1e-4, atol=1e-4)
+    generate_matches_forward(model, inputs, method, 1)
     encoded = model.model.get_image_features(inputs["pixel_values"], return_dict=True)  # before the block
     rest = {k: v for k, v in inputs.items() if k not in ("pixel_values", "pixel_attention_mask")}
     with method(model), pytest.raises(ValueError, match="was not encoded inside the block"):
