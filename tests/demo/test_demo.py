@@ -155,7 +155,7 @@ def test_training_resumes_exactly(tmp_path):
         return TrainConfig(
             out=str(out), steps=steps, batch_size=2, log_every=1, eval_ground=0, eval_vqa=0, threads=1,
             width=TINY.width, layers=TINY.layers, heads=TINY.heads, vision_width=TINY.vision_width,
-            vision_layers=TINY.vision_layers, warmup=1,
+            vision_layers=TINY.vision_layers, warmup=1, turns=3, point_weight=0.5, readout_weight=1.0,
         )  # fmt: skip
 
     straight = train(config(tmp_path / "a", 2))
@@ -166,8 +166,13 @@ def test_training_resumes_exactly(tmp_path):
         straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
     ):
         assert torch.equal(p, q), name
+    for (name, p), q in zip(
+        straight.head.state_dict().items(), resumed.head.state_dict().values(), strict=True
+    ):
+        assert torch.equal(p, q), name  # the auxiliary head, readout included, is resumed too
     lines = (tmp_path / "b" / "log.txt").read_text()
     assert lines.count("start:") == 2 and np.isfinite(straight.seconds)
+    assert " point " in lines and " readout " in lines  # every loss term is logged
 
 
 def test_scenes_are_pinned_across_machines():

@@ -252,17 +252,21 @@ def log(run: Run, text: str) -> None:
 
 
 def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -> dict[str, float]:
-    """One optimizer step; the projector output is caught by a hook for the auxiliary loss."""
-    caught: list[torch.Tensor] = []
-    hook = run.model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: caught.append(o))
-    language = run.model.model.language_model
-    normed: list[torch.Tensor] = []
-    if run.cfg.readout_weight:
-        hook_norm = language.norm.register_forward_hook(lambda m, i, o: normed.append(o))
-    layers = language.layers
-    catcher = AttentionCatcher(
-        [layers[i] for i in POINT_LAYERS if i < len(layers)] if run.cfg.point_weight else []
-    )
+    """One optimizer step. Hooks catch what the training-only losses read: the projector output
+    (auxiliary per-patch loss), the pointing layers' attention inputs and the final normed states
+    (readout at ``[``); the last two only when their weight is set."""
+    cfg, language = run.cfg, run.model.model.language_model
+    caught: dict[str, list[torch.Tensor]] = {"projector": [], "normed": []}
+    handles = [
+        run.model.model.multi_modal_projector.register_forward_hook(
+            lambda m, i, o: caught["projector"].append(o)
+        )
+    ]
+    if cfg.readout_weight:
+        handles.append(language.norm.register_forward_hook(lambda m, i, o: caught["normed"].append(o)))
+    pointed = [language.layers[i] for i in POINT_LAYERS if i < len(language.layers)]
+    catcher = AttentionCatcher(pointed if cfg.point_weight else [])
+    weights = {"lm": 1.0, "aux": cfg.aux_weight, "point": cfg.point_weight, "readout": cfg.readout_weight}
     try:  # enable_grad: a caller (e.g. a test harness) may have switched autograd off
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16)
         with torch.enable_grad(), autocast:
@@ -271,31 +275,32 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -
                 attention_mask=batch["attention_mask"],
                 pixel_values=batch["pixel_values"],
             )
-            lm = answer_loss(out.logits, batch["labels"], coords, run.cfg.coord_sigma)
-            aux = aux_loss(run.head, caught[0], batch)
-            point = point_loss(catcher, batch["point_rows"], batch["point_where"]) if catcher.caught else None
-            loss = lm + run.cfg.aux_weight * aux
-            if point is not None:
-                loss = loss + run.cfg.point_weight * point
-            readout = None
-            if normed:
-                readout = readout_loss(run.head.readout, normed[0], batch["point_rows"], batch["point_box"])
-                loss = loss + run.cfg.readout_weight * readout
+            parts = {
+                "lm": answer_loss(out.logits, batch["labels"], coords, cfg.coord_sigma),
+                "aux": aux_loss(run.head, caught["projector"][0], batch),
+            }
+            if catcher.caught:
+                parts["point"] = point_loss(catcher, batch["point_rows"], batch["point_where"])
+            if caught["normed"]:
+                rows, boxes = batch["point_rows"], batch["point_box"]
+                parts["readout"] = readout_loss(run.head.readout, caught["normed"][0], rows, boxes)
+            loss = torch.stack([weights[k] * v.float() for k, v in parts.items()]).sum()
     finally:
-        hook.remove()
+        for handle in handles:
+            handle.remove()
         catcher.remove()
-        if run.cfg.readout_weight:
-            hook_norm.remove()
     for group in run.opt.param_groups:
-        group["lr"] = lr_at(run.cfg, run.step)
+        group["lr"] = lr_at(cfg, run.step)
     run.opt.zero_grad(set_to_none=True)
     with torch.enable_grad():
         loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in run.opt.param_groups for p in g["params"]], 1.0)
     run.opt.step()
-    record = {"loss": loss.item(), "lm": lm.item(), "aux": aux.item(), "lr": run.opt.param_groups[0]["lr"]}
-    record |= {"point": point.item()} if point is not None else {}
-    return record | ({"readout": readout.item()} if readout is not None else {})
+    return {
+        "loss": loss.item(),
+        **{k: v.item() for k, v in parts.items()},
+        "lr": run.opt.param_groups[0]["lr"],
+    }
 
 
 def train(cfg: TrainConfig) -> Run:
