@@ -354,16 +354,25 @@ def fit_layers(owner: str, default: Sequence[int], allowed: Sequence[int]) -> tu
     moved schedule is never cheaper than the published one in those layers (a target is solved on
     the moved layers). A default with no allowed layer left is a ``ValueError`` naming both lists.
     """
-    out: list[int] = []
+    placed = place_layers(default, allowed)
+    if None in placed:
+        raise ValueError(
+            f"{owner}: the default decision layers {list(default)} cannot each move to a later "
+            f"allowed decision layer of this model (allowed: {list(allowed)}); give layers= explicitly"
+        )
+    return tuple(a for a in placed if a is not None)
+
+
+def place_layers(default: Sequence[int], allowed: Sequence[int]) -> list[int | None]:
+    """Per ``default`` layer, the first ``allowed`` layer at or after it and after the last one placed,
+    or None where none is left (:func:`fit_layers` refuses that; pass-through decisions drop it)."""
+    out: list[int | None] = []
+    last = -1
     for layer in default:
-        later = [a for a in allowed if a >= layer and (not out or a > out[-1])]
-        if not later:
-            raise ValueError(
-                f"{owner}: the default decision layers {list(default)} cannot each move to a later "
-                f"allowed decision layer of this model (allowed: {list(allowed)}); give layers= explicitly"
-            )
-        out.append(min(later))
-    return tuple(out)
+        at = min((a for a in allowed if a >= layer and a > last), default=None)
+        out.append(at)
+        last = last if at is None else at
+    return out
 
 
 def check_layer_list(owner: str, layers: Sequence[int] | None) -> tuple[int, ...] | None:

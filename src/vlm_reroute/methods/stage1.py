@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from ..budget.rules import round_half_up
 from ..budget.schedule import Keep, Schedule, check_keep_value, resolve_keep
 from ..budget.target import BudgetTarget
-from .base import TokenReduction, check_layer_list, scale_layers
+from .base import TokenReduction, check_layer_list, place_layers, scale_layers
 
 if TYPE_CHECKING:
     from ..adapters.base import ModelAdapter
@@ -336,17 +336,13 @@ def fit_pass_through(owner: str, default: Sequence[int], allowed: Sequence[int])
     """The base rule (:func:`~.base.fit_layers`: each default to the first allowed layer at or after it
     and after the previous one) for decisions that keep every candidate: a decision with no allowed
     layer left is dropped instead of refused, as it computes nothing; none placed is a ``ValueError``."""
-    out: list[int] = []
-    for layer in default:
-        later = [a for a in allowed if a >= layer and (not out or a > out[-1])]
-        if later:
-            out.append(min(later))
+    out = tuple(a for a in place_layers(default, allowed) if a is not None)
     if not out:
         raise ValueError(
             f"{owner}: no allowed decision layer of this model lies at or after the default pass-through "
             f"layer {default[0]} (allowed: {list(allowed)}); give layers= explicitly"
         )
-    return tuple(out)
+    return out
 
 
 def kept_mask(n: int, kept: Any) -> Any:
