@@ -156,6 +156,7 @@ def test_training_resumes_exactly(tmp_path):
             out=str(out), steps=steps, batch_size=2, log_every=1, eval_ground=0, eval_vqa=0, threads=1,
             width=TINY.width, layers=TINY.layers, heads=TINY.heads, vision_width=TINY.vision_width,
             vision_layers=TINY.vision_layers, warmup=1, turns=3, point_weight=0.5, readout_weight=1.0,
+            point_head=1, deep_weight=1.0,
         )  # fmt: skip
 
     straight = train(config(tmp_path / "a", 2))
@@ -172,7 +173,7 @@ def test_training_resumes_exactly(tmp_path):
         assert torch.equal(p, q), name  # the auxiliary head, readout included, is resumed too
     lines = (tmp_path / "b" / "log.txt").read_text()
     assert lines.count("start:") == 2 and np.isfinite(straight.seconds)
-    assert " point " in lines and " readout " in lines  # every loss term is logged
+    assert " point " in lines and " readout " in lines and " deep " in lines  # every loss term is logged
 
 
 def test_scenes_are_pinned_across_machines():
@@ -237,4 +238,6 @@ def test_pointing_loss_reads_the_models_own_attention():
     mass = (probs * where[:, None, :]).sum(-1).max(dim=1).values
     expected = -torch.log(mass.clamp_min(1e-6)).mean()
     assert torch.allclose(point_loss(catcher, rows, where), expected, rtol=1e-4, atol=1e-5)
+    fixed = -torch.log((probs[:, 1] * where).sum(-1).clamp_min(1e-6)).mean()  # head 1 asked to point
+    assert torch.allclose(point_loss(catcher, rows, where, head=1), fixed, rtol=1e-4, atol=1e-5)
     assert where.any(dim=1).all() and not where[:, : int(rows[:, 1].min())].all()

@@ -18,6 +18,17 @@ but its box did not reach the state the coordinate tokens are read from. :func:`
 regresses the target box from that state (the final norm's output at ``[``) with a linear head,
 which trains exactly that path.
 
+Fixed heads (``--point-head``, from run 7 on): a probe of run 6 (step 600, 144 held-out scenes)
+showed why the readout did not learn. With ``max_h``, *which* head points changed from scene to
+scene (at layer 3 the argmax was spread over all six heads: 18/3/17/21/24/13 of 96); the best
+head's output alone gave the box to 4–8 bins, the attention-weighted layer input to 2–3, but the
+concatenation of all heads — what ``o_proj`` and every later layer see — only to 18–22 bins, no
+better than the mean box (22–24): the box sat in a different subspace in every scene, mixed with
+the boxes the other heads read from other objects. With ``point_head = h`` head ``h`` of every
+pointing layer is the one asked to point, so the box arrives in one place; deep readouts
+(:func:`readout_loss` on each pointing layer's output, ``AuxHead.deep``) ask ``o_proj`` to write it
+into the residual stream linearly, where the coordinate tokens can read it.
+
 What it means for the prune-vs-reroute comparison: a model that attends to the target makes
 attention-ranked methods (FastV, PDrop, Nüwa's stage 2) keep the target more often, in both modes
 alike, since prune and reroute share the ranking rule and the schedule.
@@ -53,8 +64,11 @@ class AttentionCatcher:
             h.remove()
 
 
-def point_loss(catcher: AttentionCatcher, rows: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """Mean over caught layers and pointing rows of ``-log`` (best head's attention mass on the target).
+def point_loss(
+    catcher: AttentionCatcher, rows: torch.Tensor, where: torch.Tensor, head: int = -1
+) -> torch.Tensor:
+    """Mean over caught layers and pointing rows of ``-log`` (attention mass on the target) of head
+    ``head``, or (``head=-1``) of the best head of each row.
 
     ``rows`` ``(P, 2)``: (batch row, query position); ``where`` ``(P, S)`` bool: the target's visual
     tokens in that row. Keys are the positions ≤ the query (causal; rows are right-padded, so all
@@ -79,15 +93,17 @@ def point_loss(catcher: AttentionCatcher, rows: torch.Tensor, where: torch.Tenso
         logits = logits.masked_fill(~causal[:, None, :], float("-inf"))
         probs = logits.softmax(dim=-1)
         mass = (probs * where[:, None, :].float()).sum(-1)  # (P, heads)
-        losses.append(-torch.log(mass.max(dim=1).values.clamp_min(1e-6)).mean())
+        chosen = mass.max(dim=1).values if head < 0 else mass[:, head]
+        losses.append(-torch.log(chosen.clamp_min(1e-6)).mean())
     return torch.stack(losses).mean()
 
 
 def readout_loss(
     readout: torch.nn.Linear, normed: torch.Tensor, rows: torch.Tensor, boxes: torch.Tensor
 ) -> torch.Tensor:
-    """L1 between the box a linear head reads from the final normed state at each pointing row's
-    ``[`` and the target box (normalised), times 5 as the per-patch box loss."""
+    """L1 between the box a linear head reads from a state (the final normed state, or a pointing
+    layer's output) at each pointing row's ``[`` and the target box (normalised), times 5 as the
+    per-patch box loss."""
     if rows.numel() == 0:
         return torch.zeros(())
     with torch.autocast("cpu", enabled=False):

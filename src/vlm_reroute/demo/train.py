@@ -56,6 +56,10 @@ class TrainConfig:
     point_weight: float = 0.0
     #: weight of the box readout at each box answer's ``[`` (:func:`.pointing.readout_loss`); 0 = off
     readout_weight: float = 0.0
+    #: the head of each pointing layer asked to point; -1 = the best head of each answer (runs 5–6)
+    point_head: int = -1
+    #: weight of the readouts from the pointing layers' outputs (``AuxHead.deep``); 0 = off
+    deep_weight: float = 0.0
     coord_sigma: float = 1.0
     ramp_steps: int = 1500
     #: questions per image (a multi-turn conversation); 1 = one question, as at test time
@@ -97,6 +101,8 @@ class AuxHead(torch.nn.Module):
         super().__init__()
         self.proj = torch.nn.Linear(width, len(COLOR_CLASSES) + len(SHAPE_CLASSES) + 4)
         self.readout = torch.nn.Linear(width, 4)  # the box from the final state at "[" (pointing.py)
+        # the box from each pointing layer's output at "[" (deep readouts, run 7 on)
+        self.deep = torch.nn.ModuleList(torch.nn.Linear(width, 4) for _ in POINT_LAYERS)
 
     def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.proj(feats)
@@ -205,7 +211,8 @@ def start(cfg: TrainConfig) -> Run:
     if state is not None:
         model.load_state_dict(state["model"])
         missing, unexpected = head.load_state_dict(state["head"], strict=False)
-        if unexpected or any(not k.startswith("readout.") for k in missing):  # older states lack readout
+        older = ("readout.", "deep.")  # heads that states of earlier runs lack
+        if unexpected or any(not k.startswith(older) for k in missing):
             raise RuntimeError(
                 f"auxiliary head state does not fit: missing {missing}, unexpected {unexpected}"
             )
@@ -265,8 +272,21 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -
     if cfg.readout_weight:
         handles.append(language.norm.register_forward_hook(lambda m, i, o: caught["normed"].append(o)))
     pointed = [language.layers[i] for i in POINT_LAYERS if i < len(language.layers)]
+    if cfg.deep_weight:
+        caught["deep"] = []
+
+        def layer_output(module: Any, args: Any, out: Any) -> None:
+            caught["deep"].append(out[0] if isinstance(out, tuple) else out)
+
+        handles += [layer.register_forward_hook(layer_output) for layer in pointed]
     catcher = AttentionCatcher(pointed if cfg.point_weight else [])
-    weights = {"lm": 1.0, "aux": cfg.aux_weight, "point": cfg.point_weight, "readout": cfg.readout_weight}
+    weights = {
+        "lm": 1.0,
+        "aux": cfg.aux_weight,
+        "point": cfg.point_weight,
+        "readout": cfg.readout_weight,
+        "deep": cfg.deep_weight,
+    }
     try:  # enable_grad: a caller (e.g. a test harness) may have switched autograd off
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16)
         with torch.enable_grad(), autocast:
@@ -279,11 +299,14 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -
                 "lm": answer_loss(out.logits, batch["labels"], coords, cfg.coord_sigma),
                 "aux": aux_loss(run.head, caught["projector"][0], batch),
             }
+            rows, boxes = batch["point_rows"], batch["point_box"]
             if catcher.caught:
-                parts["point"] = point_loss(catcher, batch["point_rows"], batch["point_where"])
+                parts["point"] = point_loss(catcher, rows, batch["point_where"], cfg.point_head)
             if caught["normed"]:
-                rows, boxes = batch["point_rows"], batch["point_box"]
                 parts["readout"] = readout_loss(run.head.readout, caught["normed"][0], rows, boxes)
+            if caught.get("deep"):
+                heads = zip(run.head.deep, caught["deep"], strict=False)  # tiny models: fewer layers
+                parts["deep"] = torch.stack([readout_loss(h, o, rows, boxes) for h, o in heads]).mean()
             loss = torch.stack([weights[k] * v.float() for k, v in parts.items()]).sum()
     finally:
         for handle in handles:
