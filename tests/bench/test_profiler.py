@@ -164,3 +164,37 @@ def test_vanilla_is_reserved():
     model = model_for("llava")
     with pytest.raises(ValueError, match="vanilla"):
         quick(model, tiny_inputs(model, (20,)), {"vanilla": METHODS["PDrop"]})
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_5"])
+def test_ideal_passes_run_each_layer_on_what_it_ran_routed(family):
+    """The lengths the ideal passes use (each layer's input under the method, recorded by hooks) equal
+    the KV lengths wherever a layer caches keys; a hybrid decoder's linear-attention layers (no KV)
+    get their stage's length (the tiny Qwen3.5: full attention at the odd layers)."""
+    from vlm_reroute.bench.rounds import RoundSettings, run_rounds
+    from vlm_reroute.methods import method_from_spec
+    from vlm_reroute.testing.families import tiny_family_inputs, tiny_family_model
+    from vlm_reroute.testing.family_inputs import DEFAULT_IMAGES
+
+    if family == "qwen3_5":
+        model = tiny_family_model(family)
+        inputs = tiny_family_inputs(family, sizes=(DEFAULT_IMAGES["qwen"][0],), questions=("Describe it.",))
+    else:
+        model = model_for(family)
+        inputs = tiny_inputs(model, (20,))
+    configs = {
+        "vanilla": None,
+        "pdrop": method_from_spec("pdrop", reroute=True, ratio=0.5),
+        "dart": method_from_spec("dart", ratio=0.5),
+    }
+    settings = RoundSettings.checked(1, 0, 0, None, ideal=True, memory=False)
+    measured = run_rounds(model, inputs, configs, settings, progress=False)
+    for name in configs:
+        lengths, kv = measured.layer_tokens[name], measured.kv_lengths[name]
+        assert all(n == k for n, k in zip(lengths, kv, strict=True) if k is not None), name
+        if family == "qwen3_5":
+            assert [k is None for k in kv] == [j % 2 == 0 for j in range(len(kv))]
+            # decisions scored at their own layer fall on attention layers: each linear layer after
+            # the first runs in the stage of the attention layer before it
+            assert all(lengths[j] == lengths[j - 1] for j in range(2, len(kv), 2)), name
+    assert measured.layer_tokens["pdrop"][-1] < measured.layer_tokens["vanilla"][-1]

@@ -12,7 +12,6 @@ from functools import cache
 
 import pytest
 import torch
-from cli_support import assert_one_line_error
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -66,34 +65,21 @@ def test_run_json_reports_the_layers_decided_at(files, spec, settings, fitted, u
     assert [d["kept"] + d["reentered"] for d in report["decisions"]] == report["schedule"]["keep"]
 
 
-def test_run_compare_refuses_a_hybrid_decoder_in_one_line(files):
-    """``--compare`` times the prefills with the profiler, which counts KV per layer and refuses a
-    hybrid decoder's linear-attention layers; the refusal is one line, not a traceback. (A reachable
-    budget: an unreachable one adds its warning line, once per process, so the test would depend on
-    which tests ran before it.)"""
+def test_bench_profiles_a_hybrid_decoder(files):
+    """``bench`` with the ideal router on Qwen3.5: KV lengths are ``None`` at the linear-attention
+    layers and the attention layers' sum matches the theory; no FLOPs theory (its formulas would
+    price softmax attention in the linear layers)."""
     _, picture, ckpt = files
-    result = runner.invoke(
-        app,
-        [
-            "run", "--model", str(ckpt), "--image", str(picture), "--prompt", "What is it?", "--method",
-            "sparsevlm", "--ratio", "0.5", "--compare", "--repeats", "1", "--warmup", "0", "--threads", "1",
-            "--max-new-tokens", "1",
-        ],
-    )  # fmt: skip
-    assert_one_line_error(result, "profiling a hybrid decoder", "is not supported")
-
-
-def test_bench_refuses_a_hybrid_decoder_in_one_line(files):
-    """``bench`` uses the same profiler: one line, not a traceback."""
-    _, picture, ckpt = files
-    result = runner.invoke(
-        app,
-        [
-            "bench", "--model", str(ckpt), "--image", str(picture), "--prompt", "What is it?", "--method",
-            "fastv", "--ratio", "0.5", "--repeats", "1", "--warmup", "0", "--threads", "1",
-        ],
-    )  # fmt: skip
-    assert_one_line_error(result, "profiling a hybrid decoder", "is not supported")
+    rows = _cli(
+        "bench", "--model", ckpt, "--image", picture, "--prompt", "What is it?", "--method", "fastv",
+        "--ratio", "0.5", "--repeats", "1", "--warmup", "0", "--threads", "1", "--ideal", "--json",
+    )["rows"]  # fmt: skip
+    linear = [i for i in range(8) if (i + 1) % 2]  # the tiny Qwen3.5: full attention at 1, 3, 5, 7
+    for row in rows:
+        assert [row["kv_lengths"][i] is None for i in range(8)] == [i in linear for i in range(8)]
+        assert row["kv_tokens"] == row["kv_tokens_theory"] == sum(n for n in row["kv_lengths"] if n)
+        assert row["theoretical_speedup"] is None and row["ideal_prefill_s"] > 0
+    assert rows[1]["kv_tokens"] < rows[0]["kv_tokens"]
 
 
 @pytest.mark.parametrize(("spec", "settings", "fitted", "unfitted"), CASES)
@@ -120,8 +106,7 @@ def _qwen3_5():
 
 @pytest.mark.parametrize(("spec", "settings", "fitted", "unfitted"), CASES)
 def test_the_profiler_prices_the_layers_decided_at(spec, settings, fitted, unfitted):
-    """The profiler's theory (``_theory``, its one schedule resolution) on the bound method. ``profile``
-    itself refuses a hybrid decoder (its KV counts per layer), so the theory is called directly."""
+    """The profiler's theory (``_theory``, its one schedule resolution) on the bound method."""
     model, inputs = _qwen3_5()
     method = method_from_spec(spec, **settings)
     with method(model) as trace, torch.no_grad():

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 
 from ..adapters import adapter_for
 from ..engine.compat import CACHE_KEYWORDS, cache_keyword, mask_cache_keyword
@@ -74,7 +74,9 @@ class LayerTimer:
     states, RoPE, position ids) are captured from one real vanilla prefill (:meth:`capture`) and
     cut to each length, so every family (1-D RoPE, MRoPE, GQA) is served by its own code. The mask
     is rebuilt for each length by ``create_causal_mask`` with the model's config, as the decoder
-    does. Each pass uses a fresh ``DynamicCache``.
+    does; a hybrid decoder's linear-attention layers (``adapter.recurrent_layers``, Qwen3.5) get the
+    2-D padding mask ``create_recurrent_attention_mask`` builds for them instead. Each pass uses a
+    fresh ``DynamicCache``.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -85,7 +87,8 @@ class LayerTimer:
         self.hidden: torch.Tensor | None = None
         self.kwargs: dict[str, Any] = {}
         self.mask2d: torch.Tensor | None = None
-        self._prepared: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
+        self.recurrent = frozenset(self.adapter.recurrent_layers)
+        self._prepared: dict[tuple[int, bool], tuple[torch.Tensor, dict[str, Any]]] = {}
 
     def capture(self, model: nn.Module, inputs: dict[str, Any], **call_kwargs: Any) -> None:
         """Record what the first decoder layer receives in a vanilla prefill of ``inputs``."""
@@ -114,12 +117,13 @@ class LayerTimer:
             raise RuntimeError("LayerTimer: call capture(model, inputs) first")
         return self.hidden
 
-    def inputs_for(self, n: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Hidden states ``(B, n, D)`` and layer kwargs (without the cache) for ``n`` tokens."""
+    def inputs_for(self, n: int, recurrent: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Hidden states ``(B, n, D)`` and layer kwargs (without the cache) for ``n`` tokens, for an
+        attention layer or (``recurrent``) a linear-attention one."""
         if not 1 <= n <= self.max_tokens:
             raise ValueError(f"n={n}: layer inputs exist for 1..{self.max_tokens} tokens")
-        if n in self._prepared:
-            return self._prepared[n]
+        if (n, recurrent) in self._prepared:
+            return self._prepared[n, recurrent]
         hidden = self._captured()[:, -n:].contiguous()
         kwargs = {}
         for key, value in self.kwargs.items():
@@ -129,16 +133,20 @@ class LayerTimer:
                 value = value[..., -n:].contiguous()
             kwargs[key] = value
         mask2d = self.mask2d[:, -n:] if self.mask2d is not None else None
-        kwargs["attention_mask"] = create_causal_mask(
-            config=self.adapter.text_config,
-            inputs_embeds=hidden,
-            attention_mask=mask2d,
-            position_ids=None,
-            **{mask_cache_keyword(): DynamicCache(config=self.adapter.text_config)},
-        )
+        config = self.adapter.text_config
+        if recurrent:
+            kwargs["attention_mask"] = create_recurrent_attention_mask(config, hidden, mask2d)
+        else:
+            kwargs["attention_mask"] = create_causal_mask(
+                config=config,
+                inputs_embeds=hidden,
+                attention_mask=mask2d,
+                position_ids=None,
+                **{mask_cache_keyword(): DynamicCache(config=config)},
+            )
         kwargs["use_cache"] = True
-        self._prepared[n] = (hidden, kwargs)
-        return self._prepared[n]
+        self._prepared[n, recurrent] = (hidden, kwargs)
+        return self._prepared[n, recurrent]
 
     def time_pass(self, tokens_per_layer: Sequence[int]) -> list[float]:
         """Seconds of layer ``j`` alone on ``tokens_per_layer[j]`` tokens, for every layer in order.
@@ -148,7 +156,7 @@ class LayerTimer:
         """
         if len(tokens_per_layer) != len(self.layers):
             raise ValueError(f"{len(tokens_per_layer)} token counts for {len(self.layers)} layers")
-        prepared = [self.inputs_for(int(n)) for n in tokens_per_layer]
+        prepared = [self.inputs_for(int(n), j in self.recurrent) for j, n in enumerate(tokens_per_layer)]
         cache = {self.cache_keyword: DynamicCache(config=self.adapter.text_config)}
         times = []
         with torch.no_grad():

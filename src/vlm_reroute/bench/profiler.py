@@ -84,6 +84,13 @@ def _theory(
     return layers, keep, budget
 
 
+def _kv_theory(budget: Any, recurrent: tuple[int, ...]) -> tuple[int, int]:
+    """Theoretical KV tokens and bytes of one sample: the attention layers' rows only (a hybrid
+    decoder's linear-attention layers cache a fixed-size state, no tokens)."""
+    rows = [r for r in budget.rows if r.layer not in recurrent]
+    return sum(r.kv_tokens for r in rows), sum(r.kv_bytes for r in rows)
+
+
 def _visual_tokens_per_layer(trace: Any, shape: ModelShape, facts: dict[str, Any]) -> list[int]:
     """Sample 0's visual tokens each decoder layer saw: all of them unless the run decided."""
     if trace is not None and trace.decisions:
@@ -125,7 +132,10 @@ def _row(
     trace = measured.traces[name]
     per_layer = _visual_tokens_per_layer(trace, shape, facts)
     batch_ok = budget is not None and not facts["padded"]
-    theory = 1 / budget.flops_exact_ratio if budget else None
+    kv_theory = _kv_theory(budget, adapter.recurrent_layers) if batch_ok else None
+    # the FLOP formulas price softmax attention in every layer: no theory for a hybrid decoder
+    flops = budget if budget is not None and not adapter.recurrent_layers else None
+    theory = 1 / flops.flops_exact_ratio if flops else None
     prefill = spread(measured.prefill_s[name])
     speedup = ratio(vanilla, prefill)
     decode = measured.decode_s_per_token[name]
@@ -150,15 +160,15 @@ def _row(
         peak_rss_increase_bytes=mem.increase_bytes if mem is not None else None,
         cuda_peak_bytes=mem.cuda_peak_bytes if mem is not None else None,
         kv_lengths=kv,
-        kv_tokens=sum(kv) * facts["batch"],
+        kv_tokens=sum(n for n in kv if n is not None) * facts["batch"],
         kv_bytes=measured.kv_bytes[name],
-        kv_tokens_theory=budget.kv_tokens * facts["batch"] if batch_ok else None,
-        kv_bytes_theory=budget.kv_bytes * facts["batch"] if batch_ok else None,
+        kv_tokens_theory=kv_theory[0] * facts["batch"] if kv_theory else None,
+        kv_bytes_theory=kv_theory[1] * facts["batch"] if kv_theory else None,
         visual_tokens_per_layer=per_layer,
         reentered=[d.reentered[0] for d in trace.decisions] if trace is not None else [],
         avg_visual_tokens=sum(per_layer) / len(per_layer),
-        flops_ratio=budget.flops_exact_ratio if budget else None,
-        flops_ratio_pdrop=budget.flops_pdrop_ratio if budget else None,
+        flops_ratio=flops.flops_exact_ratio if flops else None,
+        flops_ratio_pdrop=flops.flops_pdrop_ratio if flops else None,
         theoretical_speedup=theory,
         efficiency=speedup.value / theory if theory else None,
         **_ideal_fields(vanilla, prefill, measured.outside_decoder_s, measured.ideal_layer_s[name]),

@@ -34,10 +34,13 @@ class ProfileRow:
     layer timed alone on its token count right after this configuration's run r
     (``ideal_layer_s``: per-layer medians). ``theoretical_speedup`` = 1 / ``flops_ratio`` (GQA-aware
     exact MACs of the decoder layers, n = text + visual); ``efficiency`` = speedup / theoretical.
-    ``kv_lengths`` are per layer (per sample, padding and fillers included); ``kv_tokens`` sums
-    them over layers × batch and ``kv_bytes`` is what the cache tensors hold. ``*_theory`` come from
+    ``kv_lengths`` are per layer (per sample, padding and fillers included; ``None`` at a hybrid
+    decoder's linear-attention layers, which cache a fixed-size state); ``kv_tokens`` sums them over
+    layers × batch and ``kv_bytes`` is what the cache tensors hold. ``*_theory`` come from
     :func:`~vlm_reroute.budget.compute_budget` for sample 0 × batch (``None`` for padded batches or
-    images of different sizes). ``visual_tokens_per_layer`` and ``reentered`` are sample 0's.
+    images of different sizes; KV over the attention layers only; no FLOPs theory for a hybrid
+    decoder, whose formulas would price softmax attention in its linear-attention layers).
+    ``visual_tokens_per_layer`` and ``reentered`` are sample 0's.
 
     References
     ----------
@@ -62,7 +65,7 @@ class ProfileRow:
     peak_rss_bytes: int | None
     peak_rss_increase_bytes: int | None
     cuda_peak_bytes: int | None
-    kv_lengths: list[int]
+    kv_lengths: list[int | None]
     kv_tokens: int
     kv_bytes: int
     kv_tokens_theory: int | None

@@ -22,6 +22,7 @@ from rich.progress import Progress
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..adapters import adapter_for
 from ..engine.cache import kv_bytes, kv_lengths
 from ..engine.compat import output_cache
 from ..methods import TokenReduction
@@ -68,7 +69,8 @@ class RoundSettings:
     def steps(self, configs: int) -> int:
         """Progress-bar steps of a run over ``configs`` configurations (one per measured action)."""
         per_config = self.warmup + self.repeats * (1 + self.ideal) + self.decode_repeats + self.memory
-        return configs * per_config + self.ideal
+        # with ``ideal``: one capture, then one untimed prefill per configuration for its layer lengths
+        return configs * (per_config + self.ideal) + self.ideal
 
 
 @dataclass
@@ -78,14 +80,19 @@ class Measurements:
     It exists to keep measuring (:mod:`.rounds`) apart from reporting (:mod:`.profiler`).
     ``ideal_layer_s[name][r]`` holds every decoder layer's seconds alone on the token counts of
     run r; ``outside_decoder_s[r]`` is vanilla's time outside the decoder layers in repeat r.
-    ``kv_lengths``, ``kv_bytes`` and ``traces`` are the last repeat's (identical in every repeat).
+    ``kv_lengths``, ``kv_bytes`` and ``traces`` are the last repeat's (identical in every repeat);
+    ``kv_lengths`` is ``None`` at a linear-attention layer (a fixed-size state, no tokens: Qwen3.5).
+    ``layer_tokens[name]`` is the sequence length each decoder layer processed (recorded in one
+    untimed prefill, with ``ideal``): the ideal passes run every layer on it, the linear-attention
+    layers of a hybrid decoder included.
     """
 
     prefill_s: dict[str, list[float]]
     decode_s_per_token: dict[str, list[float]]
     ideal_layer_s: dict[str, list[list[float]]]
     outside_decoder_s: list[float] = field(default_factory=list)
-    kv_lengths: dict[str, list[int]] = field(default_factory=dict)
+    kv_lengths: dict[str, list[int | None]] = field(default_factory=dict)
+    layer_tokens: dict[str, list[int]] = field(default_factory=dict)
     kv_bytes: dict[str, int] = field(default_factory=dict)
     traces: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, MemoryStats] = field(default_factory=dict)
@@ -122,16 +129,36 @@ def _routed(method: TokenReduction | None, model: nn.Module) -> AbstractContextM
     return nullcontext() if method is None else method(model)
 
 
-def _attention_lengths(cache: Any) -> list[int]:
-    """Tokens cached by each decoder layer; a hybrid decoder's linear-attention layers (a fixed-size
-    state, no token count) are refused: the report's KV counts and ideal passes need one per layer."""
-    lengths = kv_lengths(cache)
-    counted = [n for n in lengths if n is not None]
-    if len(counted) != len(lengths):
-        raise NotImplementedError(
-            f"profiling a hybrid decoder (linear-attention layers, KV lengths {lengths}) is not supported"
-        )
-    return counted
+class _LayerLengths:
+    """Records the sequence length each decoder layer is called with (forward pre-hooks).
+
+    Used in one untimed prefill per configuration: what a routed prefill ran every layer on,
+    compact stages and batch fillers included, for every kind of layer (a linear-attention layer
+    caches no tokens, so the KV lengths cannot tell it).
+    """
+
+    def __init__(self, layers: Iterable[nn.Module]) -> None:
+        self.layers = list(layers)
+        self.lengths: list[int] = [0] * len(self.layers)
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _LayerLengths:
+        def hook(j: int) -> Callable[..., None]:
+            def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.lengths[j] = int(hidden.shape[1])
+
+            return record
+
+        self.handles = [
+            layer.register_forward_pre_hook(hook(j), with_kwargs=True) for j, layer in enumerate(self.layers)
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
 class _Rounds:
@@ -161,6 +188,14 @@ class _Rounds:
             sync(self.device)
             return time.perf_counter() - start, out, trace
 
+    def layer_lengths(self, method: TokenReduction | None) -> list[int]:
+        """The sequence length each decoder layer runs on under ``method`` (one untimed prefill). The
+        hooks go on after the method's own, so they see what its stages hand each layer."""
+        layers = adapter_for(self.model).layers
+        with torch.no_grad(), _routed(method, self.model), _LayerLengths(layers) as lengths:
+            self.model(**self.inputs, **self.call)
+        return lengths.lengths
+
     def decode_time(self, tokens: int) -> float:
         """Seconds per decode token: ``tokens + 1`` greedy tokens, the first one ends the prefill."""
         clock = _StepClock(self.device)
@@ -187,6 +222,9 @@ class _Rounds:
         if self.timer is not None:
             self.timer.capture(self.model, self.inputs, **self.call)
             self.step("capturing layer inputs")
+            for name, method in self.configs.items():
+                self.record.layer_tokens[name] = self.layer_lengths(method)
+                self.step(f"layer lengths {name}")
 
     def timed_prefills(self) -> None:
         """One repeat's prefill of every configuration, vanilla first: its decoder span gives the
@@ -198,7 +236,7 @@ class _Rounds:
                 seconds, out, trace = self.prefill(method)
             record.prefill_s[name].append(seconds)
             cache = output_cache(out)
-            record.kv_lengths[name] = _attention_lengths(cache)
+            record.kv_lengths[name] = kv_lengths(cache)
             record.kv_bytes[name] = kv_bytes(cache)
             record.traces[name] = trace
             del out, cache
@@ -206,7 +244,7 @@ class _Rounds:
             if self.timer is not None:  # right after the measured run, so both see the same machine
                 if span is not None:  # the vanilla run
                     record.outside_decoder_s.append(seconds - span.span)
-                record.ideal_layer_s[name].append(self.timer.time_pass(record.kv_lengths[name]))
+                record.ideal_layer_s[name].append(self.timer.time_pass(record.layer_tokens[name]))
                 self.step(f"ideal {name}")
 
     def timed_decodes(self) -> None:

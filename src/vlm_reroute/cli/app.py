@@ -158,7 +158,13 @@ Model = Annotated[str, typer.Option("--model", help="Hub id or local model folde
 Images = Annotated[
     list[str] | None, typer.Option("--image", help="image path or http(s) URL; repeat for several images")
 ]
-Method = Annotated[str, typer.Option(help="a registered method: fastv, pdrop, random, sparsevlm, nuwa")]
+Method = Annotated[
+    str,
+    typer.Option(
+        help="a registered method: fastv, pdrop, random, sparsevlm, dart, nuwa, visionzip, divprune, or a "
+        "stage-1 method + an in-decoder one, e.g. visionzip+pdrop"
+    ),
+]
 Reroute = Annotated[bool, typer.Option("--reroute/--prune", help="recoverable routing, or removal for good")]
 Tier = Annotated[
     float | None, typer.Option(help="budget: mean visual tokens per decoder layer (avg_T), e.g. 64")
@@ -186,6 +192,14 @@ WithdrawAt = Annotated[
         "before the last layer), e.g. 28"
     ),
 ]
+Settings = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="a setting of the method, NAME=VALUE; repeat for several. E.g. k=0.25 (VisionZip, DivPrune: "
+        "tokens per image entering the language model), variant=v2.0 (SparseVLM), image_pivots=8 (DART)",
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="print JSON on stdout instead of tables")]
 Output = Annotated[Path | None, typer.Option(help="also write the JSON report to this file")]
 Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")]
@@ -206,10 +220,11 @@ def method_spec(
     layers: str | None = None,
     keep: str | None = None,
     withdraw_at: int | None = None,
+    settings: list[str] | None = None,
 ) -> MethodSpec:
     """The method the options ask for (``--method``, ``--reroute/--prune``, a budget or ``--layers``
-    with ``--keep``, ``--withdraw-at``), parsed and checked by :meth:`MethodSpec.from_options` before
-    any work: a bad value is one line naming the option."""
+    with ``--keep``, ``--withdraw-at``, ``--set``), parsed and checked by
+    :meth:`MethodSpec.from_options` before any work: a bad value is one line naming the option."""
     from ..methods.spec import MethodSpec
 
     try:
@@ -223,6 +238,7 @@ def method_spec(
             layers=layers,
             keep=keep,
             withdraw_at=withdraw_at,
+            settings=settings,
         )
     except (ValueError, TypeError) as exc:
         fail(str(exc))

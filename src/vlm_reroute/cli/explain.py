@@ -27,6 +27,7 @@ from .app import (
     Model,
     Ratio,
     Reroute,
+    Settings,
     Strict,
     Tier,
     WithdrawAt,
@@ -140,6 +141,7 @@ def explain(
     layers: Layers = None,
     keep: Keep = None,
     withdraw_at: WithdrawAt = None,
+    settings: Settings = None,
     out: Annotated[
         str, typer.Option(help="PNG to write (a batch writes <stem>-sample<i>.png)")
     ] = "routing.png",
@@ -162,7 +164,9 @@ def explain(
     target = parse_box(box)
     if sample is not None and not 0 <= sample < len(prompt):
         fail(f"--sample {sample}: the batch has {len(prompt)} prompts (samples 0..{len(prompt) - 1})")
-    spec = method_spec(method, reroute, tier, ratio, flops_fraction, strict, layers, keep, withdraw_at)
+    spec = method_spec(
+        method, reroute, tier, ratio, flops_fraction, strict, layers, keep, withdraw_at, settings
+    )
     from ..comparison import prune_and_reroute
     from ..loading import LoadError, quiet_transformers
 

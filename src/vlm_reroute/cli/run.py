@@ -32,6 +32,7 @@ from .app import (
     Output,
     Ratio,
     Reroute,
+    Settings,
     Strict,
     Threads,
     Tier,
@@ -69,6 +70,7 @@ def run(
     layers: Layers = None,
     keep: Keep = None,
     withdraw_at: WithdrawAt = None,
+    settings: Settings = None,
     compare: Annotated[bool, typer.Option(help="also run vanilla: answer, KV and timed prefills")] = False,
     repeats: Annotated[int, typer.Option(min=1, help="timed prefills per configuration with --compare")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="untimed warm-up rounds with --compare")] = 1,
@@ -86,7 +88,9 @@ def run(
         fail("--input reads images and prompts from a JSONL file; drop --image and --prompt")
     if input is None and (not image or prompt is None):
         fail("give --image (repeat it for several images) and --prompt, or --input prompts.jsonl")
-    spec = method_spec(method, reroute, tier, ratio, flops_fraction, strict, layers, keep, withdraw_at)
+    spec = method_spec(
+        method, reroute, tier, ratio, flops_fraction, strict, layers, keep, withdraw_at, settings
+    )
     prompts = read_prompts(input) if input is not None else None
     pictures = None if prompts is not None or image is None else [_image(source) for source in image]
 

@@ -14,6 +14,7 @@ the lmms-eval manifest read specs without importing torch).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from .spec_parsing import (
     option_budget,
     option_keep,
     option_layers,
+    option_settings,
     option_withdraw,
     parse_bool,
     parse_layer,
@@ -131,6 +133,7 @@ class MethodSpec:
         elif self.key not in method_names():
             raise ValueError(f"method={self.key!r}: allowed are none, {', '.join(method_names())}")
         self._check_combination()
+        self._check_settings()
         self.build()  # the method's own checks (ranges, schedules), without a model
 
     def _check_combination(self) -> None:
@@ -221,18 +224,39 @@ class MethodSpec:
         layers: str | None = None,
         keep: str | None = None,
         withdraw_at: int | None = None,
+        settings: Sequence[str] | None = None,
     ) -> MethodSpec:
-        """From the command line's option values (``--layers 2,7 --keep 46,23``, ``--tier 64``); with
-        neither a budget nor ``--keep`` the budget is ``ratio`` = :data:`DEFAULT_RATIO`. Errors name the
-        options (``--tier 64 with --keep: ...``)."""
+        """From the command line's option values (``--layers 2,7 --keep 46,23``, ``--tier 64``,
+        ``--set k=0.25``); with neither a budget nor ``--keep`` the budget is ``ratio`` =
+        :data:`DEFAULT_RATIO`. Errors name the options (``--tier 64 with --keep: ...``)."""
         layer_list, keep_list = option_layers(layers), option_keep(keep)
         if keep_list is not None and layer_list is None:
             raise ValueError("--keep needs --layers (the decision layers its counts apply to)")
-        budget = option_budget(tier, ratio, flops_fraction, strict, explicit_keep=keep_list is not None)
+        given = option_settings(settings)
+        # a stage-1 method alone given its entering count (``--set k=12``) needs no default budget
+        counted = "+" not in method and bool({"k", "k1"} & set(given)) and _stage_zero(method)
+        explicit = keep_list is not None or counted
+        budget = option_budget(tier, ratio, flops_fraction, strict, explicit_keep=explicit)
         return cls.parse(
             method, reroute=reroute, strict=strict, layers=layer_list, keep=keep_list,
-            withdraw_at=option_withdraw(withdraw_at), **budget,
+            withdraw_at=option_withdraw(withdraw_at), **budget, **given,
         )  # fmt: skip
+
+    def _check_settings(self) -> None:
+        """Every setting is one the method takes (a composed method's go to its stage-1 method); one
+        error listing them otherwise. The list leaves out what has an option of its own (budget,
+        layers, keep, mode, VTW) and objects (``scorer``, ``then``)."""
+        if not self.settings:
+            return
+        cls: Any = method_class(self.key.split("+", 1)[0])[0]
+        params = inspect.signature(cls).parameters
+        unknown = [name for name, _ in self.settings if name not in params]
+        if unknown:
+            own = {"reroute", "target", "layers", "keep", "then", "scorer", "withdraw_at"}
+            allowed = ", ".join(n for n in params if n not in own) or "none"
+            raise ValueError(
+                f"setting {', '.join(unknown)}: {cls.display} has no such setting; allowed: {allowed}"
+            )
 
     # ---- the method -----------------------------------------------------------------------------
     def build(self, model: Any = None) -> TokenReduction | None:
@@ -320,3 +344,11 @@ class MethodSpec:
         if self.withdraw_at is not None:
             parts.append(f"withdraw_at={self.withdraw_at}")
         return ",".join(parts)
+
+
+def _stage_zero(method: str) -> bool:
+    """Whether ``method`` names a stage-1 method (an unknown name: False; parsing names it)."""
+    try:
+        return bool(method_class(method)[0].stage_zero)
+    except ValueError:
+        return False

@@ -150,6 +150,31 @@ def option_withdraw(layer: int | None) -> int | None:
     return layer
 
 
+def option_settings(values: Sequence[str] | None) -> dict[str, Any]:
+    """``--set k=0.25 --set variant=v2.0``: the method's own settings as keywords. A value reads as an
+    int, a float, ``true``/``false`` or else a string; the method checks names and values."""
+    out: dict[str, Any] = {}
+    for text in values or ():
+        name, sep, raw = text.partition("=")
+        name, raw = name.strip(), raw.strip()
+        if not sep or not name.isidentifier() or not raw:
+            raise ValueError(f"--set {text!r}: give NAME=VALUE, e.g. --set k=0.25")
+        if name in out:
+            raise ValueError(f"--set {name}: given twice ({out[name]!r} and {raw!r})")
+        out[name] = _setting_value(raw)
+    return out
+
+
+def _setting_value(raw: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    lowered = raw.lower()
+    return True if lowered in _TRUE else False if lowered in _FALSE else raw
+
+
 def option_budget(
     tier: float | None, ratio: float | None, flops_fraction: float | None, strict: bool, explicit_keep: bool
 ) -> dict[str, float]:
