@@ -99,7 +99,7 @@ def point_loss(
 
 
 def readout_loss(
-    readout: torch.nn.Linear, normed: torch.Tensor, rows: torch.Tensor, boxes: torch.Tensor
+    readout: torch.nn.Module, normed: torch.Tensor, rows: torch.Tensor, boxes: torch.Tensor
 ) -> torch.Tensor:
     """L1 between the box a linear head reads from a state (the final normed state, or a pointing
     layer's output) at each pointing row's ``[`` and the target box (normalised), times 5 as the
