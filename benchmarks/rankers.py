@@ -11,7 +11,7 @@ Issue 19's performance targets, on the 32-layer LLaVA-style bench shape of ``spe
   router of ``vlm_reroute.bench.ideal`` (the layers alone on the token counts the run left, plus
   vanilla's time outside the decoder). Target: ideal / measured ≥ 0.95. DART: prune and reroute.
 * **DivPrune and VisionZip (stage 1)** alone: ``k = 64`` tokens enter layer 0 (their solved schedule
-  at avg_T 64; the one pass-through decision at layer 16 keeps all 64, scored as the method ships).
+  at avg_T 64; the one pass-through decision at layer 16 keeps all 64 and ranks nothing).
   Their reroute form alone would only repeat pass-through decisions, so reroute is measured composed:
   ``DivPrune / VisionZip (k = 192, VisionZip's largest reference tier) + PDrop + Reroute``, PDrop's
   reroute schedule solved over the 192 entering tokens for the same avg_T 64. VisionZip's work (a

@@ -289,11 +289,20 @@ class Stage1Method(Composable, TokenReduction):
         return Schedule(layers, counts, self.reroute, owner=self.name, entry=k1)
 
     def make_scorer(self) -> Scorer | Selector:
+        """The in-decoder method's scorer; alone, a given ``scorer``, else last-token attention for
+        decisions that cut (``keep=``) and no ranking at all for pass-through decisions (they keep
+        every candidate: :class:`~vlm_reroute.scoring.pass_through.PassThrough`)."""
         if self.then is not None:
             return self.then.make_scorer()
+        if self.scorer is not None:
+            return self.scorer
+        if self.keep is None:
+            from ..scoring.pass_through import PassThrough
+
+            return PassThrough()
         from ..scoring.attention import LastTokenAttention
 
-        return self.scorer if self.scorer is not None else LastTokenAttention()
+        return LastTokenAttention()
 
     # ---- binding --------------------------------------------------------------------------------
     def bind(self, adapter: ModelAdapter) -> Stage1Method:
