@@ -54,14 +54,15 @@ def test_run_compare(checkpoints, picture, family, method):
     assert "reroute=True" in report["method_spec"]
 
 
-def test_set_reaches_the_method(checkpoints, picture):
+@pytest.mark.parametrize("method", [["visionzip", "--prune"], ["visionzip+reroute"]])
+def test_set_reaches_the_method(checkpoints, picture, method):
     """``--set k=12`` lets exactly 12 tokens of the image into the language model (VisionZip alone:
-    its pass-through decisions keep them all)."""
+    its pass-through decisions keep them all), in either spelling of the mode."""
     result = runner.invoke(
         app,
         [
             "run", "--model", str(checkpoints["llava"]), "--image", str(picture), "--prompt", "What is it?",
-            "--method", "visionzip", "--prune", "--set", "k=12", "--max-new-tokens", "1", "--json",
+            "--method", *method, "--set", "k=12", "--max-new-tokens", "1", "--json",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output

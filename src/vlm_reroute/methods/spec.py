@@ -234,7 +234,7 @@ class MethodSpec:
             raise ValueError("--keep needs --layers (the decision layers its counts apply to)")
         given = option_settings(settings)
         # a stage-1 method alone given its entering count (``--set k=12``) needs no default budget
-        counted = "+" not in method and bool({"k", "k1"} & set(given)) and _stage_zero(method)
+        counted = bool({"k", "k1"} & set(given)) and _stage_zero(method)
         explicit = keep_list is not None or counted
         budget = option_budget(tier, ratio, flops_fraction, strict, explicit_keep=explicit)
         return cls.parse(
@@ -347,7 +347,8 @@ class MethodSpec:
 
 
 def _stage_zero(method: str) -> bool:
-    """Whether ``method`` names a stage-1 method (an unknown name: False; parsing names it)."""
+    """Whether ``method`` names a stage-1 method alone (``divprune``, ``divprune+reroute``); a composed
+    spec (``visionzip+pdrop``) or an unknown name: False (parsing reads or names it)."""
     try:
         return bool(method_class(method)[0].stage_zero)
     except ValueError:
