@@ -104,7 +104,7 @@ def test_multi_turn_batches_follow_the_chat_template_and_score_every_answer():
     assert sum(len(s.extra["turns"]) for s in batch_scenes) >= 6
     for b, scene in enumerate(batch_scenes):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": scene.prompt}]}]
-        answers = [answer_of(scene)] + [a for _, a, _ in scene.extra["turns"]]
+        answers = [answer_of(scene)] + [a for _, a, _, _ in scene.extra["turns"]]
         for k, answer in enumerate(answers):
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
             if k + 1 < len(answers):
@@ -212,6 +212,34 @@ def test_export_writes_fp16_weights_and_processor_only(tmp_path):
     assert '"step": 7' in (out / "training.json").read_text()
     with pytest.raises(SystemExit, match="no demo model"):
         export(tmp_path / "empty", tmp_path / "x")
+
+
+def test_vqa_answers_point_at_what_they_are_about():
+    """With ``point_vqa`` a VQA answer points from the position that predicts its word at the
+    objects it is about: the colour asked is the colour under every pointed patch, a count is the
+    number of pointed objects; grounding rows (and only they) keep their boxes for the readouts."""
+    processor = build_processor()
+    scenes_ = training_scenes(11, 12, 0, Curriculum(ramp_steps=1), turns=1)
+    plain = collate(scenes_, processor, GRID * GRID)
+    batch = collate(scenes_, processor, GRID * GRID, point_vqa=True)
+    assert torch.equal(plain["box_rows"], batch["box_rows"])
+    assert torch.equal(plain["point_rows"], plain["box_rows"])
+    vqa = [b for b, s in enumerate(scenes_) if s.kind == "vqa" and s.about]
+    assert vqa, "the batch has VQA questions about objects"
+    rows = batch["point_rows"].tolist()
+    for b in vqa:
+        scene = scenes_[b]
+        (query,) = [pos for row, pos in rows if row == b]
+        assert batch["labels"][b, query] == -100 and batch["labels"][b, query + 1] >= 0  # predicts the word
+        where = batch["point_where"][rows.index([b, query])]
+        first = int((batch["input_ids"][b] == processor.image_token_id).nonzero()[0])
+        under = torch.from_numpy(scene.labels.reshape(-1))[where[first : first + GRID * GRID]]
+        assert set(under.tolist()) == set(scene.about)
+        if scene.family == "color":
+            assert {scene.objects[k].color for k in scene.about} == {scene.answer}
+        if scene.family == "count":
+            assert len(scene.about) == int(scene.answer)
+    assert len(batch["point_rows"]) == len(batch["box_rows"]) + len(vqa)
 
 
 def test_pointing_loss_reads_the_models_own_attention():

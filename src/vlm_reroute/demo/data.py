@@ -49,7 +49,7 @@ def training_scenes(
     """The scenes of training step ``step`` (keyed by seed and step, so resumable exactly).
 
     With ``turns`` > 1 each image also gets up to ``turns - 1`` further questions (any kind and
-    family, no repeats) in ``scene.extra["turns"]`` as ``(prompt, answer text, target)``: a multi-turn
+    family, no repeats) in ``scene.extra["turns"]`` as ``(prompt, answer text, target, about)``: a multi-turn
     conversation about one image, as LLaVA's instruction data has. The visual tokens are most of
     a sequence's cost, so each extra question adds supervision for a few percent more compute.
     """
@@ -60,7 +60,7 @@ def training_scenes(
         family = rng.choice(FAMILIES[kind])
         scene = make_scene(rng, kind, family, curriculum.objects(step, rng))
         asked, targets = {scene.prompt}, {scene.target}
-        extra: list[tuple[str, str, int | None]] = []
+        extra: list[tuple[str, str, int | None, tuple[int, ...]]] = []
         for _ in range(3 * (turns - 1)):
             if len(extra) == turns - 1:
                 break
@@ -70,7 +70,7 @@ def training_scenes(
             if made is not None and made[0] not in asked and (made[1] is None or made[1] not in targets):
                 asked.add(made[0])
                 targets.add(made[1])
-                extra.append((made[0], _answer_text(scene, made[1], made[2]), made[1]))
+                extra.append((made[0], _answer_text(scene, made[1], made[2]), made[1], made[3]))
         scene.extra["turns"] = extra
         out.append(scene)
     return out
@@ -109,21 +109,30 @@ def patch_targets(scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return colors, shapes, boxes
 
 
-def collate(scenes: list[Scene], processor: Any, num_image_tokens: int) -> dict[str, torch.Tensor]:
+def collate(
+    scenes: list[Scene], processor: Any, num_image_tokens: int, point_vqa: bool = False
+) -> dict[str, torch.Tensor]:
     """Right-padded ids, attention mask, labels (answers only), pixels, per-patch targets, and the
-    pointing targets: per grounding answer, ``point_rows`` (row, position of its ``[``) and
-    ``point_where`` (the target object's visual tokens in that row; :mod:`.pointing`)."""
+    pointing targets (:mod:`.pointing`): ``point_rows`` (batch row, query position) and
+    ``point_where`` (the visual tokens of the objects the answer is about), and for grounding
+    answers ``box_rows`` and ``point_box`` (the target's normalised box, for the readouts).
+
+    A grounding answer points from its ``[`` (the position that predicts ``x1``). With
+    ``point_vqa`` a VQA answer about objects (the object whose colour or shape is asked, the
+    objects counted, the object a "yes" names) points from the last prompt position, the one that
+    predicts the answer word; a count of 0 and a "no" have nothing to point at.
+    """
     rows, labels, points = [], [], []
     for b, scene in enumerate(scenes):
         prompt = prompt_ids(processor, scene.prompt, num_image_tokens)
         first = prompt.index(processor.image_token_id)
         answer = answer_ids(answer_of(scene))
         row, lab_row = prompt + answer, [-100] * len(prompt) + answer
-        points.append((b, len(prompt), first, scene.target))
-        for question, text, target in scene.extra.get("turns", ()):  # "</s>USER: q ASSISTANT:"
+        points.append(_Point(b, len(prompt), first, scene.target, scene.about))
+        for question, text, target, about in scene.extra.get("turns", ()):  # "</s>USER: q ASSISTANT:"
             turn = processor.tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
             reply = answer_ids(text)
-            points.append((b, len(row) + len(turn), first, target))
+            points.append(_Point(b, len(row) + len(turn), first, target, about))
             row, lab_row = row + turn + reply, lab_row + [-100] * len(turn) + reply
         rows.append(row)
         labels.append(lab_row)
@@ -137,7 +146,10 @@ def collate(scenes: list[Scene], processor: Any, num_image_tokens: int) -> dict[
         mask[b, : len(row)] = 1
     pixels = processor.image_processor(images=[s.image for s in scenes], return_tensors="pt")["pixel_values"]
     targets = [patch_targets(s) for s in scenes]
-    point_rows, point_where, point_box = _pointing(scenes, points, length)
+    grounded = [p for p in points if p.target is not None]
+    pointed = points if point_vqa else grounded
+    point_rows, point_where, _ = _pointing(scenes, pointed, length)
+    box_rows, _, point_box = _pointing(scenes, grounded, length)
     return {
         "input_ids": ids,
         "attention_mask": mask,
@@ -148,27 +160,46 @@ def collate(scenes: list[Scene], processor: Any, num_image_tokens: int) -> dict[
         "patch_box": torch.from_numpy(np.stack([t[2] for t in targets])),
         "point_rows": point_rows,
         "point_where": point_where,
+        "box_rows": box_rows,
         "point_box": point_box,
     }
 
 
+@dataclass(frozen=True)
+class _Point:
+    """One answer of a batch: its row, the position of its first answer token, the row's first
+    visual token, its grounding target (None for VQA) and the objects it is about."""
+
+    row: int
+    answer_at: int
+    first_visual: int
+    target: int | None
+    about: tuple[int, ...]
+
+    @property
+    def query(self) -> int:
+        """The position that predicts the first informative answer token: ``[`` (which predicts
+        ``x1``) for a box, the last prompt token (which predicts the word) for a VQA answer."""
+        return self.answer_at if self.target is not None else self.answer_at - 1
+
+
 def _pointing(
-    scenes: list[Scene], points: list[tuple[int, int, int, int | None]], length: int
+    scenes: list[Scene], points: list[_Point], length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row, ``[`` position), target-token masks and normalised target boxes of the grounding
-    answers whose object has patches."""
+    """(row, query position), masks of the pointed objects' visual tokens and the normalised boxes
+    (grounding targets; zeros otherwise) of the answers whose objects have patches."""
     rows, where, boxes = [], [], []
-    for b, pos, first, target in points:
-        if target is None:
-            continue
-        patches = torch.from_numpy(scenes[b].labels.reshape(-1) == target)
+    for p in points:
+        labels = torch.from_numpy(scenes[p.row].labels.reshape(-1))
+        patches = torch.isin(labels, torch.tensor(p.about, dtype=labels.dtype))
         if not patches.any():
             continue
         mask = torch.zeros(length, dtype=torch.bool)
-        mask[first : first + patches.numel()] = patches
-        rows.append((b, pos))
+        mask[p.first_visual : p.first_visual + patches.numel()] = patches
+        rows.append((p.row, p.query))
         where.append(mask)
-        boxes.append([v / SIZE for v in scenes[b].objects[target].box])
+        box = scenes[p.row].objects[p.target].box if p.target is not None else (0, 0, 0, 0)
+        boxes.append([v / SIZE for v in box])
     if not rows:
         empty = torch.zeros((0, 2), dtype=torch.long), torch.zeros((0, length), dtype=torch.bool)
         return (*empty, torch.zeros((0, 4)))

@@ -57,6 +57,8 @@ class Scene:
     labels: np.ndarray
     target: int | None = None
     answer: str | None = None
+    #: the objects the answer is about (the target; the object asked about; the objects counted)
+    about: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
@@ -104,23 +106,25 @@ def make_scene(rng: random.Random, kind: str, family: str, objects: tuple[int, i
         raise RuntimeError(f"no {family} question found for 200 layouts")
     noise = np.random.default_rng(rng.getrandbits(63))
     image, index = render(layout, rng, noise)
-    prompt, target, answer = made
-    return Scene(image, prompt, kind, family, layout, patch_labels(index, layout), target, answer)
+    prompt, target, answer, about = made
+    labels = patch_labels(index, layout)
+    return Scene(image, prompt, kind, family, layout, labels, target, answer, about=about)
 
 
 def ask(objs: list[Shape], rng: random.Random, kind: str, family: str) -> Made | None:
     """A question of ``family`` about the layout ``objs`` with exactly one answer, or None.
 
-    Returns ``(prompt, target, answer)``: the prompt as a user types it, the target object's index
-    (grounding) or the one-word answer (VQA). Training asks several of these about one image.
+    Returns ``(prompt, target, answer, about)``: the prompt as a user types it, the target object's
+    index (grounding) or the one-word answer (VQA), and the objects the answer is about (what
+    training's pointing loss points at). Training asks several of these about one image.
     """
     if family in ("spatial", "superlative") and len(objs) < 2:
         return None
     made = _BUILDERS[family](objs, rng)
     if made is None:
         return None
-    text, target, answer = made
-    return (GROUND_PROMPT.format(text) if kind == "ground" else text), target, answer
+    text, target, answer, about = made
+    return (GROUND_PROMPT.format(text) if kind == "ground" else text), target, answer, about
 
 
 # ---- layouts -----------------------------------------------------------------------------------
@@ -189,7 +193,9 @@ def _extreme(objs: Sequence[Shape], pool: list[int], how: str) -> int | None:
     return ranked[0] if clear else None
 
 
-Made = tuple[str, int | None, str | None]
+#: (question text, grounding target or None, VQA answer or None, the objects the answer is about:
+#: the target, the object asked about, the objects counted, or the object a "yes" names)
+Made = tuple[str, int | None, str | None, tuple[int, ...]]
 
 
 def _attribute(objs: list[Shape], rng: random.Random) -> Made | None:
@@ -199,7 +205,7 @@ def _attribute(objs: list[Shape], rng: random.Random) -> Made | None:
         return None
     both = [d for d in descs if d[0] and d[1]]  # prefer the combination when it is needed
     desc = both[0] if both and len(descs) == 1 else rng.choice(descs)
-    return f"the {_words(desc)}", k, None
+    return f"the {_words(desc)}", k, None, (k,)
 
 
 def _spatial(objs: list[Shape], rng: random.Random) -> Made | None:
@@ -215,7 +221,7 @@ def _spatial(objs: list[Shape], rng: random.Random) -> Made | None:
             axis, sign = RELATIONS[rel]
             offset = {k: sign * (objs[k].center[axis] - objs[a].center[axis]) for k in pool}
             if offset[t] >= 12 and all(offset[k] <= 0 for k in pool if k != t):
-                return f"the {_words(desc)} {rel} the {_words(rng.choice(anchor))}", t, None
+                return f"the {_words(desc)} {rel} the {_words(rng.choice(anchor))}", t, None, (t,)
     return None
 
 
@@ -235,7 +241,7 @@ def _superlative_pick(
 def _superlative(objs: list[Shape], rng: random.Random) -> Made | None:
     mode = rng.randrange(3)
     picked = _superlative_pick(objs, rng, with_shape=mode == 1, with_color=mode == 2)
-    return (picked[0], picked[1], None) if picked else None
+    return (picked[0], picked[1], None, (picked[1],)) if picked else None
 
 
 def _vqa_color(objs: list[Shape], rng: random.Random) -> Made | None:
@@ -253,7 +259,7 @@ def _vqa_color(objs: list[Shape], rng: random.Random) -> Made | None:
         if picked is None:
             return None
         text, k = picked
-    return f"What color is {text}?", None, objs[k].color
+    return f"What color is {text}?", None, objs[k].color, (k,)
 
 
 def _vqa_shape(objs: list[Shape], rng: random.Random) -> Made | None:
@@ -271,7 +277,7 @@ def _vqa_shape(objs: list[Shape], rng: random.Random) -> Made | None:
         if picked is None:
             return None
         text, k = picked
-    return f"What shape is {text}?", None, objs[k].shape
+    return f"What shape is {text}?", None, objs[k].shape, (k,)
 
 
 def _vqa_count(objs: list[Shape], rng: random.Random) -> Made | None:
@@ -280,20 +286,22 @@ def _vqa_count(objs: list[Shape], rng: random.Random) -> Made | None:
     desc: Desc = (objs[k].color if mode != 1 else None, objs[k].shape if mode != 0 else None)
     if rng.random() < 0.15:  # sometimes ask about something absent: the answer 0
         desc = (rng.choice(list(COLORS)) if mode != 1 else None, rng.choice(SHAPES) if mode != 0 else None)
-    return f"How many {_words(desc, plural=True)} are there?", None, str(len(_matches(objs, desc)))
+    counted = _matches(objs, desc)
+    return f"How many {_words(desc, plural=True)} are there?", None, str(len(counted)), tuple(counted)
 
 
 def _vqa_yesno(objs: list[Shape], rng: random.Random) -> Made | None:
     if rng.random() < 0.5:
         k = rng.randrange(len(objs))
-        return f"Is there a {objs[k].color} {objs[k].shape}?", None, "yes"
+        named = tuple(_matches(objs, (objs[k].color, objs[k].shape)))
+        return f"Is there a {objs[k].color} {objs[k].shape}?", None, "yes", named
     present_colors = sorted({o.color for o in objs})
     present_shapes = sorted({o.shape for o in objs})
     pairs = [(c, s) for c in present_colors for s in present_shapes if not _matches(objs, (c, s))]
     if not pairs:  # every combination is present: ask about an absent colour or shape instead
         pairs = [(c, s) for c in COLORS for s in SHAPES if not _matches(objs, (c, s))]
     color, shape = rng.choice(pairs)
-    return f"Is there a {color} {shape}?", None, "no"
+    return f"Is there a {color} {shape}?", None, "no", ()
 
 
 _BUILDERS: dict[str, Callable[[list[Shape], random.Random], Made | None]] = {

@@ -60,6 +60,8 @@ class TrainConfig:
     point_head: int = -1
     #: weight of the readouts from the pointing layers' outputs (``AuxHead.deep``); 0 = off
     deep_weight: float = 0.0
+    #: VQA answers point too (at the object asked about, the objects counted; from run 8 on)
+    point_vqa: bool = False
     coord_sigma: float = 1.0
     ramp_steps: int = 1500
     #: questions per image (a multi-turn conversation); 1 = one question, as at test time
@@ -152,29 +154,52 @@ def start(cfg: TrainConfig) -> Run:
         keep |= {"log_every", "bf16"}  # bf16 is a property of the machine, not of the run
         cfg = TrainConfig(**{**state["cfg"], **{k: getattr(cfg, k) for k in keep}})
     torch.manual_seed(cfg.seed)
-    if state is None and cfg.init:
+    init_state = _init_state(cfg) if state is None and cfg.init else None
+    if state is None and cfg.init and init_state is None:
         from transformers import AutoModelForImageTextToText
 
         model = AutoModelForImageTextToText.from_pretrained(cfg.init, dtype=torch.float32)
     else:
         model = build_model(_shape(cfg), seed=cfg.seed)
     head = AuxHead(model.config.text_config.hidden_size)
+    if init_state is not None:  # another run's folder: its weights and auxiliary heads, new optimizer
+        model.load_state_dict(init_state["model"])
+        _load_head(head, init_state["head"])
     opt = torch.optim.AdamW(_param_groups(model, head, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     run = Run(cfg, model, build_processor(), head, opt)
     if state is not None:
         model.load_state_dict(state["model"])
-        missing, unexpected = head.load_state_dict(state["head"], strict=False)
-        older = ("readout.", "deep.")  # heads that states of earlier runs lack
-        if unexpected or any(not k.startswith(older) for k in missing):
-            raise RuntimeError(
-                f"auxiliary head state does not fit: missing {missing}, unexpected {unexpected}"
-            )
+        _load_head(head, state["head"])
         opt.load_state_dict(state["opt"])
         run.step, run.seconds = state["step"], state["seconds"]
         random.setstate(state["py_rng"])
         np.random.set_state(state["np_rng"])
         torch.set_rng_state(state["torch_rng"])
     return run
+
+
+def _init_state(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The state of a training folder given as ``--init`` (None for a model folder).
+
+    Why: starting a new run from another run's folder keeps the auxiliary heads (per-patch and box
+    readouts) it trained, where a ``save_pretrained`` folder has the model only.
+    """
+    path = Path(str(cfg.init)) / "state.pt"
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    shape = ("width", "layers", "heads", "vision_width", "vision_layers")
+    if any(state["cfg"][k] != getattr(cfg, k) for k in shape):
+        got = {k: state["cfg"][k] for k in shape}
+        raise ValueError(f"--init {cfg.init}: its model shape {got} differs from this run's; give the same")
+    return state
+
+
+def _load_head(head: AuxHead, stored: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = head.load_state_dict(stored, strict=False)
+    older = ("readout.", "deep.")  # heads that states of earlier runs lack
+    if unexpected or any(not k.startswith(older) for k in missing):
+        raise RuntimeError(f"auxiliary head state does not fit: missing {missing}, unexpected {unexpected}")
 
 
 def checkpoint(run: Run) -> None:
@@ -252,9 +277,10 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -
                 "lm": answer_loss(out.logits, batch["labels"], coords, cfg.coord_sigma),
                 "aux": aux_loss(run.head, caught["projector"][0], batch),
             }
-            rows, boxes = batch["point_rows"], batch["point_box"]
+            rows, boxes = batch["box_rows"], batch["point_box"]
             if catcher.caught:
-                parts["point"] = point_loss(catcher, rows, batch["point_where"], cfg.point_head)
+                where = batch["point_where"]
+                parts["point"] = point_loss(catcher, batch["point_rows"], where, cfg.point_head)
             if caught["normed"]:
                 parts["readout"] = readout_loss(run.head.readout, caught["normed"][0], rows, boxes)
             if caught.get("deep"):
@@ -299,6 +325,7 @@ def train(cfg: TrainConfig) -> Run:
             training_scenes(run.step, cfg.batch_size, cfg.seed, curriculum, cfg.turns),
             run.processor,
             num_image_tokens,
+            point_vqa=cfg.point_vqa,
         )
         run.model.train()
         window.append(train_step(run, batch, coords))
