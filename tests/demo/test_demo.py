@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -156,7 +158,7 @@ def test_training_resumes_exactly(tmp_path):
             out=str(out), steps=steps, batch_size=2, log_every=1, eval_ground=0, eval_vqa=0, threads=1,
             width=TINY.width, layers=TINY.layers, heads=TINY.heads, vision_width=TINY.vision_width,
             vision_layers=TINY.vision_layers, warmup=1, turns=3, point_weight=0.5, readout_weight=1.0,
-            point_head=1, deep_weight=1.0,
+            point_head=1, deep_weight=1.0, point_vqa=True,
         )  # fmt: skip
 
     straight = train(config(tmp_path / "a", 2))
@@ -174,6 +176,17 @@ def test_training_resumes_exactly(tmp_path):
     lines = (tmp_path / "b" / "log.txt").read_text()
     assert lines.count("start:") == 2 and np.isfinite(straight.seconds)
     assert " point " in lines and " readout " in lines and " deep " in lines  # every loss term is logged
+    # --init from a run folder: its model and auxiliary heads, a new optimizer at step 0
+    from vlm_reroute.demo.train import start
+
+    begun = start(dataclasses.replace(config(tmp_path / "c", 2), init=str(tmp_path / "a"), seed=5))
+    assert begun.step == 0 and not begun.opt.state
+    for p, q in zip(straight.model.state_dict().values(), begun.model.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
+    for p, q in zip(straight.head.state_dict().values(), begun.head.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="model shape"):
+        start(dataclasses.replace(config(tmp_path / "d", 2), init=str(tmp_path / "a"), width=64))
 
 
 def test_scenes_are_pinned_across_machines():
