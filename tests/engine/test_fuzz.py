@@ -12,7 +12,8 @@ import os
 
 import pytest
 import torch
-from fuzz_cases import FAMILIES, TIE_MARGIN, Outcome, check_decision, make_case, run_case
+from fuzz_cases import TIE_MARGIN, Outcome, check_decision, run_case
+from fuzz_draw import FAMILIES, make_case
 from fuzz_reference import DecisionRecord
 
 from vlm_reroute.adapters import ADAPTERS
