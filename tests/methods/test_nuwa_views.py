@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 from conftest import small_inputs, small_model_for
-from nuwa_reference import multi_view_stage1, nuwa_reference, split_k1
+from nuwa_reference import nuwa_reference
+from nuwa_views_reference import multi_view_stage1, split_k1
 from stage1_support import generate_matches_forward
 from visionzip_reference import eager_anyres_pass, internvl_reference_signals, shuffle_reference_signals
 
