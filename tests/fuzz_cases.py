@@ -1,11 +1,8 @@
 """Running the differential fuzz's seeded random cases: the engine against ``fuzz_reference``.
 
-Cases are drawn in ``fuzz_draw.py`` (``make_case``); the reference reads the model through
-``fuzz_weights.py``. A case is a tiny model (family, depth 4-10, hidden 32-64, GQA or not, sdpa or eager), a batch of
-1-4 left-padded prompts with 1-3 images each (Qwen images of different grids in one batch), a
-schedule (1-4 decisions, int / float keeps, prune / reroute, both scoring conventions) and a
-mode (forward logits, greedy ``generate``, sampled ``generate``). ``run_case`` runs the engine
-through the public API and compares it with the float64 reference.
+Cases are drawn in ``fuzz_draw.py`` (``make_case``: a tiny model, a batch of prompts with images,
+a schedule and a mode); the reference reads the model through ``fuzz_weights.py``. ``run_case``
+runs the engine through the public API and compares it with the float64 reference.
 
 Families: the three original ones (inputs built here) and every family of
 ``vlm_reroute.testing.families`` (inputs from the family's real image processor: 1-3 prompts with
