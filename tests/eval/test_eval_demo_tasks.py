@@ -1,8 +1,8 @@
 """The demo's scenes through lmms-eval (``vlm_reroute_demo_ground`` / ``_vqa``) give what ``vlm-reroute
 demo``'s own pipeline gives, answer by answer.
 
-Uses the training snapshot committed in the repository (``training/demo-snapshot``: a real demo
-model, partly trained), so answers are not all the same string and the comparison can fail.
+Uses the demo model shipped in the package (``vlm_reroute.demo.checkpoint_path()``: a trained model),
+so answers are not all the same string and the comparison can fail.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import pytest
 
 pytest.importorskip("lmms_eval", reason="needs the eval extra: pip install -e '.[eval]'")
 
+from vlm_reroute.demo import checkpoint_path  # noqa: E402
 from vlm_reroute.demo.benchmark import held_out  # noqa: E402
 from vlm_reroute.demo.evaluate import answer_scenes, demo_pipeline  # noqa: E402
 from vlm_reroute.demo.tasks import write_tasks  # noqa: E402
 from vlm_reroute.eval.tasks.demo_scenes import GROUND_TASK, VQA_TASK, task_yaml  # noqa: E402
 from vlm_reroute.methods import method_from_spec  # noqa: E402
 
-SNAPSHOT = Path(__file__).resolve().parents[2] / "training" / "demo-snapshot"
+SNAPSHOT = checkpoint_path()
 N = 6
 
 
