@@ -147,9 +147,10 @@ def collate(
     pixels = processor.image_processor(images=[s.image for s in scenes], return_tensors="pt")["pixel_values"]
     targets = [patch_targets(s) for s in scenes]
     grounded = [p for p in points if p.target is not None]
-    pointed = points if point_vqa else grounded
-    point_rows, point_where, _ = _pointing(scenes, pointed, length)
-    box_rows, _, point_box = _pointing(scenes, grounded, length)
+    box_rows, grounded_where, point_box = _pointing(scenes, grounded, length)
+    point_rows, point_where = box_rows, grounded_where  # without VQA pointing: the same rows
+    if point_vqa:
+        point_rows, point_where, _ = _pointing(scenes, points, length)
     return {
         "input_ids": ids,
         "attention_mask": mask,
