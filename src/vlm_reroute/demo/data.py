@@ -146,11 +146,14 @@ def collate(
         mask[b, : len(row)] = 1
     pixels = processor.image_processor(images=[s.image for s in scenes], return_tensors="pt")["pixel_values"]
     targets = [patch_targets(s) for s in scenes]
-    grounded = [p for p in points if p.target is not None]
-    box_rows, grounded_where, point_box = _pointing(scenes, grounded, length)
+    box_rows, grounded_where, boxed = _pointing(scenes, [p for p in points if p.target is not None], length)
     point_rows, point_where = box_rows, grounded_where  # without VQA pointing: the same rows
     if point_vqa:
         point_rows, point_where, _ = _pointing(scenes, points, length)
+    point_box = torch.tensor(
+        [[v / SIZE for v in scenes[p.row].objects[p.target].box] for p in boxed],  # type: ignore[index]
+        dtype=torch.float32,
+    ).reshape(-1, 4)
     return {
         "input_ids": ids,
         "attention_mask": mask,
@@ -186,10 +189,10 @@ class _Point:
 
 def _pointing(
     scenes: list[Scene], points: list[_Point], length: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row, query position), masks of the pointed objects' visual tokens and the normalised boxes
-    (grounding targets; zeros otherwise) of the answers whose objects have patches."""
-    rows, where, boxes = [], [], []
+) -> tuple[torch.Tensor, torch.Tensor, list[_Point]]:
+    """(row, query position) and the masks of the pointed objects' visual tokens of the answers
+    whose objects have patches, and those answers."""
+    rows, where, kept = [], [], []
     for p in points:
         labels = torch.from_numpy(scenes[p.row].labels.reshape(-1))
         patches = torch.isin(labels, torch.tensor(p.about, dtype=labels.dtype))
@@ -199,9 +202,7 @@ def _pointing(
         mask[p.first_visual : p.first_visual + patches.numel()] = patches
         rows.append((p.row, p.query))
         where.append(mask)
-        box = scenes[p.row].objects[p.target].box if p.target is not None else (0, 0, 0, 0)
-        boxes.append([v / SIZE for v in box])
+        kept.append(p)
     if not rows:
-        empty = torch.zeros((0, 2), dtype=torch.long), torch.zeros((0, length), dtype=torch.bool)
-        return (*empty, torch.zeros((0, 4)))
-    return torch.tensor(rows), torch.stack(where), torch.tensor(boxes, dtype=torch.float32)
+        return torch.zeros((0, 2), dtype=torch.long), torch.zeros((0, length), dtype=torch.bool), []
+    return torch.tensor(rows), torch.stack(where), kept
