@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from vlm_reroute import FastV, PDrop, kv_bytes, kv_lengths
+from vlm_reroute import FastV, PDrop, kv_bytes, kv_lengths, output_cache
 from vlm_reroute.testing.models import FAMILIES, tiny_inputs, tiny_model
 
 METHODS = {
@@ -35,7 +35,7 @@ def main() -> None:
         with torch.no_grad():
             vanilla = model(**inputs)
             answer = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, -6:].tolist()
-        base_kv = kv_bytes(vanilla.past_key_values)
+        base_kv = kv_bytes(output_cache(vanilla))
         table = Table(title=f"{type(model).__name__} (tiny, random weights)")
         for col in (
             "method",
@@ -51,7 +51,7 @@ def main() -> None:
             "vanilla",
             "-",
             str([n_visual] * layers),
-            str(kv_lengths(vanilla.past_key_values)),
+            str(kv_lengths(output_cache(vanilla))),
             "100%",
             str(answer),
         )
@@ -64,8 +64,8 @@ def main() -> None:
                 name,
                 decisions,
                 str(trace.tokens_per_layer(layers)),
-                str(kv_lengths(out.past_key_values)),
-                f"{kv_bytes(out.past_key_values) / base_kv:.0%}",
+                str(kv_lengths(output_cache(out))),
+                f"{kv_bytes(output_cache(out)) / base_kv:.0%}",
                 str(tokens),
             )
         console.print(table)

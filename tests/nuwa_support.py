@@ -1,9 +1,11 @@
 """Shared by the Nüwa engine tests (``tests/methods/test_nuwa_*.py``): tiny eager models,
 left-padded Qwen2.5-VL inputs built from patch grids, the stage-2 scorer settings of each
-convention, and a pre-hook that keeps what a decoder layer receives."""
+convention, a pre-hook that keeps what a decoder layer receives, and tie-free salience maps
+for the stage-1 tests."""
 
 from __future__ import annotations
 
+import math
 from functools import cache
 
 import torch
@@ -64,3 +66,28 @@ def capture(model, layer: int, what: str):
         seen.append(value[0].clone() if isinstance(value, tuple) else value.clone())
 
     return seen, model.model.language_model.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
+
+
+def distinct(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Positive, pairwise distinct salience (no ties, like real attention)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = height * width
+    return torch.stack([(torch.randperm(n, generator=gen) + 1).float() / n for _ in range(batch)]).view(
+        batch, height, width
+    )
+
+
+def ref_select(sal: torch.Tensor, n: int, k1: int) -> list[int]:
+    """Loops over cells as the spec words it; padding is the lowest score; ties to the earlier position."""
+    height, width = sal.shape
+    cand = []
+    for cy in range(0, height + height % 2, 2):
+        for cx in range(0, width + width % 2, 2):
+            cell = [(y, x) for y in (cy, cy + 1) for x in (cx, cx + 1)]
+            scored = [
+                (-(float(sal[y, x]) if y < height and x < width else -math.inf), i, y, x)
+                for i, (y, x) in enumerate(cell)
+            ]
+            cand += [(s, y, x) for s, _, y, x in sorted(scored)[:n]]
+    ranked = sorted(cand, key=lambda c: (c[0], c[1] * (width + 1) + c[2]))[:k1]
+    return sorted(y * width + x for _, y, x in ranked if y < height and x < width)

@@ -34,6 +34,7 @@ _EXPORTS = {
     "Trace": "engine.trace",
     "kv_bytes": "engine.cache",
     "kv_lengths": "engine.cache",
+    "output_cache": "engine.compat",
     "SUPPORTED_MODELS": "adapters",
     "presets": "budget.presets",
     "solver": "budget.solver",
@@ -60,6 +61,7 @@ __all__ = [
     "Trace",
     "kv_bytes",
     "kv_lengths",
+    "output_cache",
     "presets",
     "solver",
     "pipeline",
@@ -73,6 +75,7 @@ if TYPE_CHECKING:
     from .budget.schedule import Schedule
     from .budget.target import BudgetTarget
     from .engine.cache import kv_bytes, kv_lengths
+    from .engine.compat import output_cache
     from .engine.trace import Decision, Trace
     from .kinds import ScoreFrom
     from .methods import (

@@ -35,7 +35,7 @@ from .losses import AuxHead, answer_loss, aux_loss
 from .model import DemoShape, build_model, build_processor, count_parameters, save
 from .pointing import POINT_LAYERS, AttentionCatcher, point_loss, readout_loss
 from .trainer_eval import evaluate
-from .vocab import coordinate_ids
+from .vocab import coordinate_ids, vqa_answer_ids
 
 
 @dataclass
@@ -62,6 +62,8 @@ class TrainConfig:
     deep_weight: float = 0.0
     #: VQA answers point too (at the object asked about, the objects counted; from run 8 on)
     point_vqa: bool = False
+    #: loss weight of VQA answer words against the other answer tokens (run 9 on; 1 = plain loss)
+    vqa_weight: float = 1.0
     coord_sigma: float = 1.0
     ramp_steps: int = 1500
     #: questions per image (a multi-turn conversation); 1 = one question, as at test time
@@ -115,6 +117,8 @@ class Run:
     opt: torch.optim.Optimizer
     step: int = 0
     seconds: float = 0.0
+    #: per vocabulary id, the answer loss's weight (:func:`token_weights`; None = all 1)
+    token_weight: torch.Tensor | None = None
 
     @property
     def bf16(self) -> bool:
@@ -167,6 +171,7 @@ def start(cfg: TrainConfig) -> Run:
         _load_head(head, init_state["head"])
     opt = torch.optim.AdamW(_param_groups(model, head, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     run = Run(cfg, model, build_processor(), head, opt)
+    run.token_weight = token_weights(cfg, model.config.text_config.vocab_size)
     if state is not None:
         model.load_state_dict(state["model"])
         _load_head(head, state["head"])
@@ -236,6 +241,15 @@ def log(run: Run, text: str) -> None:
         f.write(line + "\n")
 
 
+def token_weights(cfg: TrainConfig, vocab_size: int) -> torch.Tensor | None:
+    """Per vocabulary id, the answer loss's weight (:func:`.losses.answer_loss`); None = all 1."""
+    if cfg.vqa_weight == 1.0:
+        return None
+    weight = torch.ones(vocab_size)
+    weight[vqa_answer_ids()] = cfg.vqa_weight
+    return weight
+
+
 def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -> dict[str, float]:
     """One optimizer step. Hooks catch what the training-only losses read: the projector output
     (auxiliary per-patch loss), the pointing layers' attention inputs and the final normed states
@@ -274,7 +288,7 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -
                 pixel_values=batch["pixel_values"],
             )
             parts = {
-                "lm": answer_loss(out.logits, batch["labels"], coords, cfg.coord_sigma),
+                "lm": answer_loss(out.logits, batch["labels"], coords, cfg.coord_sigma, run.token_weight),
                 "aux": aux_loss(run.head, caught["projector"][0], batch),
             }
             rows, boxes = batch["box_rows"], batch["point_box"]

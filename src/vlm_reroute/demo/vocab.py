@@ -151,3 +151,12 @@ def coordinate_ids() -> list[int]:
     """The ids of ``0.00`` … ``1.00``, in order."""
     vocab = vocabulary()
     return [vocab[c] for c in COORDS]
+
+
+def vqa_answer_ids() -> list[int]:
+    """The ids of every one-word VQA answer: the colours, the shapes, the counts 0–9, yes and no."""
+    words = (*COLORS, *SHAPES, *(str(k) for k in range(10)), "yes", "no")
+    ids = [answer_ids(w)[0] for w in words]
+    if UNK_ID in ids:  # pragma: no cover - the vocabulary is built from these words
+        raise RuntimeError(f"a VQA answer word is not in the vocabulary: {words[ids.index(UNK_ID)]!r}")
+    return ids
