@@ -119,3 +119,14 @@ def test_shipped_checkpoint_loads_offline_and_grounds(monkeypatch):
 #: the margins (3 and 2 scenes) absorb other kernels' rounding of near ties
 GROUND_FLOOR = 0.3
 VQA_FLOOR = 0.2
+
+
+def test_ratio_help_names_the_demos_own_default():
+    import typer
+
+    from vlm_reroute.cli.app import app
+    from vlm_reroute.cli.demo import DEMO_RATIO
+
+    demo = typer.main.get_command(app).commands["demo"]  # type: ignore[attr-defined]
+    (ratio,) = [p for p in demo.params if "--ratio" in p.opts]
+    assert f"(default {DEMO_RATIO})" in ratio.help

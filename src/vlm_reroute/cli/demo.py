@@ -24,7 +24,6 @@ from .app import (
     Dtype,
     FlopsFraction,
     Output,
-    Ratio,
     Strict,
     Threads,
     Tier,
@@ -47,6 +46,14 @@ from .app import (
 #: prune and PDrop reroute keeps >= 50 % of vanilla's Acc@0.5 (docs/demo.md says when it was chosen)
 DEMO_RATIO = 0.5
 
+DemoRatio = Annotated[
+    float | None,
+    typer.Option(
+        "--ratio",
+        help=f"budget: fraction of visual tokens kept on average over the layers (default {DEMO_RATIO})",
+    ),
+]
+
 
 @app.command()
 def demo(
@@ -63,7 +70,7 @@ def demo(
         typer.Option("--method", help="methods, prune and reroute each (default: fastv, pdrop, nuwa)"),
     ] = None,
     tier: Tier = None,
-    ratio: Ratio = None,
+    ratio: DemoRatio = None,
     flops_fraction: FlopsFraction = None,
     strict: Strict = False,
     withdraw_at: WithdrawAt = None,
