@@ -41,20 +41,19 @@ def answer_loss(
 ) -> torch.Tensor:
     """Next-token loss on the answer; coordinate targets are spread over neighbouring coordinates.
 
-    ``token_weight`` (one weight per vocabulary id, for the non-coordinate targets) scales the loss
-    of chosen answer words; the sum is still divided by the number of scored tokens, so a weight of
-    1 everywhere is the plain loss. Why: a VQA answer is one informative word where a box is four
-    coordinates, so with a third of the questions VQA gets about an eighth of the answer gradient
-    (run 8's model answered every yes/no question "no"; docs/demo.md, run 9).
+    ``token_weight`` (one weight per vocabulary id, for the non-coordinate targets; ``nll_loss``'s
+    class weight) scales the loss of chosen answer words; the sum is still divided by the number of
+    scored tokens, so a weight of 1 everywhere is the plain loss. Why: a VQA answer is one
+    informative word where a box is four coordinates, so with a third of the questions VQA gets
+    about an eighth of the answer gradient (run 8's model answered every yes/no question "no";
+    docs/demo.md, run 9).
     """
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     scored = labels >= 0
     logp = F.log_softmax(logits[scored], dim=-1)
     target = labels[scored]
     is_coord = (target[:, None] == coords[None, :]).any(dim=1)
-    weight = None if token_weight is None else token_weight[target[~is_coord]]
-    loss = F.nll_loss(logp[~is_coord], target[~is_coord], reduction="none")
-    loss = (loss if weight is None else loss * weight).sum()
+    loss = F.nll_loss(logp[~is_coord], target[~is_coord], weight=token_weight, reduction="sum")
     if is_coord.any():
         where = (target[is_coord][:, None] == coords[None, :]).float().argmax(dim=1)
         grid = torch.arange(len(coords), dtype=torch.float32)

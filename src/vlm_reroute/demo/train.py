@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -117,13 +118,16 @@ class Run:
     opt: torch.optim.Optimizer
     step: int = 0
     seconds: float = 0.0
-    #: per vocabulary id, the answer loss's weight (:func:`token_weights`; None = all 1)
-    token_weight: torch.Tensor | None = None
 
     @property
     def bf16(self) -> bool:
         """bf16 autocast for this process: the setting, or :func:`fast_bf16` when it is None."""
         return fast_bf16() if self.cfg.bf16 is None else self.cfg.bf16
+
+    @functools.cached_property
+    def token_weight(self) -> torch.Tensor | None:
+        """Per vocabulary id, the answer loss's weight (:func:`token_weights`; None = all 1)."""
+        return token_weights(self.cfg, self.model.config.text_config.vocab_size)
 
 
 def _shape(cfg: TrainConfig) -> DemoShape:
@@ -171,7 +175,6 @@ def start(cfg: TrainConfig) -> Run:
         _load_head(head, init_state["head"])
     opt = torch.optim.AdamW(_param_groups(model, head, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     run = Run(cfg, model, build_processor(), head, opt)
-    run.token_weight = token_weights(cfg, model.config.text_config.vocab_size)
     if state is not None:
         model.load_state_dict(state["model"])
         _load_head(head, state["head"])
