@@ -20,7 +20,7 @@ from vlm_reroute.demo.tasks import write_tasks  # noqa: E402
 from vlm_reroute.eval.tasks.demo_scenes import GROUND_TASK, VQA_TASK, task_yaml  # noqa: E402
 from vlm_reroute.methods import method_from_spec  # noqa: E402
 
-SNAPSHOT = checkpoint_path()
+CHECKPOINT = checkpoint_path()
 N = 6
 
 
@@ -36,7 +36,7 @@ def _lmms(tasks: Path, model_args: str) -> dict:
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
     return simple_evaluate(
         model="vlm_reroute",
-        model_args=f"pretrained={SNAPSHOT}{model_args}",
+        model_args=f"pretrained={CHECKPOINT}{model_args}",
         tasks=[GROUND_TASK, VQA_TASK],
         task_manager=manager,
         device="cpu",
@@ -51,8 +51,8 @@ def test_lmms_eval_answers_equal_the_demo_pipeline(tasks, spec):
 
     model_args = ",method=pdrop,reroute=true,ratio=0.333" if spec else ""
     out = _lmms(tasks, model_args)
-    model = AutoModelForImageTextToText.from_pretrained(SNAPSHOT).eval()
-    processor = AutoProcessor.from_pretrained(SNAPSHOT)
+    model = AutoModelForImageTextToText.from_pretrained(CHECKPOINT).eval()
+    processor = AutoProcessor.from_pretrained(CHECKPOINT)
     method = method_from_spec("pdrop", model=model, **spec) if spec else None
     pipe = demo_pipeline(model, processor, method)
     ground, vqa = held_out(N, N)
