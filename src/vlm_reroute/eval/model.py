@@ -42,6 +42,7 @@ from .checkpoint import load_vlm
 from .cost import PrefillTimer, model_shape, peak_memory, sample_costs, summarise
 from .generation import Force, count_generated, log_warning, reported_clamps, truncate
 from .inputs import Conversation, InputBuilder, simple_conversation
+from .parallel import close_group_at_exit
 
 _LMMS_EXTRA = ("max_batch_size",)  # passed by lmms-eval's CLI, unused here
 _DEFAULT_MAX_NEW_TOKENS = 128
@@ -151,6 +152,7 @@ class VlmRerouteSimple(lmms):
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
             local = int(os.environ.get("LOCAL_RANK", rank))
         if world > 1:
+            close_group_at_exit()
             self._device = torch.device(f"cuda:{local}" if cuda else "cpu")
             self._rank, self._world_size = rank, world
         else:

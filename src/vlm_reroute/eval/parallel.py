@@ -5,10 +5,16 @@ GPU, or per CPU process with a gloo group) and merges the samples and scores on 
 re-runs itself under ``accelerate launch --multi_gpu --num_processes N`` (``--multi_gpu`` starts
 torchrun; without GPUs accelerate forms a gloo group on the CPU), every rank loads the model and answers
 its shard, and rank 0 alone writes ``results.json``, the cells and the reports.
+
+Every rank destroys the process group before its interpreter exits (:func:`close_group`, registered at
+exit by the plugin model that joins the group): a gloo group left to interpreter teardown can abort the
+rank with ``terminate called without an active exception`` (SIGABRT) after all its work is done, which
+the launcher reports as a failed run (pytorch/pytorch#190489).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import sys
@@ -48,3 +54,20 @@ def relaunch(processes: int, args: Sequence[str]) -> int:
 
     code, _ = run_streamed(launch_command(processes, args))
     return code
+
+
+def close_group() -> None:
+    """Destroy this process's ``torch.distributed`` default group, if one is up (a no-op otherwise).
+
+    Local to the rank (no collective), so it is safe at exit whatever the other ranks are doing.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def close_group_at_exit() -> None:
+    """Run :func:`close_group` when the interpreter exits, while it is still whole (once per process)."""
+    atexit.unregister(close_group)
+    atexit.register(close_group)
