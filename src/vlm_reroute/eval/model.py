@@ -43,6 +43,7 @@ from .cost import PrefillTimer, model_shape, peak_memory, sample_costs, summaris
 from .generation import Force, count_generated, log_warning, reported_clamps, truncate
 from .inputs import Conversation, InputBuilder, simple_conversation
 from .parallel import close_group_at_exit
+from .parallel import world as launcher_world
 
 _LMMS_EXTRA = ("max_batch_size",)  # passed by lmms-eval's CLI, unused here
 _DEFAULT_MAX_NEW_TOKENS = 128
@@ -151,8 +152,9 @@ class VlmRerouteSimple(lmms):
             # torchrun on CPU: the process group exists while accelerate reports a single process
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
             local = int(os.environ.get("LOCAL_RANK", rank))
-        if world > 1:
+        if world > 1 or launcher_world()[1] > 1:  # lmms-eval may start the group after this, on torchrun
             close_group_at_exit()
+        if world > 1:
             self._device = torch.device(f"cuda:{local}" if cuda else "cpu")
             self._rank, self._world_size = rank, world
         else:
