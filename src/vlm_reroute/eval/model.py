@@ -43,7 +43,6 @@ from .cost import PrefillTimer, model_shape, peak_memory, sample_costs, summaris
 from .generation import Force, count_generated, log_warning, reported_clamps, truncate
 from .inputs import Conversation, InputBuilder, simple_conversation
 from .parallel import close_group_at_exit
-from .parallel import world as launcher_world
 
 _LMMS_EXTRA = ("max_batch_size",)  # passed by lmms-eval's CLI, unused here
 _DEFAULT_MAX_NEW_TOKENS = 128
@@ -143,17 +142,13 @@ class VlmRerouteSimple(lmms):
 
         accelerator = Accelerator()
         cuda = torch.cuda.is_available()
-        rank, world, local = (
-            accelerator.process_index,
-            accelerator.num_processes,
-            accelerator.local_process_index,
-        )
+        acc = accelerator
+        rank, world, local = acc.process_index, acc.num_processes, acc.local_process_index
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # torchrun on CPU: the process group exists while accelerate reports a single process
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
             local = int(os.environ.get("LOCAL_RANK", rank))
-        if world > 1 or launcher_world()[1] > 1:  # lmms-eval may start the group after this, on torchrun
-            close_group_at_exit()
+        close_group_at_exit()  # destroy the group before the interpreter's teardown (if one is up, or may be)
         if world > 1:
             self._device = torch.device(f"cuda:{local}" if cuda else "cpu")
             self._rank, self._world_size = rank, world

@@ -68,6 +68,13 @@ def close_group() -> None:
 
 
 def close_group_at_exit() -> None:
-    """Run :func:`close_group` when the interpreter exits, while it is still whole (once per process)."""
-    atexit.unregister(close_group)
-    atexit.register(close_group)
+    """Run :func:`close_group` when the interpreter exits, while it is still whole (once per process).
+
+    Only in a process that is one of several ranks: the launcher says so (``WORLD_SIZE`` > 1; lmms-eval's
+    torchrun path may start the group later) or a group is up already.
+    """
+    import torch.distributed as dist
+
+    if world()[1] > 1 or (dist.is_available() and dist.is_initialized()):
+        atexit.unregister(close_group)
+        atexit.register(close_group)
