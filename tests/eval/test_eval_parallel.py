@@ -43,7 +43,7 @@ def test_close_group_without_a_group_does_nothing():
 
 def test_the_group_is_destroyed_at_exit_while_the_interpreter_is_whole(tmp_path):
     """A gloo group left to interpreter teardown can abort a finished rank (SIGABRT); the handler that
-    ``close_group_at_exit`` registers (once, however often it is called) destroys it first."""
+    ``close_group_at_exit`` registers destroys it first, with one destroy call when registered twice."""
     script = textwrap.dedent(
         f"""
         import atexit

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..methods.spec import VANILLA, MethodSpec
 from .failures import EvalFailed, describe_exception, unknown_tasks
+from .parallel import group_up
 
 FIELDS = (
     "task",
@@ -222,12 +223,11 @@ def evaluate_cell(model: Any, cell: Cell, limit: int | float | None, manager: An
     lmms-eval's failures (an import that breaks, a dataset that cannot load, a model error) become one
     line naming the cell, the error and where it was raised; the exception stays chained as the cause.
     """
-    import torch
     from lmms_eval.evaluator import simple_evaluate
 
     where = f"{cell.task}, {cell.spec().label}"
     # as lmms-eval's own command line: a process group started by the launcher means its torchrun path
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    distributed = group_up()
     try:
         output = simple_evaluate(
             model=model,

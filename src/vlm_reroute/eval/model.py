@@ -42,7 +42,7 @@ from .checkpoint import load_vlm
 from .cost import PrefillTimer, model_shape, peak_memory, sample_costs, summarise
 from .generation import Force, count_generated, log_warning, reported_clamps, truncate
 from .inputs import Conversation, InputBuilder, simple_conversation
-from .parallel import close_group_at_exit
+from .parallel import close_group_at_exit, group_up
 
 _LMMS_EXTRA = ("max_batch_size",)  # passed by lmms-eval's CLI, unused here
 _DEFAULT_MAX_NEW_TOKENS = 128
@@ -140,11 +140,10 @@ class VlmRerouteSimple(lmms):
     def _setup_device(self, device: str | None, device_map: str | None) -> None:
         from accelerate import Accelerator
 
-        accelerator = Accelerator()
+        self.accelerator = acc = Accelerator()
         cuda = torch.cuda.is_available()
-        acc = accelerator
         rank, world, local = acc.process_index, acc.num_processes, acc.local_process_index
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if group_up():
             # torchrun on CPU: the process group exists while accelerate reports a single process
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
             local = int(os.environ.get("LOCAL_RANK", rank))
@@ -157,7 +156,6 @@ class VlmRerouteSimple(lmms):
             if name.startswith("cuda") and not cuda:
                 raise ValueError(f"device={name!r} but CUDA is not available; pass --device cpu")
             self._device = torch.device(name)
-        self.accelerator = accelerator
 
     def _rank_path(self, path: str | None) -> Path | None:
         if not path:

@@ -56,14 +56,21 @@ def relaunch(processes: int, args: Sequence[str]) -> int:
     return code
 
 
+def group_up() -> bool:
+    """Whether this process belongs to a ``torch.distributed`` default group now."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def close_group() -> None:
     """Destroy this process's ``torch.distributed`` default group, if one is up (a no-op otherwise).
 
     Local to the rank (no collective), so it is safe at exit whatever the other ranks are doing.
     """
-    import torch.distributed as dist
+    if group_up():
+        import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -73,8 +80,6 @@ def close_group_at_exit() -> None:
     Only in a process that is one of several ranks: the launcher says so (``WORLD_SIZE`` > 1; lmms-eval's
     torchrun path may start the group later) or a group is up already.
     """
-    import torch.distributed as dist
-
-    if world()[1] > 1 or (dist.is_available() and dist.is_initialized()):
+    if world()[1] > 1 or group_up():
         atexit.unregister(close_group)
         atexit.register(close_group)
