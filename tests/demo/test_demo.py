@@ -227,6 +227,23 @@ def test_export_writes_fp16_weights_and_processor_only(tmp_path):
         export(tmp_path / "empty", tmp_path / "x")
 
 
+def test_ground_share_sets_the_mix_of_questions():
+    """``Curriculum.ground_share`` is the share of grounding questions, first turns and extra
+    turns alike: 0 asks only VQA, 1 only grounding, and 0.5 about half (run 11's setting)."""
+
+    def kinds(share: float) -> list[str]:
+        batch = training_scenes(3, 40, 0, Curriculum(ramp_steps=1, ground_share=share), turns=4)
+        extra = [
+            "ground" if target is not None else "vqa" for s in batch for _, _, target, _ in s.extra["turns"]
+        ]
+        return [s.kind for s in batch] + extra
+
+    assert set(kinds(0.0)) == {"vqa"} and set(kinds(1.0)) == {"ground"}
+    half = kinds(0.5)
+    assert 0.35 < half.count("ground") / len(half) < 0.65
+    assert half != kinds(0.65)
+
+
 def test_vqa_answers_point_at_what_they_are_about():
     """With ``point_vqa`` a VQA answer points from the position that predicts its word at the
     objects it is about: the colour asked is the colour under every pointed patch, a count is the

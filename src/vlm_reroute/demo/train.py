@@ -65,6 +65,8 @@ class TrainConfig:
     point_vqa: bool = False
     #: loss weight of VQA answer words against the other answer tokens (run 9 on; 1 = plain loss)
     vqa_weight: float = 1.0
+    #: share of grounding questions (first and extra turns; run 11: 0.5 for more VQA answers)
+    ground_share: float = 0.65
     coord_sigma: float = 1.0
     ramp_steps: int = 1500
     #: questions per image (a multi-turn conversation); 1 = one question, as at test time
@@ -332,7 +334,7 @@ def train(cfg: TrainConfig) -> Run:
     sizes = count_parameters(run.model)
     log(run, f"start: {sum(sizes.values()) / 1e6:.2f} M parameters {sizes}; config {dataclasses.asdict(cfg)}")
     coords = torch.tensor(coordinate_ids())
-    curriculum = Curriculum(ramp_steps=cfg.ramp_steps)
+    curriculum = Curriculum(ramp_steps=cfg.ramp_steps, ground_share=cfg.ground_share)
     num_image_tokens = int(run.model.config.image_seq_length)
     began = last_save = last_eval = last_log = time.monotonic()
     seconds0 = run.seconds
@@ -383,9 +385,7 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "out":
-            parser.add_argument(
-                flag, required=True, help="checkpoint folder (created; resumed if it holds one)"
-            )
+            parser.add_argument(flag, required=True, help="checkpoint folder (created, or resumed)")
         elif f.name in ("init", "max_minutes"):
             kind = str if f.name == "init" else float
             parser.add_argument(flag, type=kind, default=None)
