@@ -346,7 +346,8 @@ class PromptBuilder:
         import transformers
 
         source = source or resolve_source(name)
-        offline = {"local_files_only": source.local_files_only}
+        # Any: transformers 5.25 annotates from_pretrained's keywords (a dict[str, bool] fits none)
+        offline: dict[str, Any] = {"local_files_only": source.local_files_only}
         folder = source.name
         try:
             processor = transformers.AutoProcessor.from_pretrained(folder, **offline)

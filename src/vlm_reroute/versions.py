@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from packaging.version import Version
 
 #: ``transformers``: lowest tested release, first untested one.
-TRANSFORMERS_RANGE = ("5.23.0", "5.25.0")
+TRANSFORMERS_RANGE = ("5.23.0", "5.26.0")
 #: Set to ``1`` to route under an untested ``transformers`` (the refusal becomes one warning).
 OPT_IN = "VLM_REROUTE_ALLOW_UNTESTED_TRANSFORMERS"
 #: Every library whose release matters to a result, with the range tested (``None``: not bounded).

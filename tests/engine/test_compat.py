@@ -25,7 +25,8 @@ def test_installed_release_is_inside_the_tested_range():
     assert versions.in_range(transformers.__version__, versions.TRANSFORMERS_RANGE)
 
 
-@pytest.mark.parametrize("version", ["5.22.3", "5.25.0", "6.0.0"])
+# the first untested release is read from the range, so raising the range does not leave this stale
+@pytest.mark.parametrize("version", ["5.22.3", versions.TRANSFORMERS_RANGE[1], "6.0.0"])
 def test_untested_release_is_refused_with_one_line(monkeypatch, version):
     monkeypatch.delenv(versions.OPT_IN, raising=False)
     monkeypatch.setattr(transformers, "__version__", version)
@@ -157,3 +158,20 @@ def test_version_command_prints_each_library_and_whether_it_was_tested(monkeypat
 )
 def test_in_range(installed, inside):
     assert versions.in_range(installed, ("5.23.0", "5.25.0")) is inside
+
+
+def test_a_hub_kernel_not_checked_under_routing_is_refused(monkeypatch):
+    """From transformers 5.25 ``from_pretrained`` kernelizes (hub kernels replace some modules'
+    forwards on GPUs): row-wise and elementwise kernels route, any other one is refused in one line."""
+    model = model_for("llava")
+    act = model.model.language_model.layers[3].mlp.act_fn
+    monkeypatch.setattr(type(act), "kernel_layer_name", "SiLU", raising=False)
+    monkeypatch.setitem(act.__dict__, "_kernel_repo", "kernels-community/activation")  # as kernelize marks it
+    with METHOD(model):
+        pass
+    monkeypatch.setattr(compat, "ROUTABLE_KERNELS", compat.ROUTABLE_KERNELS - {"SiLU"})
+    with pytest.raises(RuntimeError) as error, METHOD(model):
+        pass
+    message = str(error.value)
+    assert "\n" not in message
+    assert "layers[3].mlp.act_fn runs the hub kernel 'SiLU'" in message and "use_kernels=False" in message

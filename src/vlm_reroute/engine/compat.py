@@ -124,7 +124,49 @@ def check_internals(model: nn.Module, layers: list[nn.Module]) -> str:
     mask_cache_keyword()
     _check_cache_layers()
     _check_generation()
+    check_hub_kernels(layers)
     return keyword
+
+
+#: Hub kernels (``kernel_layer_name`` of ``transformers``' ``use_kernel_forward_from_hub``) that may
+#: replace a forward inside a routed layer: row-wise norms, elementwise activations, RoPE and the
+#: linear-attention ops, which compute on whatever tokens the layer is given, as the PyTorch code
+#: does. A kernel replacing anything else (a whole module such as ``Qwen3_5GatedDeltaNet``, or a
+#: function that reads and writes the cache itself) was never run under routing, and is refused.
+ROUTABLE_KERNELS = frozenset(
+    {
+        "RMSNorm",
+        "RMSNormGated",
+        "SiLU",
+        "GeLU",
+        "GeluTanh",
+        "QuickGELU",
+        "FastGELU",
+        "NewGELU",
+        "rotary_pos_emb",
+        "chunk_gated_delta_rule",
+        "fused_recurrent_gated_delta_rule",
+        "causal_conv1d_fn",
+        "causal_conv1d_update",
+    }
+)
+
+
+def check_hub_kernels(layers: list[nn.Module]) -> None:
+    """Refuse decoder layers in which ``from_pretrained`` (kernelized by default from transformers
+    5.25 on) put a hub kernel outside :data:`ROUTABLE_KERNELS`; on CPU nothing is replaced."""
+    for i, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            for owner in (module, *getattr(module, "_kernel_funcs", {}).values()):
+                repo = owner.__dict__.get("_kernel_repo")  # set by kernels.kernelize on a replaced forward
+                kernel = getattr(type(owner), "kernel_layer_name", None)
+                if repo is not None and kernel not in ROUTABLE_KERNELS:
+                    where = f"layers[{i}].{name}" if name else f"layers[{i}]"
+                    raise RuntimeError(
+                        f"{where} runs the hub kernel {kernel!r} ({repo}), which vlm-reroute has not been "
+                        "checked under: load the model with from_pretrained(..., use_kernels=False) "
+                        "(or set USE_HUB_KERNELS=0) to route it"
+                    )
 
 
 @cache

@@ -88,7 +88,10 @@ class InputBuilder:
         """
         import transformers
 
-        pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        # keyword arguments (Any: from transformers 5.25 from_pretrained annotates its named keywords)
+        pixels: dict[str, Any] = {
+            k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None
+        }
         class_name = type(model).__name__
         if pixels and not family_of_class(class_name).qwen_pixels:
             bounded = ", ".join(f.label for f in FAMILIES if f.qwen_pixels)
