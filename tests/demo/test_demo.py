@@ -158,7 +158,7 @@ def test_training_resumes_exactly(tmp_path):
             out=str(out), steps=steps, batch_size=2, log_every=1, eval_ground=0, eval_vqa=0, threads=1,
             width=TINY.width, layers=TINY.layers, heads=TINY.heads, vision_width=TINY.vision_width,
             vision_layers=TINY.vision_layers, warmup=1, turns=3, point_weight=0.5, readout_weight=1.0,
-            point_head=1, deep_weight=1.0, point_vqa=True,
+            point_head=1, deep_weight=1.0, point_vqa=True, route_share=0.5,
         )  # fmt: skip
 
     straight = train(config(tmp_path / "a", 2))

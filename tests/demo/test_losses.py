@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vlm_reroute.demo.losses import answer_loss
-from vlm_reroute.demo.train import TrainConfig, token_weights
+from vlm_reroute.demo.losses import answer_loss, token_weights
 from vlm_reroute.demo.vocab import EOS_ID, answer_ids, coordinate_ids, vocabulary
 
 
@@ -24,10 +23,10 @@ def _case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_weight_one_is_the_plain_loss_and_a_weight_scales_only_the_vqa_word():
     logits, labels, coords = _case()
     plain = answer_loss(logits, labels, coords, 1.0)
-    assert token_weights(TrainConfig(out="x"), logits.shape[-1]) is None
+    assert token_weights(1.0, logits.shape[-1]) is None
     ones = torch.ones(logits.shape[-1])
     assert torch.equal(answer_loss(logits, labels, coords, 1.0, ones), plain)
-    weight = token_weights(TrainConfig(out="x", vqa_weight=3.0), logits.shape[-1])
+    weight = token_weights(3.0, logits.shape[-1])
     assert weight is not None and weight[answer_ids("yes")[0]] == 3.0 and weight[EOS_ID] == 1.0
     weighted = answer_loss(logits, labels, coords, 1.0, weight)
     # the "yes" target sits at row 1, predicted from position 1; scored tokens: 10 + 2

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .data import COLOR_CLASSES, SHAPE_CLASSES
 from .pointing import POINT_LAYERS
+from .vocab import vqa_answer_ids
 
 
 class AuxHead(torch.nn.Module):
@@ -73,3 +74,13 @@ def aux_loss(head: AuxHead, feats: torch.Tensor, batch: dict[str, torch.Tensor])
     if obj.any():
         loss = loss + 5.0 * F.l1_loss(box[obj], gold[obj])
     return loss
+
+
+def token_weights(vqa_weight: float, vocab_size: int) -> torch.Tensor | None:
+    """Per vocabulary id, the answer loss's weight (:func:`answer_loss`): ``vqa_weight`` on the VQA
+    answer words, 1 elsewhere; None when ``vqa_weight`` is 1 (the plain loss)."""
+    if vqa_weight == 1.0:
+        return None
+    weight = torch.ones(vocab_size)
+    weight[vqa_answer_ids()] = vqa_weight
+    return weight

@@ -32,11 +32,12 @@ import torch
 
 from . import curve
 from .data import Curriculum, collate, training_scenes
-from .losses import AuxHead, answer_loss, aux_loss
+from .losses import AuxHead, answer_loss, aux_loss, token_weights
 from .model import DemoShape, build_model, build_processor, count_parameters, save
 from .pointing import POINT_LAYERS, AttentionCatcher, point_loss, readout_loss
+from .routed_training import routed_batch
 from .trainer_eval import evaluate
-from .vocab import coordinate_ids, vqa_answer_ids
+from .vocab import coordinate_ids
 
 
 @dataclass
@@ -67,6 +68,8 @@ class TrainConfig:
     vqa_weight: float = 1.0
     #: share of grounding questions (first and extra turns; run 11: 0.5 for more VQA answers)
     ground_share: float = 0.65
+    #: share of each batch's rows routed on a random schedule, half prune, half reroute (run 12 on)
+    route_share: float = 0.0
     coord_sigma: float = 1.0
     ramp_steps: int = 1500
     #: questions per image (a multi-turn conversation); 1 = one question, as at test time
@@ -129,7 +132,7 @@ class Run:
     @functools.cached_property
     def token_weight(self) -> torch.Tensor | None:
         """Per vocabulary id, the answer loss's weight (:func:`token_weights`; None = all 1)."""
-        return token_weights(self.cfg, self.model.config.text_config.vocab_size)
+        return token_weights(self.cfg.vqa_weight, self.model.config.text_config.vocab_size)
 
 
 def _shape(cfg: TrainConfig) -> DemoShape:
@@ -246,20 +249,13 @@ def log(run: Run, text: str) -> None:
         f.write(line + "\n")
 
 
-def token_weights(cfg: TrainConfig, vocab_size: int) -> torch.Tensor | None:
-    """Per vocabulary id, the answer loss's weight (:func:`.losses.answer_loss`); None = all 1."""
-    if cfg.vqa_weight == 1.0:
-        return None
-    weight = torch.ones(vocab_size)
-    weight[vqa_answer_ids()] = cfg.vqa_weight
-    return weight
-
-
 def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -> dict[str, float]:
     """One optimizer step. Hooks catch what the training-only losses read: the projector output
     (auxiliary per-patch loss), the pointing layers' attention inputs and the final normed states
     (readout at ``[``); the last two only when their weight is set."""
     cfg, language = run.cfg, run.model.model.language_model
+    image_id = int(run.model.config.image_token_id)
+    routing, batch = routed_batch(cfg.seed, run.step, cfg.route_share, batch, list(language.layers), image_id)
     caught: dict[str, list[torch.Tensor]] = {"projector": [], "normed": []}
     handles = [
         run.model.model.multi_modal_projector.register_forward_hook(
@@ -286,7 +282,7 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], coords: torch.Tensor) -
     }
     try:  # enable_grad: a caller (e.g. a test harness) may have switched autograd off
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16)
-        with torch.enable_grad(), autocast:
+        with torch.enable_grad(), autocast, routing:
             out = run.model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
