@@ -44,7 +44,7 @@ from .app import (
 
 #: the demo's default budget: the most aggressive ratio of the sweep at which the better of PDrop
 #: prune and PDrop reroute keeps >= 50 % of vanilla's Acc@0.5 (docs/demo.md says when it was chosen)
-DEMO_RATIO = 0.5
+DEMO_RATIO = 0.333
 
 DemoRatio = Annotated[
     float | None,
